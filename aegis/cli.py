@@ -1,0 +1,90 @@
+"""The `aegis` command line: one Click group, subcommands loaded lazily.
+
+Errors derived from AegisError become one line on stderr and an exit code
+(2 for usage/config errors, 1 for runtime failures); `--debug` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from aegis._version import __version__
+from aegis.errors import AegisError
+
+# name -> "module:attribute"; modules are imported only when the command runs,
+# so `aegis --help` stays fast and one area's imports cannot break another's.
+COMMANDS = {
+    "plan": "aegis.commands:plan_cmd",
+    "submit": "aegis.commands:submit_cmd",
+    "sites": "aegis.commands:sites_cmd",
+    "modulefile": "aegis.commands:modulefile_cmd",
+    "stage": "aegis.staging.cli:stage_cmd",
+    "bench": "aegis.bench.cli:bench_cmd",
+    "probe": "aegis.bench.cli:probe_cmd",
+    "smoke": "aegis.bench.cli:smoke_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | {n for n in COMMANDS if _importable(n)})
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None or name not in COMMANDS:
+            return cmd
+        module, _, attr = COMMANDS[name].partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            return None
+
+
+def _importable(name: str) -> bool:
+    module = COMMANDS[name].partition(":")[0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="aegis")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Serve and measure large language models on supercomputers."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main(argv=None):
+    """Console-script entry point: run the CLI and turn AegisErrors into one line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    try:
+        cli.main(args=args, prog_name="aegis", standalone_mode=False)
+    except AegisError as exc:
+        if debug:
+            raise
+        click.echo(f"aegis: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aegis: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("aegis: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,1 @@
+"""Scheduler backends: render, submit, status, cancel."""

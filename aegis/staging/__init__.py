@@ -1,0 +1,1 @@
+"""Staging model weights and environments to node-local storage."""

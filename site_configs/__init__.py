@@ -1,0 +1,1 @@
+"""Site profiles shipped as package data (one YAML file per site)."""
