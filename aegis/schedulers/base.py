@@ -1,0 +1,145 @@
+"""The scheduler interface: render a job script, submit it, ask its state, cancel it.
+
+All subprocess calls go through `run_command`, the one seam tests point at a
+real Slurm (or a recorded fixture); rendering is pure.
+"""
+from __future__ import annotations
+
+import enum
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import jinja2
+
+from aegis._version import __version__
+from aegis.config import DIRECTIVE_VALUE_RE, Config
+from aegis.errors import ConfigError, SchedulerError
+from aegis.placement import Plan
+from aegis.resources import data_dir
+from aegis.sites import Site
+
+
+class JobState(str, enum.Enum):
+    """Normalised job states every backend maps its own onto."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETING = "completing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    UNKNOWN = "unknown"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT)
+
+
+@dataclass
+class RenderContext:
+    """Everything a job script depends on; rendering is a pure function of it."""
+
+    site: Site
+    config: Config
+    plan: Plan
+    run_dir: str  # absolute
+    config_path: str  # absolute path of the resolved config inside run_dir
+    aegis_command: Optional[str] = None  # default: this Python's `-m aegis`
+
+    @property
+    def nodes(self) -> int:
+        return max(self.config.nodes or 0, self.plan.nodes_required)
+
+    @property
+    def command(self) -> str:
+        if self.aegis_command:
+            return self.aegis_command
+        if self.site.aegis_command:
+            return self.site.aegis_command
+        return shlex.join([sys.executable, "-m", "aegis"])
+
+    @property
+    def exports(self) -> list[tuple[str, str]]:
+        out = [("AEGIS_RUN_DIR", self.run_dir)]
+        if self.config.hf_home:
+            out.append(("HF_HOME", self.config.hf_home))
+        out.extend(sorted(self.config.env.items()))
+        return out
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
+        undefined=jinja2.StrictUndefined, autoescape=False,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["q"] = lambda v: shlex.quote(str(v))
+    return env
+
+
+class Scheduler:
+    """Base class: subclasses give the directives, the template and the commands."""
+
+    name = "base"
+    template = ""
+    directive_prefix = ""
+
+    def directives(self, ctx: RenderContext) -> list[str]:
+        raise NotImplementedError
+
+    def render(self, ctx: RenderContext) -> str:
+        if not DIRECTIVE_VALUE_RE.match(ctx.run_dir):
+            raise ConfigError(f"run directory {ctx.run_dir!r} contains characters that cannot go into a "
+                              "job-script directive (spaces, quotes, '#', '$', ';'); choose another --run-dir")
+        return _env().get_template(self.template).render(
+            ctx=ctx, site=ctx.site, config=ctx.config, plan=ctx.plan, version=__version__,
+            prefix=self.directive_prefix, directives=self.directives(ctx))
+
+    # The next three run commands; tests exercise them against a real Slurm.
+    def submit(self, script_path: str, run_dir: str) -> str:
+        raise NotImplementedError
+
+    def status(self, job_ids: list[str]) -> dict[str, JobState]:
+        raise NotImplementedError
+
+    def cancel(self, job_id: str) -> None:
+        raise NotImplementedError
+
+
+def run_command(argv: list[str], timeout: float = 60, cwd: Optional[str] = None,
+                what: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Run a scheduler command; a missing binary, a hang or a failure is one clear SchedulerError."""
+    what = what or argv[0]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    except FileNotFoundError:
+        raise SchedulerError(f"{argv[0]} not found: is this a login node of the right cluster "
+                             "(or is the scheduler's module loaded)?") from None
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(f"{what} did not answer within {timeout:.0f} s; the scheduler may be "
+                             "overloaded, try again") from None
+    if proc.returncode != 0:
+        detail = " ".join((proc.stderr or proc.stdout or "").split()) or f"exit status {proc.returncode}"
+        raise SchedulerError(f"{what} failed: {detail}")
+    return proc
+
+
+@dataclass
+class Submission:
+    """What `aegis submit` produced."""
+
+    job_id: str
+    run_dir: str
+    script: str
+    extra: dict = field(default_factory=dict)
+
+
+def get_scheduler(name: str) -> Scheduler:
+    from aegis.schedulers.local import LocalScheduler
+    from aegis.schedulers.pbs import PBSScheduler
+    from aegis.schedulers.slurm import SlurmScheduler
+
+    return {"slurm": SlurmScheduler, "pbs": PBSScheduler, "local": LocalScheduler}[name]()
