@@ -372,11 +372,10 @@ def normalise(raw: dict, source: str) -> tuple[dict, bool]:
                 raise ConfigError(f"{source}: models[{i}]: must be a mapping with at least 'model'")
             _check_unknown(entry, model_keys, f"models[{i}].", source)
         return data, False
+    # env stays global (exported by the job script, applied to every instance).
     model_entry = {k: data.pop(k) for k in list(data) if k in model_keys and k not in global_keys}
     if "port_start" in data:
         model_entry["port_start"] = data["port_start"]
-    if "env" in data:
-        model_entry["env"] = data.pop("env")
     if "name" in data:  # in the single-model form, name names the model (and the job)
         model_entry["name"] = data["name"]
     data["models"] = [model_entry]

@@ -1,0 +1,22 @@
+#!/bin/bash
+#SBATCH --job-name=aegis-x-rm--rf
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=01:00:00
+#SBATCH --partition=batch
+#SBATCH --output=/scratch/proj/runs/20260101-000000-test/slurm-%j.out
+# Rendered by aegis 0.1.0 for site frontier: 1 node, 1 instance.
+# The resolved config is saved beside this script; `aegis plan` on it shows the placement.
+set -euo pipefail
+
+# Site set-up (frontier profile)
+module load PrgEnv-gnu rocm
+
+export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
+# shellcheck disable=SC2016  # a literal value: quoted so that it is not expanded
+export HF_HOME='/tmp/$(touch MARKER)/hf'
+# shellcheck disable=SC2016  # a literal value: quoted so that it is not expanded
+export AEGIS_TEST_VALUE='a'"'"'b"c`touch MARKER`$(touch MARKER) ; rm -rf ~'
+cd "$AEGIS_RUN_DIR"
+
+exec aegis launch --run-dir "$AEGIS_RUN_DIR" /scratch/proj/runs/20260101-000000-test/config.yaml

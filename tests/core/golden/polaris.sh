@@ -1,0 +1,23 @@
+#!/bin/bash -l
+#PBS -N aegis-multi
+#PBS -l select=3:system=polaris
+#PBS -l walltime=00:30:00
+#PBS -l filesystems=home:eagle
+#PBS -A MyProject
+#PBS -q debug
+#PBS -l place=scatter
+#PBS -j oe
+#PBS -o /scratch/proj/runs/20260101-000000-test/pbs.out
+# Rendered by aegis 0.1.0 for site polaris: 3 nodes, 6 instances.
+# The resolved config is saved beside this script; `aegis plan` on it shows the placement.
+set -euo pipefail
+
+# Site set-up (polaris profile)
+module use /soft/modulefiles
+module load conda
+
+export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
+export HF_HOME=/local/scratch/hf_home
+cd "$AEGIS_RUN_DIR"
+
+exec aegis launch --run-dir "$AEGIS_RUN_DIR" /scratch/proj/runs/20260101-000000-test/config.yaml
