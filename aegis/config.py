@@ -77,7 +77,7 @@ def _no_control(value: str) -> str:
 def _stringify(value: Any, what: str) -> Any:
     """YAML turns 32768 into an int; engine args and env values are strings."""
     if isinstance(value, bool):
-        raise ValueError(f"{what} must be strings; quote the value {value!r}")
+        raise ValueError(f"{what} must be strings; quote the value {str(value).lower()}")
     if isinstance(value, (int, float)):
         return str(value)
     return value
