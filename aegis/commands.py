@@ -148,9 +148,11 @@ def default_run_dir(cfg: Config, now: Optional[_dt.datetime] = None) -> Path:
     return Path(os.path.expanduser(cfg.runs_dir)).absolute() / f"{stamp}-{cfg.job_name}"
 
 
-def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None) -> str:
+def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None,
+               launch_args: tuple = ()) -> str:
     ctx = RenderContext(site=res.site, config=res.config, plan=res.plan, run_dir=str(run_dir),
-                        config_path=str(run_dir / "config.yaml"), aegis_command=aegis_command)
+                        config_path=str(run_dir / "config.yaml"), aegis_command=aegis_command,
+                        launch_args=list(launch_args))
     return get_scheduler(res.site.scheduler).render(ctx)
 
 
@@ -159,11 +161,17 @@ def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None
 @click.option("--dry-run", is_flag=True, help="Print the job script instead of submitting it.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: RUNS_DIR/<time>-<name>).")
 @click.option("--json", "as_json", is_flag=True, help="Print the submission as JSON.")
-def submit_cmd(dry_run, run_dir, as_json, **kw):
+@click.option("--wait", is_flag=True, help="Block until the endpoints are ready (exit 0), the job ends "
+              "first (exit 3) or --timeout passes (exit 4).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="Seconds --wait waits.")
+@click.option("--check", is_flag=True, help="Submit a job that only checks the allocation (one step per "
+              "node reports its host, devices and local storage) instead of starting engines.")
+def submit_cmd(dry_run, run_dir, as_json, wait, timeout, check, **kw):
     """Render the job script for CONFIG and submit it (sbatch, qsub, or locally)."""
     res = resolve_from_cli(kw)
     run_path = Path(run_dir).absolute() if run_dir else default_run_dir(res.config)
-    script = render_job(res, run_path)
+    script = render_job(res, run_path, launch_args=("--check",) if check else ())
     if dry_run:
         click.echo(script, nl=False)
         return
@@ -180,6 +188,11 @@ def submit_cmd(dry_run, run_dir, as_json, **kw):
         click.echo(json.dumps({"job_id": job_id, "run_dir": str(run_path), "site": res.site.name}))
     else:
         click.echo(f"submitted job {job_id} on {res.site.name}; run directory: {run_path}")
+    if wait:
+        from aegis.jobs import wait_for_run
+        from aegis.rundir import RunDir
+
+        sys.exit(wait_for_run(RunDir(run_path), res.site, timeout, until_finished=check))
 
 
 # --------------------------------------------------------------------------- sites

@@ -31,3 +31,7 @@ class SchedulerError(AegisError):
 
 class StageError(AegisError):
     """Staging weights to node-local storage failed (exit 1)."""
+
+
+class VllmSetupError(AegisError):
+    """Installing the CPU build of vLLM or writing the tiny test model failed (exit 1)."""

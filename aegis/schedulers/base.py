@@ -9,6 +9,7 @@ import enum
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,6 +41,22 @@ class JobState(str, enum.Enum):
 
 
 @dataclass
+class JobInfo:
+    """What the scheduler says about one job."""
+
+    job_id: str
+    state: JobState
+    raw_state: str = ""
+    reason: str = ""
+    nodes: str = ""
+    exit_code: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {"job_id": self.job_id, "state": self.state.value, "raw_state": self.raw_state,
+                "reason": self.reason, "nodes": self.nodes, "exit_code": self.exit_code}
+
+
+@dataclass
 class RenderContext:
     """Everything a job script depends on; rendering is a pure function of it."""
 
@@ -49,6 +66,7 @@ class RenderContext:
     run_dir: str  # absolute
     config_path: str  # absolute path of the resolved config inside run_dir
     aegis_command: Optional[str] = None  # default: this Python's `-m aegis`
+    launch_args: list = field(default_factory=list)  # extra `aegis launch` flags, e.g. --check
 
     @property
     def nodes(self) -> int:
@@ -86,6 +104,7 @@ class Scheduler:
     name = "base"
     template = ""
     directive_prefix = ""
+    timeout = 60.0  # seconds a scheduler command may take before it is reported as hanging
 
     def directives(self, ctx: RenderContext) -> list[str]:
         raise NotImplementedError
@@ -102,7 +121,8 @@ class Scheduler:
     def submit(self, script_path: str, run_dir: str) -> str:
         raise NotImplementedError
 
-    def status(self, job_ids: list[str]) -> dict[str, JobState]:
+    def status(self, job_ids: list[str], run_dirs: Optional[dict] = None) -> dict[str, "JobInfo"]:
+        """One call for all `job_ids`; a job the scheduler does not know is UNKNOWN."""
         raise NotImplementedError
 
     def cancel(self, job_id: str) -> None:
@@ -127,14 +147,27 @@ def run_command(argv: list[str], timeout: float = 60, cwd: Optional[str] = None,
     return proc
 
 
-@dataclass
-class Submission:
-    """What `aegis submit` produced."""
+class Poller:
+    """Polls several jobs with one scheduler call per round, backing off while nothing changes."""
 
-    job_id: str
-    run_dir: str
-    script: str
-    extra: dict = field(default_factory=dict)
+    def __init__(self, scheduler: Scheduler, first: float = 1.0, factor: float = 1.5, longest: float = 30.0,
+                 sleep=time.sleep, run_dirs: Optional[dict] = None):
+        self.scheduler = scheduler
+        self.first, self.factor, self.longest = first, factor, longest
+        self.interval = first
+        self.sleep = sleep
+        self.last: dict[str, JobState] = {}
+        self.run_dirs = run_dirs
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
+        infos = self.scheduler.status(job_ids, self.run_dirs)
+        states = {j: i.state for j, i in infos.items()}
+        self.interval = self.first if states != self.last else min(self.longest, self.interval * self.factor)
+        self.last = states
+        return infos
+
+    def wait(self) -> None:
+        self.sleep(self.interval)
 
 
 def get_scheduler(name: str) -> Scheduler:

@@ -1,14 +1,86 @@
-"""PBS Pro: #PBS directives, qsub."""
+"""PBS Pro: #PBS directives, qsub, qstat -f -F json (then plain qstat -f), qdel."""
 from __future__ import annotations
 
+import json
+import re
+
 from aegis.config import walltime_seconds
-from aegis.schedulers.base import RenderContext, Scheduler, run_command
+from aegis.errors import SchedulerError
+from aegis.schedulers.base import JobInfo, JobState, RenderContext, Scheduler, run_command
+
+# PBS job_state letters -> JobState ('F' and 'X' are refined by Exit_status).
+STATES = {
+    "Q": JobState.PENDING, "H": JobState.PENDING, "W": JobState.PENDING, "T": JobState.PENDING,
+    "S": JobState.PENDING, "U": JobState.PENDING, "M": JobState.PENDING,
+    "R": JobState.RUNNING, "B": JobState.RUNNING, "E": JobState.COMPLETING,
+    "F": JobState.COMPLETED, "X": JobState.COMPLETED, "C": JobState.COMPLETED,
+}
+EXIT_WALLTIME = -29  # PBS Pro JOB_EXEC_KILL_WALLTIME
+SIGNAL_BASE = 256  # Exit_status 256+N: killed by signal N (qdel sends SIGTERM: 271)
 
 
 def pbs_time(walltime: str) -> str:
     """Seconds -> PBS's HH:MM:SS (hours may exceed 24)."""
     secs = walltime_seconds(walltime)
     return f"{secs // 3600:02d}:{secs % 3600 // 60:02d}:{secs % 60:02d}"
+
+
+def _finished_state(attrs: dict) -> JobState:
+    try:
+        code = int(attrs.get("Exit_status", 0))
+    except (TypeError, ValueError):
+        return JobState.UNKNOWN
+    comment = str(attrs.get("comment", "")).lower()
+    if code == 0:
+        return JobState.COMPLETED
+    if code == EXIT_WALLTIME or "walltime" in comment:
+        return JobState.TIMEOUT
+    if "deleted" in comment or code == SIGNAL_BASE + 15:
+        return JobState.CANCELLED
+    return JobState.FAILED
+
+
+def _info(job_id: str, attrs: dict) -> JobInfo:
+    raw = str(attrs.get("job_state", "?"))
+    state = STATES.get(raw, JobState.UNKNOWN)
+    if raw in ("F", "X", "C"):
+        state = _finished_state(attrs)
+    hosts = sorted({part.split("/")[0] for part in str(attrs.get("exec_host", "")).split("+") if part})
+    exit_code = attrs.get("Exit_status")
+    return JobInfo(job_id=job_id, state=state, raw_state=raw, reason=str(attrs.get("comment", "")),
+                   nodes=",".join(hosts), exit_code=None if exit_code is None else str(exit_code))
+
+
+def parse_qstat_json(text: str) -> dict[str, JobInfo]:
+    """`qstat -f -F json -x IDS` (PBS Pro 19+): {"Jobs": {id: {attributes}}}; no "Jobs" when none."""
+    data = json.loads(text)
+    return {jid: _info(jid, attrs) for jid, attrs in (data.get("Jobs") or {}).items()}
+
+
+def parse_qstat_full(text: str) -> dict[str, JobInfo]:
+    """Plain `qstat -f`: 'Job Id: ID' blocks of 'key = value' lines (long values wrap with a tab)."""
+    jobs: dict[str, dict] = {}
+    current = None
+    key = None
+    for line in text.splitlines():
+        m = re.match(r"^Job Id:\s*(\S+)", line)
+        if m:
+            current = jobs.setdefault(m.group(1), {})
+            key = None
+            continue
+        if current is None:
+            continue
+        m = re.match(r"^\s+([A-Za-z_.]+) = (.*)$", line)
+        if m:
+            key = m.group(1)
+            current[key] = m.group(2)
+        elif line.startswith("\t") and key:
+            current[key] += line.strip()
+    return {jid: _info(jid, attrs) for jid, attrs in jobs.items()}
+
+
+def _same_job(a: str, b: str) -> bool:
+    return a == b or a.split(".")[0] == b.split(".")[0]
 
 
 class PBSScheduler(Scheduler):
@@ -39,4 +111,32 @@ class PBSScheduler(Scheduler):
 
     def submit(self, script_path: str, run_dir: str) -> str:
         proc = run_command(["qsub", script_path], cwd=run_dir, what="qsub")
-        return proc.stdout.strip()
+        job_id = proc.stdout.strip()
+        if not job_id:
+            raise SchedulerError("qsub printed no job id")
+        return job_id
+
+    def status(self, job_ids: list[str], run_dirs: dict | None = None) -> dict[str, JobInfo]:
+        """One qstat for all jobs (-x includes finished ones); plain `qstat -f` where JSON is missing."""
+        try:
+            proc = run_command(["qstat", "-f", "-F", "json", "-x", *job_ids], what="qstat", timeout=self.timeout)
+            found = parse_qstat_json(proc.stdout)
+        except (SchedulerError, ValueError) as exc:
+            if isinstance(exc, SchedulerError) and "Unknown Job Id" in str(exc):
+                found = {}
+            else:
+                try:
+                    proc = run_command(["qstat", "-f", *job_ids], what="qstat", timeout=self.timeout)
+                    found = parse_qstat_full(proc.stdout)
+                except SchedulerError as exc2:
+                    if "Unknown Job Id" not in str(exc2) and "Invalid job id" not in str(exc2):
+                        raise
+                    found = {}
+        out = {}
+        for jid in job_ids:
+            match = next((info for key, info in found.items() if _same_job(key, jid)), None)
+            out[jid] = match or JobInfo(job_id=jid, state=JobState.UNKNOWN)
+        return out
+
+    def cancel(self, job_id: str) -> None:
+        run_command(["qdel", job_id], what="qdel", timeout=self.timeout)

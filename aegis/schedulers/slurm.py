@@ -1,8 +1,22 @@
-"""Slurm: #SBATCH directives, sbatch --parsable."""
+"""Slurm: #SBATCH directives, sbatch --parsable, squeue (then sacct), scancel."""
 from __future__ import annotations
 
 from aegis.config import walltime_seconds
-from aegis.schedulers.base import RenderContext, Scheduler, run_command
+from aegis.errors import SchedulerError
+from aegis.schedulers.base import JobInfo, JobState, RenderContext, Scheduler, run_command
+
+# Slurm's job states (squeue %T / sacct State) -> the normalised JobState.
+STATES = {
+    "PENDING": JobState.PENDING, "CONFIGURING": JobState.PENDING, "REQUEUED": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING, "REQUEUE_HOLD": JobState.PENDING, "RESV_DEL_HOLD": JobState.PENDING,
+    "SUSPENDED": JobState.PENDING, "STOPPED": JobState.PENDING, "RESIZING": JobState.RUNNING,
+    "RUNNING": JobState.RUNNING, "SIGNALING": JobState.RUNNING, "STAGE_OUT": JobState.COMPLETING,
+    "COMPLETING": JobState.COMPLETING, "COMPLETED": JobState.COMPLETED,
+    "FAILED": JobState.FAILED, "NODE_FAIL": JobState.FAILED, "BOOT_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED, "DEADLINE": JobState.TIMEOUT, "PREEMPTED": JobState.FAILED,
+    "REVOKED": JobState.CANCELLED, "SPECIAL_EXIT": JobState.FAILED,
+    "CANCELLED": JobState.CANCELLED, "TIMEOUT": JobState.TIMEOUT,
+}
 
 
 def slurm_time(walltime: str) -> str:
@@ -11,6 +25,39 @@ def slurm_time(walltime: str) -> str:
     days, rem = divmod(secs, 86400)
     text = f"{rem // 3600:02d}:{rem % 3600 // 60:02d}:{rem % 60:02d}"
     return f"{days}-{text}" if days else text
+
+
+def normalise_state(raw: str) -> JobState:
+    """'CANCELLED by 0' -> CANCELLED; unknown names -> UNKNOWN."""
+    word = raw.strip().split(" ")[0].rstrip("+").upper()
+    return STATES.get(word, JobState.UNKNOWN)
+
+
+def parse_squeue(text: str) -> dict[str, JobInfo]:
+    """Lines of `squeue --noheader --format=%i|%T|%r|%N`."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 4 or not parts[0]:
+            continue
+        job_id, state, reason, nodes = parts[:4]
+        out[job_id] = JobInfo(job_id=job_id, state=normalise_state(state), raw_state=state,
+                              reason="" if reason in ("None", "(null)") else reason,
+                              nodes="" if nodes in ("", "(null)") else nodes)
+    return out
+
+
+def parse_sacct(text: str) -> dict[str, JobInfo]:
+    """Lines of `sacct --noheader --parsable2 --format=JobID,State,ExitCode,NodeList` (steps skipped)."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 4 or not parts[0] or "." in parts[0]:
+            continue
+        job_id, state, exit_code, nodes = parts[:4]
+        out[job_id] = JobInfo(job_id=job_id, state=normalise_state(state), raw_state=state,
+                              exit_code=exit_code, nodes="" if nodes in ("None assigned", "(null)") else nodes)
+    return out
 
 
 class SlurmScheduler(Scheduler):
@@ -39,4 +86,32 @@ class SlurmScheduler(Scheduler):
 
     def submit(self, script_path: str, run_dir: str) -> str:
         proc = run_command(["sbatch", "--parsable", script_path], cwd=run_dir, what="sbatch")
-        return proc.stdout.strip().split(";")[0]
+        job_id = proc.stdout.strip().split(";")[0]
+        if not job_id:
+            raise SchedulerError("sbatch printed no job id")
+        return job_id
+
+    def status(self, job_ids: list[str], run_dirs: dict | None = None) -> dict[str, JobInfo]:
+        """One squeue call for all jobs; those that left the queue are asked of sacct."""
+        found: dict[str, JobInfo] = {}
+        try:
+            proc = run_command(["squeue", "--noheader", f"--jobs={','.join(job_ids)}",
+                                "--format=%i|%T|%r|%N"], what="squeue", timeout=self.timeout)
+            found = parse_squeue(proc.stdout)
+        except SchedulerError as exc:
+            # squeue exits 1 for an id it no longer knows; anything else is real trouble.
+            if "Invalid job id" not in str(exc):
+                raise
+        missing = [j for j in job_ids if j not in found]
+        if missing:
+            try:
+                proc = run_command(["sacct", "--noheader", "--parsable2", "--allocations",
+                                    f"--jobs={','.join(missing)}", "--format=JobID,State,ExitCode,NodeList"],
+                                   what="sacct", timeout=self.timeout)
+                found.update(parse_sacct(proc.stdout))
+            except SchedulerError:
+                pass  # no accounting: the job is reported as unknown below
+        return {j: found.get(j, JobInfo(job_id=j, state=JobState.UNKNOWN)) for j in job_ids}
+
+    def cancel(self, job_id: str) -> None:
+        run_command(["scancel", job_id], what="scancel", timeout=self.timeout)

@@ -1,0 +1,227 @@
+"""Click commands `aegis bench`, `aegis probe` and `aegis smoke`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import click
+
+from aegis.bench import workload
+from aegis.bench.arrival import PROCESSES, ArrivalSpec, load_trace
+from aegis.bench.client import RequestOptions
+from aegis.bench.endpoints import Fleet, auth_headers, fleet_from_urls, load_endpoints, resolve_api_key
+from aegis.bench.metrics import parse_slo
+from aegis.errors import AegisError, UsageError
+
+
+def _target_options(f):
+    for opt in reversed([
+        click.option("--endpoints", "endpoints_path", type=click.Path(), default=None,
+                     help="The launcher's endpoints.json, or its run directory."),
+        click.option("--url", "urls", multiple=True, help="An OpenAI-compatible server (repeatable)."),
+        click.option("--model", default=None, help="Served model name (default: the fleet's or the server's)."),
+        click.option("--api-key-file", type=click.Path(), default=None,
+                     help="File holding the API key (else AEGIS_API_KEY, OPENAI_API_KEY, the endpoints file's)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _load_options(f):
+    opts = [
+        click.option("--workload", "kind", type=click.Choice(workload.WORKLOADS), default="random", show_default=True),
+        click.option("--api", type=click.Choice(workload.APIS), default="completions", show_default=True),
+        click.option("--input-len", type=int, default=512, show_default=True, help="Prompt tokens (random)."),
+        click.option("--output-len", type=int, default=None, help="Generated tokens [default: 128; ShareGPT: the dataset's]."),
+        click.option("--range-ratio", type=float, default=0.0, show_default=True,
+                     help="Random lengths uniform in [L(1-r), L(1+r)]."),
+        click.option("--num-groups", type=int, default=4, show_default=True, help="Shared-prefix groups."),
+        click.option("--prompts-per-group", type=int, default=8, show_default=True),
+        click.option("--prefix-len", type=int, default=256, show_default=True),
+        click.option("--suffix-len", type=int, default=64, show_default=True),
+        click.option("--dataset", type=click.Path(), default=None, help="ShareGPT-format JSON file."),
+        click.option("--lora", default=None, help="Adapters to spread requests over: NAME,NAME,... or 'auto'."),
+        click.option("--lora-mix", type=click.Choice(workload.LORA_MIXES), default="uniform", show_default=True),
+        click.option("--zipf-s", type=float, default=1.0, show_default=True, help="Zipf exponent for --lora-mix zipf."),
+        click.option("--no-tokenize", is_flag=True, help="Do not fit prompt lengths with the server's /tokenize."),
+        click.option("--arrival", type=click.Choice(PROCESSES), default="poisson", show_default=True),
+        click.option("--burstiness", type=float, default=1.0, show_default=True,
+                     help="Gamma shape: <1 burstier, >1 smoother than Poisson."),
+        click.option("--trace", type=click.Path(), default=None, help="Timestamps file for --arrival trace."),
+        click.option("--concurrency", type=int, default=None,
+                     help="Closed loop with this many in flight; with --rate, a cap on requests in flight."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--routing", type=click.Choice(["round-robin", "least-outstanding"]), default="round-robin",
+                     show_default=True),
+        click.option("--workers", type=int, default=None, help="Load-generating processes [default: auto]."),
+        click.option("--timeout", type=float, default=600.0, show_default=True, help="Per-request timeout (s)."),
+        click.option("--stream/--no-stream", default=True, show_default=True),
+        click.option("--continuous-usage/--no-continuous-usage", default=True, show_default=True,
+                     help="Ask for usage in every chunk (vLLM's continuous_usage_stats)."),
+        click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True),
+        click.option("--extra-body", default=None, help="JSON object merged into every request body."),
+        click.option("--slo", default=None, help="Goodput SLOs in ms: ttft=500,tpot=50,e2el=10000."),
+        click.option("--scrape/--no-scrape", default=True, show_default=True, help="Scrape /metrics every interval."),
+        click.option("--scrape-interval", type=float, default=1.0, show_default=True),
+        click.option("--output-dir", type=click.Path(), default=None, help="Results directory."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal]."),
+        click.option("--label", default=None, help="A name stored in the results."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _fleet(endpoints_path, urls, model) -> Fleet:
+    if endpoints_path and urls:
+        raise UsageError("give --endpoints or --url, not both")
+    if endpoints_path:
+        return load_endpoints(endpoints_path)
+    if urls:
+        return fleet_from_urls(list(urls), model)
+    raise UsageError("say where to send load: --endpoints RUN_DIR or --url http://host:port")
+
+
+def _resolve_target(endpoints_path, urls, model, api_key_file):
+    from aegis.bench.runner import discover_model
+    fleet = _fleet(endpoints_path, urls, model)
+    eps = fleet.for_model(model)
+    key = resolve_api_key(api_key_file, fleet)
+    if model is None:
+        model = eps[0].model or asyncio.run(discover_model(eps[0].url, auth_headers(key)))
+    return eps, model, key
+
+
+def _build_config(p: dict, eps, model, output_dir, rate, num_requests, duration):
+    from aegis.bench.runner import BenchConfig
+    lora = []
+    if p["lora"] == "auto":
+        lora = sorted({a for e in eps for a in e.lora_adapters})
+        if not lora:
+            raise UsageError("--lora auto found no adapters in the endpoints file; list them: --lora a,b")
+    elif p["lora"]:
+        lora = [x.strip() for x in p["lora"].split(",") if x.strip()]
+    extra = {}
+    if p["extra_body"]:
+        try:
+            extra = json.loads(p["extra_body"])
+        except ValueError:
+            raise UsageError("--extra-body must be a JSON object, e.g. '{\"temperature\": 0}'") from None
+        if not isinstance(extra, dict):
+            raise UsageError("--extra-body must be a JSON object")
+    process = p["arrival"]
+    if process == "poisson" and p["burstiness"] != 1.0:
+        process = "gamma"
+    trace = load_trace(p["trace"]) if p["trace"] else None
+    if process == "trace" and trace is None:
+        raise UsageError("--arrival trace needs --trace FILE")
+    if p["timeout"] <= 0:
+        raise UsageError("--timeout must be positive")
+    wl = workload.WorkloadSpec(
+        kind=p["kind"], api=p["api"], input_len=p["input_len"], output_len=p["output_len"],
+        range_ratio=p["range_ratio"], num_groups=p["num_groups"], prompts_per_group=p["prompts_per_group"],
+        prefix_len=p["prefix_len"], suffix_len=p["suffix_len"], dataset=p["dataset"], lora=lora,
+        lora_mix=p["lora_mix"], zipf_s=p["zipf_s"], seed=p["seed"], tokenize=not p["no_tokenize"])
+    if wl.kind == "shared-prefix" and num_requests is None and duration is None:
+        num_requests = wl.num_groups * wl.prompts_per_group
+    cfg = BenchConfig(
+        endpoints=eps, model=model, output_dir=output_dir, workload=wl,
+        request=RequestOptions(api=p["api"], stream=p["stream"], continuous_usage=p["continuous_usage"],
+                               ignore_eos=p["ignore_eos"], timeout=p["timeout"], extra_body=extra),
+        arrival=ArrivalSpec(process=process, rate=rate, burstiness=p["burstiness"], trace=trace, seed=p["seed"]),
+        num_requests=num_requests, duration=duration, concurrency=p["concurrency"], routing=p["routing"],
+        workers=p["workers"], slo=parse_slo(p["slo"]), scrape=p["scrape"], scrape_interval=p["scrape_interval"],
+        label=p["label"])
+    cfg.validate()
+    return cfg
+
+
+def _default_dir(prefix: str) -> str:
+    return os.path.abspath(f"aegis-{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+@click.command("bench")
+@_target_options
+@_load_options
+@click.option("--rate", type=float, default=None, help="Open-loop arrival rate (req/s).")
+@click.option("--num-requests", type=int, default=None, help="Requests to send.")
+@click.option("--duration", type=float, default=None, help="Stop dispatching after this many seconds.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output-dir (its stored settings).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, duration, resume, as_json, **p):
+    """Send load to OpenAI-compatible endpoints and measure it (vLLM's metrics)."""
+    from aegis.bench.report import format_summary
+    from aegis.bench.runner import BenchConfig, Run
+    if resume:
+        if not p["output_dir"]:
+            raise UsageError("--resume needs --output-dir DIR (the run to continue)")
+        eps, key = [], None
+        if endpoints_path or urls:
+            eps, model, key = _resolve_target(endpoints_path, urls, model, api_key_file)
+        else:
+            key = resolve_api_key(api_key_file)
+        cfg = BenchConfig(endpoints=eps, model=model or "", output_dir=os.path.abspath(p["output_dir"]))
+        run = Run(cfg, key, resume=True, progress=p["progress"])
+    else:
+        eps, model, key = _resolve_target(endpoints_path, urls, model, api_key_file)
+        out = os.path.abspath(p["output_dir"]) if p["output_dir"] else _default_dir("bench")
+        cfg = _build_config(p, eps, model, out, rate, num_requests, duration)
+        run = Run(cfg, key, progress=p["progress"])
+    summary = run.execute()
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary, run.dir))
+    if run.interrupted:
+        raise AegisError(f"interrupted; finished requests are in {run.dir}; continue with --resume")
+
+
+@click.command("probe")
+@_target_options
+@_load_options
+@click.option("--rates", required=True, help="Arrival rates to try in turn, e.g. 0.5,1,2,4,8.")
+@click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds per rate.")
+@click.option("--stop-early", is_flag=True, help="Stop after the first TOO HIGH or SLOW rate.")
+def probe_cmd(endpoints_path, urls, model, api_key_file, rates, duration, stop_early, **p):
+    """Find the highest arrival rate the fleet serves well (one run per rate)."""
+    from aegis.bench.probe import run_probe
+    try:
+        rate_list = [float(x) for x in rates.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--rates must be numbers separated by commas, not {rates!r}") from None
+    if not rate_list or any(r <= 0 for r in rate_list):
+        raise UsageError("--rates must list positive rates, e.g. 0.5,1,2")
+    eps, model, key = _resolve_target(endpoints_path, urls, model, api_key_file)
+    out = os.path.abspath(p["output_dir"]) if p["output_dir"] else _default_dir("probe")
+    base = _build_config(p, eps, model, out, rate_list[0], None, duration)
+    if os.path.exists(os.path.join(out, "probe.jsonl")):
+        raise UsageError(f"{out} already holds a probe; choose another --output-dir")
+    result = run_probe(base, rate_list, key, click.echo, progress=p["progress"], stop_early=stop_early)
+    best = result["highest_ok_rate"]
+    if any(r["client_bound"] for r in result["rates"]):
+        click.echo("* CLIENT-BOUND: the load generator could not keep the schedule at this rate")
+    click.echo(f"Highest OK rate: {best:g} req/s" if best is not None else "No rate was OK.")
+    click.echo(f"Results: {out}")
+
+
+@click.command("smoke")
+@_target_options
+@click.option("--api", type=click.Choice(workload.APIS), default="completions", show_default=True)
+@click.option("--prompt", default="Hello, my name is", show_default=True)
+@click.option("--max-tokens", type=int, default=8, show_default=True)
+@click.option("--expect", default=None, help="A regular expression the answer must match.")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def smoke_cmd(endpoints_path, urls, model, api_key_file, api, prompt, max_tokens, expect, timeout, as_json):
+    """Send one request per endpoint and per LoRA adapter, and check the answers."""
+    from aegis.bench.smoke import format_rows, smoke
+    fleet = _fleet(endpoints_path, urls, model)
+    key = resolve_api_key(api_key_file, fleet)
+    rows = asyncio.run(smoke(fleet.endpoints, auth_headers(key), prompt=prompt, max_tokens=max_tokens, api=api,
+                             timeout=timeout, expect=expect, model=model))
+    click.echo(json.dumps(rows, indent=2) if as_json else format_rows(rows))
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    if failed:
+        raise AegisError(f"smoke: {len(failed)} of {len(rows)} checks failed (first: {failed[0]['endpoint']} "
+                         f"{failed[0]['model']}: {failed[0]['detail']})")
+    if not any(r["status"] == "OK" for r in rows):
+        raise AegisError("smoke: no endpoint is ready; nothing was checked")

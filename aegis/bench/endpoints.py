@@ -1,0 +1,152 @@
+"""Reads the launcher's endpoints file (or --url flags) and resolves the API key."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from aegis.errors import UsageError
+
+ENDPOINTS_FILENAME = "endpoints.json"
+API_KEY_ENV_VARS = ("AEGIS_API_KEY", "OPENAI_API_KEY")
+
+
+@dataclass
+class Endpoint:
+    """One OpenAI-compatible server instance that can receive load."""
+
+    name: str
+    url: str
+    model: str | None = None
+    status: str = "ready"
+    lora_adapters: list[str] = field(default_factory=list)
+
+    @property
+    def metrics_url(self) -> str:
+        return self.url + "/metrics"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "url": self.url, "model": self.model,
+                "status": self.status, "lora_adapters": list(self.lora_adapters)}
+
+
+@dataclass
+class Fleet:
+    """The endpoints of one run plus where its API key file is (if any)."""
+
+    endpoints: list[Endpoint]
+    api_key_file: str | None = None
+    source: str = "--url"
+
+    def ready(self) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.status == "ready"]
+
+    def models(self) -> list[str]:
+        return sorted({e.model for e in self.ready() if e.model})
+
+    def for_model(self, model: str | None) -> list[Endpoint]:
+        """Ready endpoints serving `model` (all ready ones when there is one model)."""
+        ready = self.ready()
+        if not ready:
+            states = ", ".join(f"{e.name}={e.status}" for e in self.endpoints) or "none listed"
+            raise UsageError(f"no endpoint is ready in {self.source} ({states}); "
+                             "wait for the launcher or pass --url")
+        models = self.models()
+        if model is None:
+            if len(models) > 1:
+                raise UsageError(f"{self.source} serves several models ({', '.join(models)}); "
+                                 "choose one with --model")
+            return ready
+        chosen = [e for e in ready if e.model in (None, model) or model in e.lora_adapters]
+        if not chosen:
+            raise UsageError(f"no ready endpoint serves model {model!r} in {self.source} "
+                             f"(models: {', '.join(models) or 'unknown'})")
+        return chosen
+
+
+def normalize_url(url: str) -> str:
+    """`host:port` or `http://host:port/v1/` -> `http://host:port` (the server root)."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"invalid endpoint URL {url!r}; expected http://host:port")
+    path = parsed.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return f"{parsed.scheme}://{parsed.netloc}{path}"
+
+
+def load_endpoints(path: str | os.PathLike) -> Fleet:
+    """Read an endpoints file, or `endpoints.json` inside a run directory."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / ENDPOINTS_FILENAME
+    if not p.exists():
+        raise UsageError(f"endpoints file {str(p)!r} does not exist; pass the launcher's "
+                         f"run directory or its {ENDPOINTS_FILENAME}")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read endpoints file {str(p)!r}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
+        raise UsageError(f"endpoints file {str(p)!r} has no 'instances' list")
+    endpoints = []
+    for i, inst in enumerate(data["instances"]):
+        if not isinstance(inst, dict):
+            raise UsageError(f"endpoints file {str(p)!r}: instance {i} is not an object")
+        url = inst.get("url")
+        if not url and inst.get("host") and inst.get("port"):
+            url = f"http://{inst['host']}:{inst['port']}"
+        if not url:
+            raise UsageError(f"endpoints file {str(p)!r}: instance {i} has no url or host/port")
+        endpoints.append(Endpoint(
+            name=str(inst.get("name") or f"instance-{i}"), url=normalize_url(url),
+            model=inst.get("model"), status=str(inst.get("status", "ready")),
+            lora_adapters=[str(a) if not isinstance(a, dict) else str(a.get("name"))
+                           for a in (inst.get("lora_adapters") or [])]))
+    key_file = data.get("api_key_file")
+    if key_file and not os.path.isabs(key_file):
+        key_file = str(p.parent / key_file)
+    return Fleet(endpoints=endpoints, api_key_file=key_file, source=str(p))
+
+
+def fleet_from_urls(urls: list[str], model: str | None = None) -> Fleet:
+    """A fleet of explicit URLs (names `url-0`, `url-1`, ...)."""
+    eps = [Endpoint(name=f"url-{i}", url=normalize_url(u), model=model) for i, u in enumerate(urls)]
+    return Fleet(endpoints=eps, source="--url")
+
+
+def read_key_file(path: str) -> str:
+    """The first line of a key file; refuses files readable by others."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise UsageError(f"API key file {path!r} is readable by others; run: chmod 600 {path}")
+        with open(path) as fh:
+            key = fh.readline().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read API key file {path!r}: {exc.strerror}") from None
+    if not key:
+        raise UsageError(f"API key file {path!r} is empty")
+    return key
+
+
+def resolve_api_key(key_file: str | None, fleet: Fleet | None = None) -> str | None:
+    """--api-key-file, then AEGIS_API_KEY / OPENAI_API_KEY, then the fleet's api_key_file."""
+    if key_file:
+        return read_key_file(key_file)
+    for var in API_KEY_ENV_VARS:
+        if os.environ.get(var):
+            return os.environ[var].strip()
+    if fleet is not None and fleet.api_key_file:
+        return read_key_file(fleet.api_key_file)
+    return None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

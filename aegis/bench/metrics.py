@@ -1,0 +1,117 @@
+"""Serving metrics with vLLM's definitions and key names, from per-request records."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from aegis.errors import UsageError
+
+PERCENTILES = (50, 90, 95, 99)
+SLO_KEYS = ("ttft", "tpot", "e2el")
+CLIENT_BOUND_LAG_MS = 5.0
+
+
+def parse_slo(text: str | None) -> dict[str, float]:
+    """`ttft=500,tpot=50,e2el=10000` (milliseconds) -> dict."""
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in SLO_KEYS:
+            raise UsageError(f"bad --slo entry {part!r}; use ttft=MS,tpot=MS,e2el=MS")
+        try:
+            v = value.strip()
+            out[key] = float(v[:-2] if v.endswith("ms") else v)
+        except ValueError:
+            raise UsageError(f"bad --slo value {value!r} for {key}; give milliseconds") from None
+        if out[key] <= 0:
+            raise UsageError(f"--slo {key} must be positive")
+    return out
+
+
+def _stats(name: str, values_ms: list[float], out: dict) -> None:
+    arr = np.asarray(values_ms, dtype=float) if values_ms else np.zeros(1)
+    out[f"mean_{name}_ms"] = float(arr.mean())
+    out[f"median_{name}_ms"] = float(np.median(arr))
+    out[f"std_{name}_ms"] = float(arr.std())
+    for p in PERCENTILES:
+        out[f"p{p}_{name}_ms"] = float(np.percentile(arr, p))
+
+
+def _max_concurrency(records: list[dict]) -> int:
+    events = []
+    for r in records:
+        events.append((r["sent_s"], 1))
+        events.append((r["sent_s"] + r["e2el_ms"] / 1000.0, -1))
+    events.sort()
+    cur = peak = 0
+    for _, d in events:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+def segment_duration(records: list[dict]) -> float:
+    """Sum over run segments of (last request end - segment start)."""
+    ends: dict[int, float] = defaultdict(float)
+    for r in records:
+        seg = r.get("segment", 0)
+        ends[seg] = max(ends[seg], r["sent_s"] + (r.get("e2el_ms") or 0.0) / 1000.0, r["intended_s"])
+    return float(sum(ends.values()))
+
+
+def compute(records: list[dict], duration: float | None = None,
+            slo: dict[str, float] | None = None) -> dict:
+    """vLLM's benchmark metrics (same keys) plus error kinds and dispatch lag."""
+    if duration is None:
+        duration = segment_duration(records)
+    duration = max(duration, 1e-9)
+    ok = [r for r in records if r["success"]]
+    ttfts = [r["ttft_ms"] for r in ok]
+    e2els = [r["e2el_ms"] for r in ok]
+    itls = [x for r in ok for x in r["itl_ms"]]
+    tpots = [r["tpot_ms"] for r in ok if r["output_tokens"] > 1]
+    total_in = sum(r["prompt_tokens"] if r.get("prompt_tokens") is not None else r["target_prompt_tokens"]
+                   for r in ok)
+    total_out = sum(r["output_tokens"] for r in ok)
+    out: dict = {
+        "duration": duration,
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": len(ok) / duration,
+        "request_goodput": None,
+        "output_throughput": total_out / duration,
+        "total_token_throughput": (total_in + total_out) / duration,
+    }
+    if slo:
+        good = 0
+        for r in ok:
+            vals = {"ttft": r["ttft_ms"], "e2el": r["e2el_ms"],
+                    "tpot": r["tpot_ms"] if r["output_tokens"] > 1 else 0.0}
+            good += all(vals[k] <= v for k, v in slo.items())
+        out["request_goodput"] = good / duration
+        out["goodput_slo_ms"] = dict(slo)
+    for name, vals in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
+        _stats(name, vals, out)
+    out["max_concurrent_requests"] = _max_concurrency(ok) if ok else 0
+    out["errors_by_kind"] = dict(Counter(r["error_kind"] for r in records if not r["success"]))
+    lags = np.asarray([r["dispatch_lag_ms"] for r in records], dtype=float) if records else np.zeros(1)
+    out["dispatch_lag_ms"] = {"median": float(np.median(lags)), "p99": float(np.percentile(lags, 99)),
+                              "max": float(lags.max())}
+    waits = [r.get("queue_wait_ms", 0.0) for r in records]
+    out["concurrency_wait_ms"] = {"median": float(np.median(waits)) if waits else 0.0,
+                                  "max": float(max(waits)) if waits else 0.0}
+    return out
+
+
+def breakdown(records: list[dict], key: str, duration: float, slo: dict | None) -> dict:
+    """compute() per value of `key` (endpoint, adapter), over the run's duration."""
+    groups: dict = defaultdict(list)
+    for r in records:
+        groups[r.get(key) if r.get(key) is not None else "(base)"].append(r)
+    return {str(k): compute(v, duration, slo) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}

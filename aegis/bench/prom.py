@@ -1,0 +1,208 @@
+"""Scrapes /metrics of every endpoint during a run: vLLM series to CSV and a summary."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+# field -> sample names in order of preference (newest vLLM first, then older names)
+SERIES = {
+    "running": ("vllm:num_requests_running",),
+    "waiting": ("vllm:num_requests_waiting",),
+    "kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "num_preemptions_total": ("vllm:num_preemptions_total", "vllm:num_preemptions"),
+    "prefix_cache_queries_total": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total",
+                                   "vllm:gpu_prefix_cache_queries"),
+    "prefix_cache_hits_total": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total",
+                                "vllm:gpu_prefix_cache_hits"),
+    "prompt_tokens_total": ("vllm:prompt_tokens_total",),
+    "generation_tokens_total": ("vllm:generation_tokens_total",),
+}
+LORA_INFO = "vllm:lora_requests_info"
+COUNTERS = ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
+            "prompt_tokens_total", "generation_tokens_total")
+GAUGES = ("running", "waiting", "kv_cache_usage_perc", "lora_running", "lora_waiting")
+CSV_COLUMNS = ("time_s", "unix_time", "endpoint", "ok") + tuple(SERIES) + (
+    "lora_running", "lora_waiting", "lora_running_adapters", "lora_waiting_adapters")
+_WANTED = {n for names in SERIES.values() for n in names} | {LORA_INFO}
+
+
+def _adapters(label: str | None) -> list[str]:
+    return [a for a in (label or "").split(",") if a]
+
+
+def parse_metrics(text: str) -> dict:
+    """One endpoint's /metrics text -> summed values (engines added together)."""
+    # keep only the sample lines we use (real vLLM output has thousands of histogram
+    # lines); without their "# TYPE" lines they parse as untyped samples
+    keep = [line for line in text.splitlines()
+            if line and not line.startswith("#") and line.split("{", 1)[0].split(" ", 1)[0] in _WANTED]
+    samples: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    lora: dict[tuple, tuple[float, dict]] = {}
+    for fam in text_string_to_metric_families("\n".join(keep) + "\n"):
+        for s in fam.samples:
+            if s.name == LORA_INFO:
+                eng = tuple(sorted((k, v) for k, v in s.labels.items()
+                                   if k not in ("running_lora_adapters", "waiting_lora_adapters", "max_lora")))
+                if eng not in lora or s.value >= lora[eng][0]:
+                    lora[eng] = (s.value, s.labels)
+            elif s.name in _WANTED:
+                samples[s.name] = samples.get(s.name, 0.0) + s.value
+                counts[s.name] = counts.get(s.name, 0) + 1
+    out: dict = {}
+    for key, names in SERIES.items():
+        for n in names:
+            if n in samples:
+                # kv usage is a fraction per engine: the mean over engines, not the sum
+                out[key] = samples[n] / counts[n] if key == "kv_cache_usage_perc" else samples[n]
+                break
+    if lora:
+        running = [a for _, labels in lora.values() for a in _adapters(labels.get("running_lora_adapters"))]
+        waiting = [a for _, labels in lora.values() for a in _adapters(labels.get("waiting_lora_adapters"))]
+        out["lora_running"] = len(running)
+        out["lora_waiting"] = len(waiting)
+        out["lora_running_adapters"] = " ".join(sorted(set(running)))
+        out["lora_waiting_adapters"] = " ".join(sorted(set(waiting)))
+    return out
+
+
+def combine(values: list[dict]) -> dict:
+    """Sum across replicas (kv usage: mean; adapter names: union)."""
+    out: dict = {}
+    for v in values:
+        for k, x in v.items():
+            if isinstance(x, str):
+                out[k] = " ".join(sorted(set(out.get(k, "").split()) | set(x.split())))
+            else:
+                out[k] = out.get(k, 0.0) + x
+    kv = [v["kv_cache_usage_perc"] for v in values if "kv_cache_usage_perc" in v]
+    if kv:
+        out["kv_cache_usage_perc"] = sum(kv) / len(kv)
+    return out
+
+
+@dataclass
+class _Track:
+    first: dict | None = None
+    last: dict | None = None
+    gauges: dict = field(default_factory=lambda: {g: [] for g in GAUGES})
+    ok: int = 0
+    failed: int = 0
+
+    def add(self, values: dict | None) -> None:
+        if values is None:
+            self.failed += 1
+            return
+        self.ok += 1
+        if self.first is None:
+            self.first = values
+        self.last = values
+        for g in GAUGES:
+            if g in values:
+                self.gauges[g].append(values[g])
+
+    def summary(self) -> dict:
+        out: dict = {"scrapes_ok": self.ok, "scrapes_failed": self.failed}
+        for g, xs in self.gauges.items():
+            if xs:
+                out[f"{g}_mean"] = sum(xs) / len(xs)
+                out[f"{g}_max"] = max(xs)
+        if self.first and self.last:
+            for c in COUNTERS:
+                if c in self.first and c in self.last:
+                    out[c.replace("_total", "_delta")] = self.last[c] - self.first[c]
+            q = out.get("prefix_cache_queries_delta")
+            h = out.get("prefix_cache_hits_delta")
+            if q is not None and h is not None:
+                out["prefix_cache_hit_rate"] = h / q if q > 0 else None
+        return out
+
+
+class Scraper:
+    """Fetches every endpoint's /metrics each `interval` seconds until stopped."""
+
+    def __init__(self, targets: dict[str, str], headers: dict[str, str], csv_path: str | None,
+                 interval: float = 1.0, t0: float | None = None):
+        # several instances may share a server: scrape each URL once
+        self.targets = dict(sorted({url: name for name, url in targets.items()}.items()))
+        self.headers, self.csv_path, self.interval = headers, csv_path, interval
+        self.t0 = t0 if t0 is not None else time.perf_counter()
+        self.tracks = {name: _Track() for name in self.targets.values()}
+        self.total = _Track()
+        self._fh = self._writer = None
+
+    async def _one(self, session: aiohttp.ClientSession, url: str) -> dict | None:
+        try:
+            async with session.get(url, headers=self.headers) as r:
+                if r.status != 200:
+                    return None
+                return parse_metrics(await r.text())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, UnicodeDecodeError):
+            return None
+
+    def _row(self, now_rel: float, name: str, values: dict | None) -> None:
+        if self._writer is None:
+            return
+        row = {"time_s": f"{now_rel:.3f}", "unix_time": f"{time.time():.3f}", "endpoint": name,
+               "ok": int(values is not None)}
+        for k, v in (values or {}).items():
+            row[k] = f"{v:.6g}" if isinstance(v, float) else v
+        self._writer.writerow(row)
+
+    async def scrape_once(self, session: aiohttp.ClientSession) -> None:
+        urls = list(self.targets)
+        results = await asyncio.gather(*(self._one(session, u) for u in urls))
+        now_rel = time.perf_counter() - self.t0
+        good = []
+        for url, values in zip(urls, results):
+            name = self.targets[url]
+            self.tracks[name].add(values)
+            self._row(now_rel, name, values)
+            if values is not None:
+                good.append(values)
+        if good and len(good) == len(urls):
+            combined = combine(good)
+            self.total.add(combined)
+            self._row(now_rel, "ALL", combined)
+        elif not good:
+            self.total.add(None)
+        if self._fh:
+            self._fh.flush()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self.csv_path:
+            new = True
+            try:
+                new = not open(self.csv_path).read(1)
+            except OSError:
+                pass
+            self._fh = open(self.csv_path, "a", newline="")
+            self._writer = csv.DictWriter(self._fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            if new:
+                self._writer.writeheader()
+        timeout = aiohttp.ClientTimeout(total=max(self.interval * 2, 2.0))
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                nxt = time.perf_counter()
+                while True:
+                    await self.scrape_once(session)
+                    if stop.is_set():
+                        break
+                    nxt += self.interval
+                    try:
+                        await asyncio.wait_for(stop.wait(), max(nxt - time.perf_counter(), 0.0))
+                    except asyncio.TimeoutError:
+                        pass
+                    # one last scrape after the stop so counter deltas cover the whole run
+        finally:
+            if self._fh:
+                self._fh.close()
+
+    def summary(self) -> dict:
+        return {"interval_s": self.interval, "total": self.total.summary(),
+                "per_endpoint": {n: t.summary() for n, t in self.tracks.items()}}

@@ -1,0 +1,251 @@
+"""One load-generating process: sends its share of the schedule and appends each result to the JSONL."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from aegis.bench.client import RequestOptions, send
+from aegis.bench.http import Pool
+from aegis.bench.endpoints import Endpoint
+from aegis.bench.workload import RequestSpec
+
+perf = time.perf_counter
+MONITOR_TICK_S = 0.01
+# The dispatcher sleeps until this long before a send, then yields in a busy
+# loop: a sleeping process wakes up late (epoll's 1 ms rounding, scheduler latency).
+SPIN_S = float(os.environ.get("AEGIS_BENCH_SPIN_MS", "1.0")) / 1e3
+SATURATED_CPU = 0.9
+WARM_CONNECTIONS = 4
+
+
+@dataclass
+class WorkerPlan:
+    """Everything one worker needs; shared with the parent by fork (or pickled by spawn)."""
+
+    wid: int
+    nworkers: int
+    specs: list[RequestSpec]
+    endpoints: list[Endpoint]
+    model: str
+    headers: dict[str, str]
+    opts: RequestOptions
+    jsonl_path: str
+    run_id: str
+    segment: int
+    items: list[tuple[int, float]] | None = None   # open loop: (index, offset); None: closed loop
+    closed_indices: list[int] | None = None         # closed loop with a request count
+    concurrency: int | None = None                  # this worker's share of the cap / closed-loop slots
+    duration: float | None = None
+    routing: str = "round-robin"
+    t0_unix_offset: float = 0.0                     # time.time() - perf_counter() in the parent
+    extra: dict = field(default_factory=dict)
+
+
+def _set_parent_death_signal() -> None:
+    """Die with the parent (a SIGKILLed bench must not leave load generators behind)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _Router:
+    """Chooses the endpoint of each request: round-robin or least outstanding requests."""
+
+    def __init__(self, endpoints: list[Endpoint], routing: str):
+        self.endpoints, self.routing = endpoints, routing
+        self.outstanding = {e.name: 0 for e in endpoints}
+        self.by_adapter: dict[str | None, list[Endpoint]] = {}
+
+    def candidates(self, adapter: str | None) -> list[Endpoint]:
+        if adapter not in self.by_adapter:
+            eps = [e for e in self.endpoints if not adapter or not e.lora_adapters or adapter in e.lora_adapters]
+            self.by_adapter[adapter] = eps or self.endpoints
+        return self.by_adapter[adapter]
+
+    def pick(self, index: int, adapter: str | None) -> Endpoint:
+        eps = self.candidates(adapter)
+        if self.routing == "least-outstanding" and len(eps) > 1:
+            n = len(eps)
+            start = index % n
+            return min((eps[(start + k) % n] for k in range(n)), key=lambda e: self.outstanding[e.name])
+        return eps[index % len(eps)]
+
+
+class _Monitor:
+    """Event-loop lag and CPU use of this process, to tell when the client is the bottleneck."""
+
+    def __init__(self):
+        self.lags: list[float] = []
+        self.cpu_windows: list[float] = []
+
+    async def run(self) -> None:
+        w_wall, w_cpu = perf(), time.process_time()
+        while True:
+            t = perf()
+            await asyncio.sleep(MONITOR_TICK_S)
+            self.lags.append(perf() - t - MONITOR_TICK_S)
+            now = perf()
+            if now - w_wall >= 1.0:
+                cpu = time.process_time()
+                self.cpu_windows.append((cpu - w_cpu) / (now - w_wall))
+                w_wall, w_cpu = now, cpu
+
+    def stats(self) -> dict:
+        lags = sorted(self.lags) or [0.0]
+        cpu = self.cpu_windows or [0.0]
+        busy = sum(1 for c in cpu if c >= SATURATED_CPU)
+        return {"loop_lag_p50_ms": lags[len(lags) // 2] * 1e3,
+                "loop_lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1e3,
+                "loop_lag_max_ms": lags[-1] * 1e3,
+                "cpu_util_mean": sum(cpu) / len(cpu), "cpu_util_max": max(cpu),
+                "saturated_windows": busy, "windows": len(self.cpu_windows),
+                "saturated": bool(self.cpu_windows) and busy >= max(1, 0.2 * len(self.cpu_windows))}
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+class Worker:
+    """Dispatches requests at their intended times and writes one JSONL line per finished request."""
+
+    def __init__(self, plan: WorkerPlan):
+        self.plan = plan
+        self.router = _Router(plan.endpoints, plan.routing)
+        self.fd = -1
+        self.sent = 0
+        self.pool = Pool()
+        self.t0 = 0.0
+
+    def _write(self, rec: dict) -> None:
+        os.write(self.fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+
+    async def _one(self, index: int, intended: float, ready: float, waited: float) -> None:
+        p = self.plan
+        spec = p.specs[index % len(p.specs)]
+        ep = self.router.pick(index, spec.adapter)
+        model = spec.adapter or p.model
+        headers = {**p.headers, "X-Request-Id": f"aegis-{p.run_id}-{p.segment}-{index}"}
+        self.router.outstanding[ep.name] += 1
+        self.sent += 1
+        try:
+            res = await send(self.pool, ep.url, p.opts, model, spec.prompt, spec.output_len, headers)
+        finally:
+            self.router.outstanding[ep.name] -= 1
+        t0, sent = self.t0, res["t_send"]
+        tt = res["token_times"]
+        ttft = (tt[0] - sent) * 1e3 if tt else None
+        e2el = (res["t_end"] - sent) * 1e3
+        out = res["output_tokens"]
+        rec = {
+            "index": index, "segment": p.segment, "worker": p.wid,
+            "request_id": headers["X-Request-Id"],
+            "endpoint": ep.name, "url": ep.url, "model": model, "adapter": spec.adapter, "group": spec.group,
+            "api": p.opts.api,
+            "intended_s": round(intended - t0, 6), "sent_s": round(sent - t0, 6),
+            "sent_unix": round(sent + p.t0_unix_offset, 6),
+            "dispatch_lag_ms": _r((sent - ready) * 1e3), "queue_wait_ms": _r(waited * 1e3),
+            "success": res["success"], "error_kind": res["error_kind"], "error": res["error"],
+            "http_status": res["http_status"],
+            "ttft_ms": _r(ttft), "e2el_ms": _r(e2el),
+            "tpot_ms": _r((e2el - ttft) / (out - 1)) if ttft is not None and out > 1 else None,
+            "itl_ms": [round((b - a) * 1e3, 3) for a, b in zip(tt, tt[1:])],
+            "prompt_tokens": res["prompt_tokens"], "output_tokens": out,
+            "output_tokens_source": res["output_tokens_source"],
+            "target_prompt_tokens": spec.prompt_len, "target_output_tokens": spec.output_len,
+            "finish_reason": res["finish_reason"], "connect_ms": _r(res["connect_ms"]),
+        }
+        if any(n > 1 for n in res["chunk_tokens"]):
+            rec["chunk_tokens"] = res["chunk_tokens"]
+        self._write(rec)
+
+    async def _open_loop(self) -> None:
+        p, loop = self.plan, asyncio.get_running_loop()
+        sem = asyncio.Semaphore(p.concurrency) if p.concurrency else None
+        tasks = set()
+        end = self.t0 + p.duration if p.duration else None
+        for index, offset in p.items:
+            target = self.t0 + offset
+            if end is not None and target >= end:
+                break
+            delay = target - perf()
+            if delay > SPIN_S:
+                await asyncio.sleep(delay - SPIN_S)
+            while perf() < target:
+                await asyncio.sleep(0)
+            ready, waited = target, 0.0
+            if sem is not None:
+                if sem.locked():
+                    await sem.acquire()
+                    ready = max(target, perf())
+                    waited = ready - target
+                else:
+                    await sem.acquire()
+            t = loop.create_task(self._one(index, target, ready, waited))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            if sem is not None:
+                t.add_done_callback(lambda _t: sem.release())
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def _closed_loop(self) -> None:
+        p = self.plan
+        if p.closed_indices is not None:
+            source = iter(p.closed_indices)
+        else:
+            source = iter(range(p.wid, 1 << 62, p.nworkers))
+        end = self.t0 + p.duration if p.duration else None
+
+        async def slot():
+            free_at = self.t0
+            for index in source:
+                now = perf()
+                if end is not None and now >= end:
+                    return
+                ready = max(free_at, self.t0)
+                await self._one(index, ready, ready, 0.0)
+                free_at = perf()
+        await asyncio.gather(*(slot() for _ in range(p.concurrency or 1)))
+
+    async def run(self, ready_cb, wait_start) -> dict:
+        p = self.plan
+        self.fd = os.open(p.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            await asyncio.gather(*(self.pool.warm(e.url, WARM_CONNECTIONS) for e in p.endpoints))
+            ready_cb()
+            self.t0 = await wait_start()
+            mon = _Monitor()
+            mon_task = asyncio.get_running_loop().create_task(mon.run())
+            start = perf()
+            try:
+                if p.items is not None:
+                    await self._open_loop()
+                else:
+                    await self._closed_loop()
+            finally:
+                mon_task.cancel()
+        finally:
+            os.close(self.fd)
+            self.pool.close()
+        return {"worker": p.wid, "sent": self.sent, "busy_s": perf() - start, **mon.stats()}
+
+
+def worker_main(plan: WorkerPlan, ready_q, start_evt, t0_val, stats_q) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_parent_death_signal()
+
+    async def wait_start():
+        await asyncio.get_running_loop().run_in_executor(None, start_evt.wait)
+        return t0_val.value
+
+    stats = asyncio.run(Worker(plan).run(lambda: ready_q.put(plan.wid), wait_start))
+    stats_q.put(stats)

@@ -1,0 +1,109 @@
+"""`aegis launch` (inside an allocation) and the per-node `aegis agent` it starts with one launcher step.
+
+`aegis launch --check` verifies an allocation: one step runs an agent on every
+node, each reports its host, devices and node-local storage, and the head
+checks that every node answered.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from aegis.allocation import discover, node_index
+from aegis.commands import config_options, resolve_from_cli
+from aegis.errors import AegisError, UsageError
+from aegis.fsutil import atomic_write
+from aegis.launchers import per_node_step
+from aegis.placement import make_plan
+from aegis.sites import choose_site
+
+ALLOCATION = "allocation.json"
+NODES_DIR = "nodes"
+
+
+def _python_aegis() -> list[str]:
+    return [sys.executable, "-m", "aegis"]
+
+
+@click.command("launch")
+@config_options
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="Run directory (default: $AEGIS_RUN_DIR, else runs/<time>-<name>).")
+@click.option("--check", is_flag=True, help="Only check the allocation: one step per node reports its "
+              "host, devices and local storage; exit 0 when every node answered.")
+@click.option("--step-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds the --check step may take.")
+def launch_cmd(run_dir, check, step_timeout, **kw):
+    """Start the instances of CONFIG on the nodes of this allocation (batch or interactive)."""
+    kw.pop("nodes", None)  # the allocation decides
+    res = resolve_from_cli({**kw, "nodes": None})
+    alloc = discover()
+    plan = make_plan(res.site, res.config, nodes=len(alloc.hosts))
+    run_path = Path(run_dir or os.environ.get("AEGIS_RUN_DIR") or
+                    Path(res.config.runs_dir) / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{res.config.job_name}")
+    run_path = run_path.absolute()
+    run_path.mkdir(parents=True, exist_ok=True)
+    site = res.site.resolved()
+    doc = {**alloc.to_dict(), "site": site.name,
+           "addresses": [site.serve_address.address(h) for h in alloc.hosts]}
+    atomic_write(run_path / ALLOCATION, json.dumps(doc, indent=2) + "\n")
+    atomic_write(run_path / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
+    if not check:
+        raise AegisError("starting engines is not available yet in this version; "
+                         "use `aegis launch --check` to verify the allocation")
+    nodes_dir = run_path / NODES_DIR
+    shutil.rmtree(nodes_dir, ignore_errors=True)
+    nodes_dir.mkdir()
+    cmd = per_node_step(site, len(alloc.hosts),
+                        _python_aegis() + ["agent", "--check", "--run-dir", str(run_path)])
+    click.echo(f"{alloc.scheduler} allocation {alloc.job_id or '-'}: {len(alloc.hosts)} node(s): "
+               f"{', '.join(alloc.hosts)}", err=True)
+    try:
+        proc = subprocess.run(cmd, timeout=step_timeout, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise AegisError(f"{cmd[0]} not found: the site's launcher ({site.launcher}) is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise AegisError(f"the check step did not finish within {step_timeout:.0f} s") from None
+    reports = sorted((json.loads(p.read_text()) for p in nodes_dir.glob("*.json")), key=lambda r: r["index"])
+    for r in reports:
+        click.echo(f"node {r['index']}: {r['host']}  cpus {r['cpus']}  "
+                   f"{r['local_storage']} {r['free_gb']:.1f} GB free")
+    missing = sorted(set(range(len(alloc.hosts))) - {r["index"] for r in reports})
+    if proc.returncode != 0 or missing:
+        detail = " ".join((proc.stderr or "").split())[-400:]
+        raise AegisError(f"allocation check failed: node(s) {', '.join(alloc.hosts[i] for i in missing) or 'none'}"
+                         f" did not report; step exit status {proc.returncode}" + (f": {detail}" if detail else ""))
+    click.echo(f"all {len(alloc.hosts)} node(s) answered")
+
+
+@click.command("agent", hidden=True)
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--check", is_flag=True)
+def agent_cmd(run_dir, check):
+    """Per-node agent (started by `aegis launch`, one per node)."""
+    run_path = Path(run_dir)
+    alloc = json.loads((run_path / ALLOCATION).read_text())
+    index = node_index(alloc["hosts"])
+    site = choose_site(alloc["site"]).resolved()
+    if not check:
+        raise UsageError("the agent only supports --check in this version")
+    storage = os.path.expandvars(site.local_storage)
+    try:
+        free = shutil.disk_usage(storage).free / 1e9
+    except OSError:
+        free = -1.0
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    from aegis.sites import format_ranges
+
+    report = {"index": index, "host": socket.gethostname(), "pid": os.getpid(), "cpus": format_ranges(cpus),
+              "local_storage": storage, "free_gb": free,
+              "visible": {k: os.environ.get(k) for k in site.visibility_env}}
+    atomic_write(run_path / NODES_DIR / f"{index}.json", json.dumps(report) + "\n")

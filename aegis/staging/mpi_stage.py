@@ -1,0 +1,644 @@
+"""The mpi4py implementation of `aegis stage`: the same protocol, options and marker as csrc/stage.c.
+
+One rank per node (the lowest on each node, or every rank with --per-rank) takes
+part; rank 0 walks SRC and broadcasts the manifest; chunk k is read by leader
+k mod N and travels around the ring of leaders (each receives from its left and
+forwards to its right), up to --window chunks in flight; I/O threads read, checksum
+(CRC-32) and write while the main thread drives MPI with non-blocking calls.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+from aegis.errors import StageError
+from aegis.staging import manifest as mf
+from aegis.staging.options import StageOptions
+
+TRAILER = 16
+MAX_FAIL_LINES = 20
+READ, WRITE = 1, 2
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class _Node:
+    """State of one participating (leader) rank."""
+
+    def __init__(self, opts: StageOptions, comm, wrank: int, host: str):
+        self.o, self.comm, self.wrank, self.host = opts, comm, wrank, host
+        self.lrank, self.n = comm.Get_rank(), comm.Get_size()
+        self.lock = threading.Lock()
+        self.failed, self.reason, self.skip = False, "", False
+        self.times = dict(read=0.0, network=0.0, write=0.0, checksum=0.0, verify=0.0)
+        self.repaired = 0
+        corrupt = os.environ.get("AEGIS_STAGE_TEST_CORRUPT", "")
+        chunk, _, rank = corrupt.partition("@")
+        self.corrupt_chunk = int(chunk) if chunk else -1
+        self.corrupt_rank = int(rank) if rank else -1
+
+    # ------------------------------------------------------------ helpers
+    def fail(self, reason: str) -> None:
+        with self.lock:
+            if not self.failed:
+                self.failed, self.reason = True, reason
+
+    def add(self, phase: str, t0: float) -> None:
+        with self.lock:
+            self.times[phase] += _now() - t0
+
+    def chunk_len(self, k: int) -> int:
+        return min(self.C, self.m.total - k * self.C)
+
+    def tmp_name(self, i: int) -> bytes:
+        path = self.m.entries[i].path
+        d, _, _ = path.rpartition(b"/")
+        name = b".aegis-part.%s.%d" % (self.digest[:8].encode(), i)
+        return os.path.join(self.broot, d, name) if d else os.path.join(self.broot, name)
+
+    def read_chunk(self, base: bytes, single: bool, k: int, buf: memoryview) -> None:
+        """Read stream chunk k of the tree (or file) at base into buf; OSError on failure."""
+        for i, off, n, at in self.m.pieces(k * self.C, k * self.C + self.chunk_len(k)):
+            path = base if single else base + b"/" + self.m.entries[i].path
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                done = 0
+                while done < n:
+                    got = os.preadv(fd, [buf[at + done:at + n]], off + done)
+                    if got <= 0:
+                        raise OSError(0, "file shrank while staging", os.fsdecode(path))
+                    done += got
+            finally:
+                os.close(fd)
+
+    # ------------------------------------------------------------ paths and markers
+    def setup_paths(self) -> None:
+        o = self.o
+        dest = o.dest.replace("{rank}", str(self.wrank)).replace("{node}", str(self.lrank))
+        self.dest = dest.replace("{host}", self.host)
+        self.hf_model = None
+        if o.unpack:
+            self.root = os.path.dirname(self.dest) or "."
+            self.marker = os.path.join(self.dest, mf.MARKER)
+        elif self.single:
+            self.root = os.path.dirname(self.dest) or "."
+            name = os.fsdecode(self.m.entries[0].path)
+            self.marker = os.path.join(self.root, f".aegis-stage.{name}.json")
+        elif o.hf_repo:
+            self.hf_model = mf.hf_model_dir(self.dest, o.hf_repo)
+            self.hf_rev = (o.hf_revision or self.digest)[:40]
+            self.root = os.path.join(self.hf_model, "snapshots", self.hf_rev)
+            self.marker = os.path.join(self.root, mf.MARKER)
+        else:
+            self.root = self.dest
+            self.marker = os.path.join(self.root, mf.MARKER)
+        self.broot = os.fsencode(self.root)
+        self.vbase = self.broot + b"/" + self.m.entries[0].path if self.single else self.broot
+
+    def prepare(self) -> None:
+        try:
+            os.unlink(self.marker)
+        except OSError:
+            pass
+        try:
+            _mkdirs(self.root)
+            for e in self.m.entries:
+                if e.type == "d":
+                    p = self.broot + b"/" + e.path
+                    try:
+                        os.mkdir(p, 0o700)
+                    except FileExistsError:
+                        if not os.path.isdir(p):
+                            raise StageError(f"cannot create directory {os.fsdecode(p)}: something else is in the way")
+                    os.chmod(p, os.stat(p).st_mode | 0o700)
+            probe = os.path.join(self.root, f".aegis-part.{self.digest[:8]}.probe")
+            try:
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            except OSError as exc:
+                raise StageError(f"cannot write in {self.root}: {exc.strerror}") from None
+            os.unlink(probe)
+            vs = os.statvfs(self.root)
+            avail = vs.f_bavail * vs.f_frsize
+            if avail < self.m.total:
+                raise StageError(f"not enough space in {self.root}: needs {self.m.total / 1e9:.2f} GB, "
+                                 f"{avail / 1e9:.2f} GB free")
+        except StageError as exc:
+            self.fail(str(exc))
+        except OSError as exc:
+            self.fail(f"cannot create directory {exc.filename}: {exc.strerror}")
+
+    # ------------------------------------------------------------ I/O jobs
+    def do_read(self, slot: "_Slot") -> None:
+        k, n = slot.k, self.chunk_len(slot.k)
+        mv, flags = slot.mv, 0
+        t0 = _now()
+        try:
+            self.read_chunk(self.src, self.single, k, mv)
+        except OSError as exc:
+            flags = 1
+            msg = f"rank {self.wrank} on {self.host}: cannot read {exc.filename}: {exc.strerror}".encode()[:n]
+            mv[:n] = bytes(n)
+            mv[:len(msg)] = msg
+        self.add("read", t0)
+        t0 = _now()
+        crc = zlib.crc32(mv[:n])
+        self.add("checksum", t0)
+        if k == self.corrupt_chunk and self.corrupt_rank in (-1, self.wrank) and n:
+            mv[n // 2] ^= 0x5A  # test hook: damage the data after the checksum was taken
+        mv[n:n + TRAILER] = k.to_bytes(8, "little") + crc.to_bytes(4, "little") + flags.to_bytes(4, "little")
+
+    def do_write(self, slot: "_Slot") -> None:
+        k, n = slot.k, self.chunk_len(slot.k)
+        tr = bytes(slot.mv[n:n + TRAILER])
+        got_k, crc, flags = int.from_bytes(tr[:8], "little"), int.from_bytes(tr[8:12], "little"), \
+            int.from_bytes(tr[12:], "little")
+        self.crc[k] = crc
+        if got_k != k:
+            self.fail(f"protocol error: expected chunk {k}, received {got_k}")
+            return
+        if self.skip or self.failed:
+            return
+        if flags & 1:
+            msg = bytes(slot.mv[:min(n, 299)]).split(b"\0")[0].decode(errors="replace")
+            self.fail(f"SRC could not be read ({msg})")
+            return
+        t0 = _now()
+        ok = zlib.crc32(slot.mv[:n]) == crc
+        self.add("checksum", t0)
+        data = slot.mv
+        if not ok:
+            fix = bytearray(n)
+            try:
+                self.read_chunk(self.src, self.single, k, memoryview(fix))
+            except OSError as exc:
+                self.fail(f"chunk {k} failed its checksum and could not be re-read from SRC: "
+                          f"cannot read {exc.filename}: {exc.strerror}")
+                return
+            if zlib.crc32(fix) != crc:
+                self.fail(f"chunk {k} failed its checksum and SRC now differs too (SRC changed while staging?)")
+                return
+            print(f"aegis-stage: {self.host} (rank {self.wrank}): chunk {k} failed its checksum; re-read from SRC",
+                  file=sys.stderr, flush=True)
+            with self.lock:
+                self.repaired += 1
+            data = memoryview(fix)
+        t0 = _now()
+        try:
+            for i, off, ln, at in self.m.pieces(k * self.C, k * self.C + n):
+                self.write_piece(i, off, data[at:at + ln])
+        except OSError as exc:
+            self.fail(f"cannot write {exc.filename}: {exc.strerror}")
+        self.add("write", t0)
+
+    def write_piece(self, i: int, off: int, data: memoryview) -> None:
+        f = self.fs[i]
+        e = self.m.entries[i]
+        with f.lock:
+            if f.fd < 0 and not f.done:
+                tmp = self.tmp_name(i)
+                try:
+                    f.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                except OSError as exc:
+                    raise OSError(exc.errno, exc.strerror, os.fsdecode(tmp)) from None
+                try:
+                    os.posix_fallocate(f.fd, 0, e.size)
+                except OSError as exc:
+                    if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: the filesystem cannot preallocate
+                        raise OSError(exc.errno, f"cannot allocate {e.size} bytes: {exc.strerror}",
+                                      os.fsdecode(tmp)) from None
+            fd = f.fd
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], off + done)
+        with f.lock:
+            f.written += len(data)
+            if f.written == e.size and f.fd >= 0:
+                os.close(f.fd)
+                f.fd, f.done = -1, True
+
+    # ------------------------------------------------------------ the ring
+    def transfer(self) -> None:
+        from mpi4py import MPI
+
+        W, n = self.o.window, self.n
+        left, right = (self.lrank - 1) % n, (self.lrank + 1) % n
+        slots = [_Slot(self.C + TRAILER) for _ in range(W)]
+        jobs: queue.SimpleQueue = queue.SimpleQueue()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+
+        def worker():
+            while True:
+                job = jobs.get()
+                if job is None:
+                    return
+                kind, i = job
+                try:
+                    (self.do_read if kind == READ else self.do_write)(slots[i])
+                except Exception as exc:  # keep the ring turning; report the node as failed
+                    self.fail(f"internal error in an I/O thread: {exc!r}")
+                done.put(job)
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.o.threads)]
+        for t in threads:
+            t.start()
+        reqs = [MPI.REQUEST_NULL] * (2 * W)
+        poll = float(os.environ.get("AEGIS_STAGE_POLL_US", "50")) * 1e-6
+        t0 = _now()
+        nxt = finished = 0
+        while finished < self.K:
+            progress = False
+            while nxt < self.K:
+                i = nxt % W
+                s = slots[i]
+                if s.k >= 0:
+                    break
+                s.k = nxt
+                if nxt % n == self.lrank:
+                    s.reading = True
+                    jobs.put((READ, i))
+                else:
+                    s.receiving = True
+                    reqs[i] = self.comm.Irecv([s.mv[:self.chunk_len(nxt) + TRAILER], MPI.BYTE], left, nxt % 32768)
+                nxt += 1
+                progress = True
+            idx = MPI.Request.Testsome(reqs)
+            for j in idx or ():
+                i = j % W
+                s = slots[i]
+                progress = True
+                if j >= W:
+                    s.sending = False
+                    continue
+                s.receiving = False
+                if s.k % n != right:
+                    s.sending = True
+                    reqs[W + i] = self.comm.Isend([s.mv[:self.chunk_len(s.k) + TRAILER], MPI.BYTE], right,
+                                                  s.k % 32768)
+                s.writing = True
+                jobs.put((WRITE, i))
+            completed = []
+            try:
+                completed.append(done.get_nowait() if progress else done.get(timeout=poll))
+                while True:
+                    completed.append(done.get_nowait())
+            except queue.Empty:
+                pass
+            for kind, i in completed:
+                s = slots[i]
+                if kind == READ:
+                    s.reading = False
+                    if n > 1:
+                        s.sending = True
+                        reqs[W + i] = self.comm.Isend([s.mv[:self.chunk_len(s.k) + TRAILER], MPI.BYTE], right,
+                                                      s.k % 32768)
+                    s.writing = True
+                    jobs.put((WRITE, i))
+                else:
+                    s.writing = False
+            for s in slots:
+                if s.k >= 0 and not (s.reading or s.receiving or s.sending or s.writing):
+                    s.k = -1
+                    finished += 1
+        self.times["network"] = _now() - t0
+        for _ in threads:
+            jobs.put(None)
+        for t in threads:
+            t.join()
+
+    # ------------------------------------------------------------ checksum passes
+    def crc_pass(self, base: bytes, single: bool, stride: int, first: int, out: list[int] | None,
+                 expect: list[int] | None) -> str | None:
+        """Checksum chunks first, first+stride, ...; returns a reason for the first failure or None."""
+        ks = list(range(first, self.K, stride))
+        errors: list[tuple[int, str]] = []
+
+        def work(part):
+            buf = memoryview(bytearray(self.C))
+            for k in part:
+                try:
+                    self.read_chunk(base, single, k, buf)
+                except OSError as exc:
+                    errors.append((k, f"cannot read {exc.filename}: {exc.strerror}"))
+                    return
+                c = zlib.crc32(buf[:self.chunk_len(k)])
+                if out is not None:
+                    out[k] = c
+                if expect is not None and expect[k] != c:
+                    errors.append((k, f"chunk {k} differs from what was sent"))
+                    return
+
+        T = self.o.threads
+        threads = [threading.Thread(target=work, args=(ks[t::T],)) for t in range(T)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return min(errors)[1] if errors else None
+
+    # ------------------------------------------------------------ finishing
+    def finalize(self) -> None:
+        for i, e in enumerate(self.m.entries):
+            if self.failed:
+                return
+            if e.type == "d":
+                continue
+            tmp, fin = self.tmp_name(i), self.broot + b"/" + e.path
+            try:
+                if e.type == "f":
+                    if e.size == 0:
+                        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+                    elif not self.fs[i].done:
+                        self.fail(f"internal error: {os.fsdecode(e.path)} incomplete")
+                        return
+                    os.chmod(tmp, e.mode)
+                    os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
+                else:
+                    try:
+                        os.unlink(tmp)
+                    except FileNotFoundError:
+                        pass
+                    os.symlink(e.target, tmp)
+                os.rename(tmp, fin)
+            except OSError as exc:
+                self.fail(f"cannot finish {os.fsdecode(fin)}: {exc.strerror}")
+                return
+        for e in reversed(self.m.entries):
+            if e.type == "d":
+                os.chmod(self.broot + b"/" + e.path, e.mode | 0o700)
+
+    def cleanup(self) -> None:
+        for i, e in enumerate(self.m.entries):
+            if e.type == "d":
+                continue
+            if self.fs[i].fd >= 0:
+                os.close(self.fs[i].fd)
+                self.fs[i].fd = -1
+            try:
+                os.unlink(self.tmp_name(i))
+            except OSError:
+                pass
+
+    def unpack(self, marker: str) -> None:
+        base = os.path.basename(self.dest)
+        tarball = os.path.join(self.root, os.fsdecode(self.m.entries[0].path))
+        fresh = os.path.join(self.root, f".aegis-unpack.{base}")
+        old = os.path.join(self.root, f".aegis-old.{base}")
+        for p in (fresh, old):
+            shutil.rmtree(p, ignore_errors=True)
+        try:
+            os.mkdir(fresh, 0o755)
+            r = subprocess.run(["tar", "-x", "-f", tarball, "-C", fresh], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+            if r.returncode != 0:
+                self.fail(f"tar -x -f {tarball} failed (status {r.returncode})")
+            else:
+                mf.write_marker(os.path.join(fresh, mf.MARKER), marker)
+                if os.path.lexists(self.dest):
+                    os.rename(self.dest, old)
+                os.rename(fresh, self.dest)
+        except OSError as exc:
+            self.fail(f"cannot unpack into {self.dest}: {exc.strerror} ({exc.filename})")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.failed:
+            shutil.rmtree(fresh, ignore_errors=True)
+        try:
+            os.unlink(tarball)
+        except OSError:
+            pass
+
+
+class _Slot:
+    """One chunk buffer and what is still pending on it."""
+
+    def __init__(self, size: int):
+        self.mv = memoryview(bytearray(size))
+        self.k = -1
+        self.reading = self.receiving = self.sending = self.writing = False
+
+
+class _FileState:
+    def __init__(self):
+        self.fd, self.done, self.written = -1, False, 0
+        self.lock = threading.Lock()
+
+
+def _mkdirs(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise StageError(f"cannot create directory {path}: a file is in the way") from None
+    except NotADirectoryError as exc:
+        raise StageError(f"cannot create directory {exc.filename}: a file is in the way") from None
+    except OSError as exc:
+        raise StageError(f"cannot create directory {exc.filename or path}: {exc.strerror}") from None
+
+
+def _wait(req, sleep_s: float) -> None:
+    while not req.Test():
+        time.sleep(sleep_s)
+
+
+def run(opts: StageOptions) -> int:
+    """Stage under MPI with mpi4py; returns the exit status (the same on every rank)."""
+    import mpi4py
+
+    mpi4py.rc.thread_level = "funneled"
+    from mpi4py import MPI
+
+    t_start = _now()
+    world = MPI.COMM_WORLD
+    wrank = world.Get_rank()
+    host = socket.gethostname()
+    if opts.per_rank:
+        leader = True
+    else:
+        leader = world.Split_type(MPI.COMM_TYPE_SHARED, key=wrank).Get_rank() == 0
+    leaders = world.Split(0 if leader else MPI.UNDEFINED, wrank)
+    status = bytearray(4)
+    if not leader:
+        _wait(world.Ibcast(status, root=0), 0.002)
+        return int.from_bytes(status, "little")
+    code = _run_leader(opts, leaders, wrank, host, t_start)
+    status[:] = code.to_bytes(4, "little")
+    _wait(world.Ibcast(status, root=0), 0.0001)
+    return int.from_bytes(status, "little")
+
+
+def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float) -> int:
+    node = _Node(opts, comm, wrank, host)
+    # 1. the manifest, walked once and broadcast
+    payload = None
+    if node.lrank == 0:
+        try:
+            single = os.path.isfile(opts.src)
+            base = os.path.basename(opts.dest)
+            if opts.unpack and not single:
+                raise StageError(f"--unpack needs SRC to be a tar archive, {opts.src} is not a regular file")
+            if opts.hf_repo and single:
+                raise StageError(f"--hf-repo needs SRC to be a directory, {opts.src} is a file")
+            if single and not base:
+                raise StageError(f"DEST {opts.dest} must name the file to create")
+            name = os.fsencode(f".aegis-tar.{base}" if opts.unpack else base) if single else None
+            payload = (single, mf.walk(opts.src, name).serialize())
+        except StageError as exc:
+            payload = str(exc)
+    payload = comm.bcast(payload, root=0)
+    if isinstance(payload, str):
+        if wrank == 0:
+            print(f"aegis: error: {payload}", file=sys.stderr)
+        return 1
+    node.single, raw = payload
+    node.m = mf.Manifest.parse(raw)
+    node.digest = hashlib.sha256(raw).hexdigest()
+    node.C = opts.chunk_size
+    node.K = -(-node.m.total // node.C)
+    node.crc = [0] * node.K
+    node.fs = [_FileState() for _ in node.m.entries]
+    node.src = os.fsencode(opts.src)
+    node.setup_paths()
+
+    # 2. which nodes already hold exactly this content?
+    have = False
+    mk = None if opts.force else mf.read_marker(node.marker)
+    if mk and mk["manifest_sha256"] == node.digest:
+        if opts.unpack:
+            have = os.path.isdir(node.dest) and mk["chunk_size"] == node.C
+        else:
+            have = mf.tree_matches(node.root, node.m)
+        if have and opts.verify and not opts.unpack:
+            saved = node.C, node.K
+            node.C = mk["chunk_size"]
+            node.K = -(-node.m.total // node.C)
+            t0 = _now()
+            why = "bad marker" if len(mk["crcs"]) != node.K else \
+                node.crc_pass(node.vbase, node.single, 1, 0, None, mk["crcs"])
+            node.times["verify"] += _now() - t0
+            if why:
+                have = False
+                print(f"aegis-stage: {host} (rank {wrank}): the existing copy differs ({why}); re-sending",
+                      file=sys.stderr, flush=True)
+            node.C, node.K = saved
+    if opts.unpack:
+        from mpi4py import MPI
+
+        if comm.allreduce(int(have), op=MPI.MAX):
+            part = [0] * node.K
+            t0 = _now()
+            why = node.crc_pass(node.src, True, node.n, node.lrank, part, None)
+            node.times["read"] += _now() - t0
+            if why:
+                node.fail(why)
+            import numpy as np
+
+            total = np.zeros(node.K, dtype=np.uint32)
+            comm.Allreduce(np.array(part, dtype=np.uint32), total, op=MPI.SUM)
+            node.crc = [int(c) for c in total]
+            node.key = mf.content_key(node.m.total, node.C, node.crc)
+            have = have and mk["content_key"] == node.key
+    node.skip = have
+    all_have = all(comm.allgather(have))
+
+    if not all_have:
+        # 3. prepare, transfer, finalize
+        if not node.skip:
+            node.prepare()
+        node.transfer()
+        node.key = mf.content_key(node.m.total, node.C, node.crc)
+        marker = mf.marker_text(node.digest, node.key, node.m, node.C, node.crc)
+        if not node.skip and not node.failed:
+            t0 = _now()
+            node.finalize()
+            node.add("write", t0)
+        if not node.skip and not node.failed and opts.verify:
+            t0 = _now()
+            why = node.crc_pass(node.vbase, node.single, 1, 0, None, node.crc)
+            if why:
+                node.fail(f"verify: {why}")
+            node.times["verify"] += _now() - t0
+        if not node.skip and not node.failed:
+            if opts.unpack:
+                t0 = _now()
+                node.unpack(marker)
+                node.add("write", t0)
+            else:
+                try:
+                    mf.write_marker(node.marker, marker)
+                    if node.hf_model:
+                        refs = os.path.join(node.hf_model, "refs")
+                        os.makedirs(refs, exist_ok=True)
+                        with open(os.path.join(refs, "main"), "w") as fh:
+                            fh.write(node.hf_rev)
+                except OSError as exc:
+                    node.fail(f"cannot write {exc.filename}: {exc.strerror}")
+        if not node.skip and node.failed:
+            node.cleanup()
+
+    # 4. one summary, one exit status
+    return _report(node, opts, t_start)
+
+
+def _report(node: _Node, opts: StageOptions, t_start: float) -> int:
+    total = _now() - t_start
+    mine = dict(failed=node.failed, skipped=node.skip, repaired=node.repaired, times=dict(node.times, total=total),
+                host=node.host, rank=node.wrank, reason=node.reason)
+    everyone = node.comm.gather(mine, root=0)
+    if node.lrank != 0:
+        return 0
+    nfail = sum(r["failed"] for r in everyone)
+    nskip = sum(r["skipped"] for r in everyone)
+    rep = sum(r["repaired"] for r in everyone)
+    mx = {p: max(r["times"][p] for r in everyone) for p in everyone[0]["times"]}
+    secs = mx["total"] or 1e-9
+    moved = 0 if nskip == node.n else node.m.total
+    nodes = node.n
+    if opts.json:
+        print(json.dumps({
+            "impl": "mpi4py", "src": opts.src, "dest": opts.dest, "bytes": node.m.total, "files": node.m.nfiles,
+            "nodes": nodes, "ranks": _world_size(), "seconds": round(secs, 6),
+            "gbps_per_node": round(moved / secs / 1e9, 6), "skipped_nodes": nskip, "failed_nodes": nfail,
+            "repaired_chunks": rep, "chunk_size": node.C, "window": opts.window, "threads": opts.threads,
+            "chunks": node.K, "manifest_sha256": node.digest,
+            "phases": {p: round(mx[p], 6) for p in ("read", "network", "write", "checksum", "verify")},
+            "failures": [{"host": r["host"], "rank": r["rank"], "reason": r["reason"]} for r in everyone
+                         if r["failed"]],
+        }), flush=True)
+    else:
+        size = f"{node.m.total / 1e9:.2f} GB"
+        if nskip == nodes:
+            print(f"aegis stage: {size} in {node.m.nfiles} files already staged on all {nodes} nodes at "
+                  f"{opts.dest} ({secs:.2f} s) [mpi4py]", flush=True)
+        else:
+            print(f"aegis stage: {size} in {node.m.nfiles} files to {nodes} nodes in {secs:.2f} s "
+                  f"({moved / secs / 1e9:.2f} GB/s per node); read {mx['read']:.2f} s, network {mx['network']:.2f} s, "
+                  f"write {mx['write']:.2f} s, checksum {mx['checksum']:.2f} s, verify {mx['verify']:.2f} s; "
+                  f"{nskip} skipped, {nfail} failed, {rep} chunks repaired [mpi4py]", flush=True)
+        if opts.hf_repo and nfail < nodes:
+            print(f"aegis stage: set HF_HUB_CACHE={opts.dest} and HF_HUB_OFFLINE=1, then serve the model as "
+                  f"{opts.hf_repo}", flush=True)
+    failures = [r for r in everyone if r["failed"]]
+    for r in failures[:MAX_FAIL_LINES]:
+        print(f"aegis: error: {r['host']} (rank {r['rank']}): {r['reason']}", file=sys.stderr)
+    if len(failures) > MAX_FAIL_LINES:
+        print(f"aegis: error: ... and {len(failures) - MAX_FAIL_LINES} more nodes failed", file=sys.stderr)
+    if nfail:
+        rest = "the other nodes hold a complete copy" if nfail < nodes else "no node holds a complete copy"
+        print(f"aegis: error: staging failed on {nfail} of {nodes} nodes (listed above); {rest}",
+              file=sys.stderr, flush=True)
+    return 1 if nfail else 0
+
+
+def _world_size() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_size()
