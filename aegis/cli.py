@@ -62,8 +62,10 @@ def _importable(name: str) -> bool:
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="aegis")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--remote", metavar="USER@HOST[:PORT]", help="Run the command on a login node over one SSH "
+              "connection (also accepted after the command name); local files named are uploaded.")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, debug, remote):
     """Serve and measure large language models on supercomputers."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -74,6 +76,11 @@ def main(argv=None):
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
     try:
+        from aegis.remote import run_remote, split_remote
+
+        target, args = split_remote(args)
+        if target is not None:
+            sys.exit(run_remote(target, args))
         cli.main(args=args, prog_name="aegis", standalone_mode=False)
     except AegisError as exc:
         if debug:
