@@ -180,6 +180,11 @@ class Config(_Strict):
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     pack_models: StrictBool = False
     runs_dir: StrictStr = "runs"
+    engine_python: Optional[StrictStr] = None  # the Python that has the engine (default: python3 on PATH)
+    startup_timeout: StrictInt = Field(1800, gt=0)  # seconds an instance may take to become healthy
+    max_restarts: StrictInt = Field(3, ge=0)  # restarts of a dead instance before it is marked failed
+    shutdown_grace: StrictInt = Field(30, ge=0)  # seconds between SIGTERM and SIGKILL
+    api_key: StrictBool = True  # generate a per-run API key the servers require
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("walltime")
@@ -224,7 +229,7 @@ class Config(_Strict):
                 raise ValueError(f"{item!r} is not a valid environment variable name")
         return v
 
-    @field_validator("hf_home", "hf_token_file", "runs_dir")
+    @field_validator("hf_home", "hf_token_file", "runs_dir", "engine_python")
     @classmethod
     def _paths(cls, v):
         return None if v is None else _no_control(v)

@@ -19,7 +19,8 @@ import click
 
 from aegis.allocation import discover, node_index
 from aegis.commands import config_options, resolve_from_cli
-from aegis.errors import AegisError, UsageError
+from aegis.config import dump_yaml
+from aegis.errors import AegisError
 from aegis.fsutil import atomic_write
 from aegis.launchers import per_node_step
 from aegis.placement import make_plan
@@ -56,9 +57,13 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
            "addresses": [site.serve_address.address(h) for h in alloc.hosts]}
     atomic_write(run_path / ALLOCATION, json.dumps(doc, indent=2) + "\n")
     atomic_write(run_path / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
+    atomic_write(run_path / "config.yaml", dump_yaml(res.config))  # what the agents read
     if not check:
-        raise AegisError("starting engines is not available yet in this version; "
-                         "use `aegis launch --check` to verify the allocation")
+        from aegis.supervise import Head
+
+        head = Head(run_path, site, res.config, plan, alloc)
+        sys.exit(head.run(per_node_step(site, len(alloc.hosts),
+                                        _python_aegis() + ["agent", "--run-dir", str(run_path)])))
     nodes_dir = run_path / NODES_DIR
     shutil.rmtree(nodes_dir, ignore_errors=True)
     nodes_dir.mkdir()
@@ -90,11 +95,13 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
 def agent_cmd(run_dir, check):
     """Per-node agent (started by `aegis launch`, one per node)."""
     run_path = Path(run_dir)
+    if not check:
+        from aegis.agent import run_agent
+
+        sys.exit(run_agent(run_path))
     alloc = json.loads((run_path / ALLOCATION).read_text())
     index = node_index(alloc["hosts"])
     site = choose_site(alloc["site"]).resolved()
-    if not check:
-        raise UsageError("the agent only supports --check in this version")
     storage = os.path.expandvars(site.local_storage)
     try:
         free = shutil.disk_usage(storage).free / 1e9
@@ -107,3 +114,47 @@ def agent_cmd(run_dir, check):
               "local_storage": storage, "free_gb": free,
               "visible": {k: os.environ.get(k) for k in site.visibility_env}}
     atomic_write(run_path / NODES_DIR / f"{index}.json", json.dumps(report) + "\n")
+
+
+@click.command("shutdown")
+@click.argument("run_dir", required=False, metavar="[RUN_DIR]")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for every instance to stop (0: do not wait).")
+def shutdown_cmd(run_dir, timeout):
+    """Stop every instance of a run cleanly (the launcher stops its agents, which stop the engines)."""
+    import time as _time
+
+    from aegis.rundir import find_run_dir
+
+    run = find_run_dir(run_dir, marker="launch.json")
+    if run is None:
+        raise AegisError(f"{run_dir}: give the run directory (shutdown works through its files)")
+    atomic_write(run.path / "shutdown", f"{_time.time()}\n")
+    if timeout <= 0:
+        click.echo(f"shutdown requested: {run.path}")
+        return
+    deadline = _time.monotonic() + timeout
+    while _time.monotonic() < deadline:
+        doc = run.endpoints() or {}
+        if doc.get("state") in ("stopped", "failed") and not _launcher_alive(run.path):
+            click.echo(f"stopped: {run.path}")
+            return
+        _time.sleep(0.5)
+    raise AegisError(f"{run.path}: instances still running after {timeout:.0f} s; "
+                     f"see {run.path / 'logs'} and try again, or cancel the job")
+
+
+def _launcher_alive(run_path: Path) -> bool:
+    """Whether the head recorded in launch.json still runs (only checkable from its own host)."""
+    try:
+        info = json.loads((run_path / "launch.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("host") != socket.gethostname():
+        return False
+    import psutil
+
+    try:
+        return psutil.Process(info["pid"]).create_time() == info["create_time"]
+    except psutil.NoSuchProcess:
+        return False

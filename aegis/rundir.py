@@ -61,18 +61,23 @@ class RunDir:
         return None
 
 
-def find_run_dir(arg: Optional[str], runs_dir: str = "runs") -> Optional[RunDir]:
-    """RUN_DIR as given; no argument: the newest run directory under `runs_dir`; a job id: None."""
+def find_run_dir(arg: Optional[str], runs_dir: str = "runs", marker: str = JOB_ID) -> Optional[RunDir]:
+    """RUN_DIR as given; no argument: the newest run directory under `runs_dir`; a job id: None.
+
+    `marker` is the file that makes a directory a run directory for the caller: `job_id` for
+    submitted runs, `launch.json` for anything `aegis launch` started (also by hand).
+    """
     if arg is None:
         root = Path(runs_dir)
-        candidates = [p for p in root.glob("*") if (p / JOB_ID).exists()] if root.is_dir() else []
+        candidates = [p for p in root.glob("*") if (p / marker).exists()] if root.is_dir() else []
         if not candidates:
             raise UsageError(f"no run directory given and none under {root}/: pass RUN_DIR or JOB_ID")
-        return RunDir(max(candidates, key=lambda p: (p / JOB_ID).stat().st_mtime).absolute())
+        return RunDir(max(candidates, key=lambda p: (p / marker).stat().st_mtime).absolute())
     path = Path(arg)
     if path.is_dir():
-        if not (path / JOB_ID).exists():
-            raise UsageError(f"{path} is not a submitted run directory (it has no {JOB_ID} file)")
+        if not (path / marker).exists():
+            what = "a submitted run directory" if marker == JOB_ID else "a launched run directory"
+            raise UsageError(f"{path} is not {what} (it has no {marker} file)")
         return RunDir(path.absolute())
     if os.sep in arg:
         raise UsageError(f"{arg}: no such run directory")

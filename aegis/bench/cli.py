@@ -213,7 +213,16 @@ def probe_cmd(endpoints_path, urls, model, api_key_file, rates, duration, stop_e
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def smoke_cmd(endpoints_path, urls, model, api_key_file, api, prompt, max_tokens, expect, timeout, as_json):
     """Send one request per endpoint and per LoRA adapter, and check the answers."""
+    import re
+
     from aegis.bench.smoke import format_rows, smoke
+    if expect:
+        try:
+            re.compile(expect)
+        except re.error as exc:
+            raise UsageError(f"--expect {expect!r} is not a valid regular expression ({exc})") from None
+    if max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
     fleet = _fleet(endpoints_path, urls, model)
     key = resolve_api_key(api_key_file, fleet)
     rows = asyncio.run(smoke(fleet.endpoints, auth_headers(key), prompt=prompt, max_tokens=max_tokens, api=api,

@@ -68,12 +68,17 @@ class StreamTimer:
 
     def feed(self, data: bytes, now: float) -> None:
         self.buf += data
-        while True:
-            nl = self.buf.find(b"\n")
-            if nl < 0:
-                return
-            line = bytes(self.buf[:nl]).rstrip(b"\r")
-            del self.buf[:nl + 1]
+        if b"\r" in self.buf:
+            # CRLF or CR line ends; a CR at the very end may be half of a CRLF
+            tail = b"\r" if self.buf.endswith(b"\r") else b""
+            body = bytes(self.buf[:-1] if tail else self.buf)
+            self.buf = bytearray(body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail)
+        end = self.buf.rfind(b"\n")
+        if end < 0:
+            return
+        lines = bytes(self.buf[:end]).split(b"\n")
+        del self.buf[:end + 1]
+        for line in lines:
             if not line:
                 self._dispatch(now)
             elif line.startswith(b"data:"):
@@ -157,12 +162,12 @@ async def send(pool: Pool, url: str, opts: RequestOptions, model: str, prompt: s
         state["status"] = code
 
     kind = err = None
-    t_send = perf()
+    t_send = t_end = perf()
     connect_s = 0.0
     try:
         res = await request(pool, "POST", url + path, body, hdrs, on_body, opts.timeout, on_status)
         t_send, connect_s = res["t_send"], res["connect_s"]
-        now = perf()
+        now = t_end = res["t_done"]
         if res["status"] != 200:
             text = bytes(raw[:400]).decode("utf-8", "replace").strip().replace("\n", " ")
             kind, err = _error(f"http_{res['status']}", text)
@@ -187,7 +192,8 @@ async def send(pool: Pool, url: str, opts: RequestOptions, model: str, prompt: s
         kind, err = _error(exc.kind, str(exc))
     except OSError as exc:
         kind, err = _error("disconnect", f"{type(exc).__name__}: {exc}")
-    t_end = perf()
+    if kind is not None:
+        t_end = perf()
     if kind is None and timer.error:
         kind = timer.error.split(":")[0]
         err = timer.error

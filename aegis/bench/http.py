@@ -37,9 +37,12 @@ class _Exchange:
         self.chunk_state = "size"
         self.done = asyncio.get_running_loop().create_future()
         self.keep_alive = True
+        self.t_done = 0.0
+        self._now = 0.0
 
     def feed(self, data: bytes, now: float) -> None:
         self.buf += data
+        self._now = now
         try:
             self._parse(now)
         except (ValueError, IndexError) as exc:
@@ -48,6 +51,7 @@ class _Exchange:
 
     def _finish(self) -> None:
         if not self.done.done():
+            self.t_done = self._now or perf()
             self.done.set_result(None)
 
     def _parse(self, now: float) -> None:
@@ -227,7 +231,8 @@ async def request(pool: Pool, method: str, url: str, body: bytes, headers: dict[
                   on_body, timeout: float, on_status=None) -> dict:
     """Send one request; `on_body(bytes, t)` gets the decoded body as it arrives.
 
-    Returns {"status", "headers", "t_send", "connect_s"}; raises HTTPError
+    Returns {"status", "headers", "t_send", "connect_s", "t_done"} (t_done: when the
+    last byte of the answer arrived); raises HTTPError
     (connect, disconnect, bad_response) or asyncio.TimeoutError.
     """
     key, (netloc, path) = split(url)
@@ -253,5 +258,6 @@ async def request(pool: Pool, method: str, url: str, body: bytes, headers: dict[
             raise
         finally:
             pool.release(key, conn, ok and ex.keep_alive)
-        return {"status": ex.status, "headers": ex.headers, "t_send": t_send, "connect_s": connect_s}
+        return {"status": ex.status, "headers": ex.headers, "t_send": t_send, "connect_s": connect_s,
+                "t_done": ex.t_done}
     raise HTTPError("disconnect", "connection closed before an answer")  # not reached
