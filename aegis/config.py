@@ -37,7 +37,9 @@ SYNONYMS = {
     "project": "account", "allocation": "account", "num_nodes": "nodes", "port": "port_start",
     "vllm_args": "extra_vllm_args", "extra_args": "extra_vllm_args", "environment": "env",
 }
-SECRET_WORDS = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL)", re.IGNORECASE)
+# Whole name parts only: HF_TOKEN and OPENAI_API_KEY are secrets, TOKENIZERS_PARALLELISM is not.
+SECRET_WORDS = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_KEY|PRIVATE_KEY)(_|$)",
+                          re.IGNORECASE)
 SECRET_HINT = ("secrets must not be written into configs or job scripts: export it in your shell "
                "and list its name in pass_env, or set hf_token_file to a file with mode 0600")
 

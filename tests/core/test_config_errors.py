@@ -77,6 +77,18 @@ def test_more_config_errors(tmp_path, capsys, text, fragments):
         assert frag in err
 
 
+@pytest.mark.parametrize("name,secret", [
+    ("HF_TOKEN", True), ("HUGGING_FACE_HUB_TOKEN", True), ("OPENAI_API_KEY", True), ("WANDB_APIKEY", True),
+    ("AWS_SECRET_ACCESS_KEY", True), ("DB_PASSWORD", True), ("hf_token", True),
+    ("TOKENIZERS_PARALLELISM", False), ("VLLM_LOGGING_LEVEL", False), ("KEYCLOAK_URL", False),
+    ("SECRETARY", False),
+])
+def test_secret_names(tmp_path, capsys, name, secret):
+    path = write(tmp_path, f"model: m\nenv: {{{name}: x}}\n")
+    code, _, err = run_cli(capsys, "plan", path)
+    assert (code == 2 and "looks like a secret" in err) if secret else code == 0, err
+
+
 def test_missing_config_file(tmp_path, capsys):
     code, _, err = run_cli(capsys, "plan", tmp_path / "nope.yaml")
     assert code == 2

@@ -1,0 +1,120 @@
+"""`aegis launch` on the local site with real CPU vLLM servers (the tiny offline model)."""
+import json
+import os
+import signal
+import stat
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from tests.launch.fleet import aegis
+
+pytestmark = pytest.mark.slow
+
+
+def post(url, payload, key, timeout=60):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture(scope="module")
+def state():
+    return {}
+
+
+def test_two_instances_become_healthy(fleet_factory, state):
+    fleet = fleet_factory(instances=2)
+    state["fleet"] = fleet
+    doc = fleet.endpoints()
+    assert doc["state"] == "ready" and doc["site"] == "local"
+    assert stat.S_IMODE((fleet.run_dir / "endpoints.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((fleet.run_dir / "api_key").stat().st_mode) == 0o600
+    a, b = doc["instances"]
+    assert (a["name"], b["name"]) == ("tiny-0", "tiny-1")
+    assert a["model"] == "tiny" and a["host"] == "127.0.0.1" and b["port"] == a["port"] + 1
+    assert a["devices"] != b["devices"]  # one core each
+    assert all(i["status"] == "ready" and i["ready_seconds"] > 0 and i["pid"] for i in doc["instances"])
+    # Views and the health table, as a user reads them.
+    view = yaml.safe_load(aegis("endpoints", fleet.run_dir).stdout)
+    assert view == {"tiny": [a["url"], b["url"]]}
+    assert aegis("endpoints", fleet.run_dir, "--format", "urls").stdout.split() == [a["url"], b["url"]]
+    table = aegis("health", fleet.run_dir / "endpoints.json").stdout
+    assert "2/2 healthy" in table
+    # Each engine is bound to its own core (VLLM_CPU_OMP_THREADS_BIND from the plan).
+    env_a = open(f"/proc/{a['pid']}/environ", "rb").read().split(b"\0")
+    assert f"VLLM_CPU_OMP_THREADS_BIND={a['devices'][0]}".encode() in env_a
+
+
+def test_completions_and_streaming(state):
+    fleet = state["fleet"]
+    for inst in fleet.endpoints()["instances"]:
+        code, body = post(inst["url"] + "/v1/completions",
+                          {"model": "tiny", "prompt": "hello", "max_tokens": 4}, fleet.key)
+        assert code == 200, body
+        assert json.loads(body)["usage"]["completion_tokens"] == 4
+        code, body = post(inst["url"] + "/v1/completions",
+                          {"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": True}, fleet.key)
+        events = [line for line in body.decode().splitlines() if line.startswith("data: ")]
+        assert code == 200 and events[-1] == "data: [DONE]" and len(events) >= 3
+
+
+def test_requests_without_the_key_are_refused(state):
+    fleet = state["fleet"]
+    inst = fleet.endpoints()["instances"][0]
+    code, _ = post(inst["url"] + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, None)
+    assert code == 401
+    code, _ = post(inst["url"] + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, "wrong")
+    assert code == 401
+    # The key travels in the environment, never on a command line or in the files others read.
+    cmdline = open(f"/proc/{inst['pid']}/cmdline", "rb").read()
+    assert fleet.key.encode() not in cmdline
+    for name in ("config.yaml", "plan.json", "endpoints.json", "allocation.json"):
+        assert fleet.key not in (fleet.run_dir / name).read_text()
+
+
+def test_killed_instance_restarts_while_the_other_serves(state):
+    fleet = state["fleet"]
+    a, b = fleet.endpoints()["instances"]
+    os.kill(a["pid"], signal.SIGKILL)
+    doc = fleet.wait(lambda d: d["instances"][0]["status"] in ("restarting", "unhealthy"), 30,
+                     "the dead instance to be noticed")
+    assert doc["instances"][1]["status"] == "ready" and doc["state"] == "degraded"
+    # The other instance keeps answering while the first restarts.
+    for _ in range(3):
+        code, _ = post(b["url"] + "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}, fleet.key)
+        assert code == 200
+    doc = fleet.wait(lambda d: d["state"] == "ready", 600, "the restarted instance")
+    new = doc["instances"][0]
+    assert new["pid"] != a["pid"] and new["restarts"] == 1 and new["status"] == "ready"
+    # The killed server's own children (engine core, workers) were cleaned up too.
+    import psutil
+    assert not [p for p in psutil.process_iter() if _pgid(p) == a["pid"]]
+
+
+def _pgid(p):
+    try:
+        return os.getpgid(p.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def test_shutdown_leaves_no_process(state):
+    fleet = state["fleet"]
+    assert fleet.processes()
+    out = aegis("shutdown", fleet.run_dir, "--timeout", "120").stdout
+    assert "stopped" in out
+    fleet.proc.wait(30)
+    assert fleet.proc.returncode == 0
+    time.sleep(0.5)
+    assert fleet.processes() == []
+    doc = fleet.endpoints()
+    assert doc["state"] == "stopped" and all(i["status"] == "stopped" for i in doc["instances"])
