@@ -105,6 +105,8 @@ def build_ranks(run_dir: Path, index: int, site: Site, cfg: Config, plan: dict, 
     my_addr = node_address(site, socket.gethostname()) if site.serve_address.method == "interface" \
         else addresses[index]
     python = os.path.expanduser(cfg.engine_python) if cfg.engine_python else "python3"
+    staged_path = run_dir / "staged.json"
+    staged = json.loads(staged_path.read_text()) if staged_path.exists() else {}
     ranks = []
     for inst in plan["instances"]:
         spec = specs[inst["model_name"]]
@@ -115,6 +117,8 @@ def build_ranks(run_dir: Path, index: int, site: Site, cfg: Config, plan: dict, 
             if slice_["node"] != index:
                 continue
             model = os.path.expanduser(spec.model) if spec.model.startswith("~") else spec.model
+            local = staged.get(spec.short_name, {})
+            model = local.get("model", model)
             launch = EngineLaunch(
                 model=model, served_name=engine.served_name(spec.model, spec.extra_vllm_args, spec.short_name),
                 host=my_addr, port=inst["port"], tensor_parallel_size=inst["tensor_parallel_size"],
@@ -128,6 +132,10 @@ def build_ranks(run_dir: Path, index: int, site: Site, cfg: Config, plan: dict, 
             env.update(slice_["env"])
             if cfg.hf_home:
                 env["HF_HOME"] = os.path.expanduser(cfg.hf_home)
+            if "hf_home" in local:  # weights staged as an HF cache: load offline from node-local storage
+                env["HF_HOME"] = local["hf_home"]
+                env["HF_HUB_CACHE"] = os.path.join(local["hf_home"], "hub")
+                env["HF_HUB_OFFLINE"] = "1"
             if api_key and engine.api_key_env:
                 env[engine.api_key_env] = api_key
             name = inst["name"] if r == 0 else f"{inst['name']}.rank{r}"

@@ -28,6 +28,7 @@ COMMANDS = {
     "shutdown": "aegis.launch:shutdown_cmd",
     "endpoints": "aegis.endpoints:endpoints_cmd",
     "health": "aegis.endpoints:health_cmd",
+    "demo": "aegis.demo:demo_cmd",
     "stage": "aegis.staging.cli:stage_cmd",
     "bench": "aegis.bench.cli:bench_cmd",
     "probe": "aegis.bench.cli:probe_cmd",

@@ -111,6 +111,17 @@ def resolve_from_cli(kw: dict) -> Resolved:
     return Resolved(config=cfg, site=site, plan=make_plan(site, cfg, cfg.nodes), source=config_path)
 
 
+def check_paths(cfg: Config) -> None:
+    """Where the weights come from must exist (checked on the login node before submitting)."""
+    for spec in cfg.models:
+        if spec.model_source and not os.path.exists(os.path.expanduser(spec.model_source)):
+            raise ConfigError(f"model {spec.short_name!r}: model_source {spec.model_source} does not exist; "
+                              "fix the path or drop model_source to load the model by id")
+        if spec.model.startswith(("/", "~", "./", "../")) and not spec.model_source \
+                and not os.path.exists(os.path.expanduser(spec.model)):
+            raise ConfigError(f"model {spec.short_name!r}: model path {spec.model} does not exist")
+
+
 def _append_extra(raw: dict, ov: Overrides) -> list:
     """CLI engine args come after the config's (for a repeated flag the CLI value wins)."""
     models = raw.get("models")
@@ -156,6 +167,21 @@ def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None
     return get_scheduler(res.site.scheduler).render(ctx)
 
 
+def submit_resolved(res: Resolved, run_path: Path, script: str) -> str:
+    """Create the run directory (config, plan, script), submit, record the job id; returns it."""
+    check_paths(res.config)
+    if run_path.exists() and any(run_path.iterdir()):
+        raise UsageError(f"run directory {run_path} already exists and is not empty; choose another --run-dir")
+    run_path.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_path / "config.yaml", dump_yaml(res.config))
+    atomic_write(run_path / "plan.json", json.dumps(res.plan.to_dict(), indent=2) + "\n")
+    script_path = run_path / "job.sh"
+    atomic_write(script_path, script, mode=0o755)
+    job_id = get_scheduler(res.site.scheduler).submit(str(script_path), str(run_path))
+    atomic_write(run_path / "job_id", job_id + "\n")
+    return job_id
+
+
 @click.command("submit")
 @config_options
 @click.option("--dry-run", is_flag=True, help="Print the job script instead of submitting it.")
@@ -175,15 +201,7 @@ def submit_cmd(dry_run, run_dir, as_json, wait, timeout, check, **kw):
     if dry_run:
         click.echo(script, nl=False)
         return
-    if run_path.exists() and any(run_path.iterdir()):
-        raise UsageError(f"run directory {run_path} already exists and is not empty; choose another --run-dir")
-    run_path.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_path / "config.yaml", dump_yaml(res.config))
-    atomic_write(run_path / "plan.json", json.dumps(res.plan.to_dict(), indent=2) + "\n")
-    script_path = run_path / "job.sh"
-    atomic_write(script_path, script, mode=0o755)
-    job_id = get_scheduler(res.site.scheduler).submit(str(script_path), str(run_path))
-    atomic_write(run_path / "job_id", job_id + "\n")
+    job_id = submit_resolved(res, run_path, script)
     if as_json:
         click.echo(json.dumps({"job_id": job_id, "run_dir": str(run_path), "site": res.site.name}))
     else:

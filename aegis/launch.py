@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from aegis.allocation import discover, node_index
-from aegis.commands import config_options, resolve_from_cli
+from aegis.commands import check_paths, config_options, resolve_from_cli
 from aegis.config import dump_yaml
 from aegis.errors import AegisError
 from aegis.fsutil import atomic_write
@@ -46,6 +46,8 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
     """Start the instances of CONFIG on the nodes of this allocation (batch or interactive)."""
     kw.pop("nodes", None)  # the allocation decides
     res = resolve_from_cli({**kw, "nodes": None})
+    if not check:
+        check_paths(res.config)  # before anything is written
     alloc = discover()
     plan = make_plan(res.site, res.config, nodes=len(alloc.hosts))
     run_path = Path(run_dir or os.environ.get("AEGIS_RUN_DIR") or

@@ -25,6 +25,7 @@ import click
 import psutil
 
 from aegis.config import Config
+from aegis.errors import AegisError
 from aegis.endpoints import probe_all, write_endpoints
 from aegis.fsutil import atomic_write
 from aegis.sites import Site
@@ -219,9 +220,42 @@ class Head:
         self._publish()
         self.echo(f"aegis: all instances stopped ({self.run_dir})")
 
+    def _stage(self) -> None:
+        """Broadcast each model_source to node-local storage once (one rank per node), before any engine."""
+        from aegis.launchers import per_node_step
+        from aegis.staging import stage
+
+        staged = {}
+        root = Path(os.path.expandvars(os.path.expanduser(self.site.local_storage))) / "aegis-models"
+        for spec in self.cfg.models:
+            if not spec.model_source:
+                continue
+            src = Path(os.path.expanduser(spec.model_source))
+            hf_layout = src.name.startswith("models--")
+            dest = root / "hub" / src.name if hf_layout else root / spec.short_name
+            self.echo(f"aegis: staging {src} to {dest} on {len(self.alloc.hosts)} node(s)")
+            t0 = time.monotonic()
+            summary = stage(str(src), str(dest), launcher=per_node_step(self.site, len(self.alloc.hosts), []))
+            self.echo(f"aegis: staged {summary.get('bytes', 0) / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s"
+                      + (" (already there)" if summary.get("skipped") else ""))
+            # An HF cache repo is found by its id through HF_HOME; a plain directory is loaded by path.
+            staged[spec.short_name] = {"hf_home": str(root), "model": spec.model} if hf_layout else \
+                {"model": str(dest)}
+        atomic_write(self.run_dir / "staged.json", json.dumps(staged, indent=2) + "\n")
+
     def run(self, step_argv: list[str]) -> int:
         self._prepare()
         self._publish()
+        try:
+            self._stage()
+        except Exception as exc:  # StageError and OSErrors: the run fails with the reason, nothing started
+            for inst in self.instances:
+                inst["status"], inst["error"] = "failed", f"staging failed: {exc}"
+            self.state = "failed"
+            self._publish()
+            if isinstance(exc, AegisError):
+                raise
+            raise AegisError(f"staging failed: {exc}") from None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *a: setattr(self, "stop_requested", True))
         self.echo(f"aegis: starting {len(self.instances)} instance(s) on {len(self.alloc.hosts)} node(s) "

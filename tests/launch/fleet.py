@@ -87,9 +87,9 @@ def aegis(*args, check=True, **kw):
     return proc
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fleet_factory(vllm_env, tmp_path_factory):
-    """fleet_factory(**config) -> Fleet: `aegis launch` of the tiny model; stopped at the end."""
+    """fleet_factory(**config) -> Fleet: `aegis launch` of the tiny model; stopped at the end of the module."""
     started: list[Fleet] = []
 
     def start(wait_ready=True, **overrides) -> Fleet:
