@@ -26,7 +26,7 @@ from aegis.allocation import node_index
 from aegis.config import Config, load_yaml
 from aegis.engines import EngineLaunch, get_engine
 from aegis.fsutil import atomic_write
-from aegis.sites import Site, choose_site, parse_ranges
+from aegis.sites import Site, parse_ranges, run_site
 
 POLL = 0.5  # seconds between checks: a dead rank is seen within a second
 LOG_TAIL = 20
@@ -47,6 +47,18 @@ def node_address(site: Site, host: str) -> str:
             raise RuntimeError(f"interface {site.serve_address.interface} has no IPv4 address on {host}")
         return addr
     return site.serve_address.address(host)
+
+
+def interface_of(address: str) -> tuple[Optional[str], Optional[str]]:
+    """(interface name, IPv4) that carries `address` on this node, for the engines' collectives."""
+    try:
+        ip = socket.gethostbyname(address)
+    except OSError:
+        return None, None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
+            return name, ip
+    return None, ip
 
 
 def master_port(port: int) -> int:
@@ -138,6 +150,12 @@ def build_ranks(run_dir: Path, index: int, site: Site, cfg: Config, plan: dict, 
                 env["HF_HUB_OFFLINE"] = "1"
             if api_key and engine.api_key_env:
                 env[engine.api_key_env] = api_key
+            if len(placements) > 1:  # ranks of a multi-node instance meet on the serving network
+                iface, ip = interface_of(my_addr)
+                if iface:
+                    env.setdefault("GLOO_SOCKET_IFNAME", iface)
+                if ip:
+                    env.setdefault("VLLM_HOST_IP", ip)
             name = inst["name"] if r == 0 else f"{inst['name']}.rank{r}"
             ranks.append(Rank(instance=inst["name"], rank=r, argv=engine.command(launch), env=env,
                               cpus=parse_ranges(slice_["cpus"]) if slice_["cpus"] else [],
@@ -284,7 +302,7 @@ def run_agent(run_dir: Path) -> int:
     alloc = json.loads((run_dir / "allocation.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
     cfg = resolve(load_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-    site = choose_site(alloc["site"]).resolved()
+    site = run_site(run_dir, alloc["site"]).resolved()
     index = node_index(alloc["hosts"])
     key_path = run_dir / "api_key"
     api_key = key_path.read_text().strip() if key_path.exists() else None

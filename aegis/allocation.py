@@ -47,10 +47,16 @@ def _unique(items) -> list[str]:
     return list(seen)
 
 
-def discover(env: Mapping[str, str] | None = None) -> Allocation:
-    """The allocation this process runs in; outside any allocation, this machine alone."""
+def discover(env: Mapping[str, str] | None = None, prefer: str | None = None) -> Allocation:
+    """The allocation this process runs in; outside any allocation, this machine alone.
+
+    `prefer` is the site's scheduler: where both kinds of variables are set (PBS emulated on top of
+    Slurm), the site decides, not the environment.
+    """
     env = os.environ if env is None else env
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if prefer == "pbs" and env.get("PBS_NODEFILE"):
+        nodelist = None
     if nodelist:
         if shutil.which("scontrol"):
             hosts = run_command(["scontrol", "show", "hostnames", nodelist], what="scontrol show hostnames",

@@ -20,7 +20,7 @@ from aegis.errors import ConfigError, UsageError
 from aegis.fsutil import atomic_write
 from aegis.placement import Plan, format_table, make_plan
 from aegis.schedulers.base import RenderContext, get_scheduler
-from aegis.sites import Site, all_sites, choose_site, load_site
+from aegis.sites import Site, all_sites, choose_site, load_site, save_site
 
 # CLI flag -> (config key, per-model?)
 GLOBAL_FLAGS = {
@@ -163,7 +163,7 @@ def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None
                launch_args: tuple = ()) -> str:
     ctx = RenderContext(site=res.site, config=res.config, plan=res.plan, run_dir=str(run_dir),
                         config_path=str(run_dir / "config.yaml"), aegis_command=aegis_command,
-                        launch_args=list(launch_args))
+                        launch_args=["--site-file", str(run_dir / "site.yaml"), *launch_args])
     return get_scheduler(res.site.scheduler).render(ctx)
 
 
@@ -174,6 +174,7 @@ def submit_resolved(res: Resolved, run_path: Path, script: str) -> str:
         raise UsageError(f"run directory {run_path} already exists and is not empty; choose another --run-dir")
     run_path.mkdir(parents=True, exist_ok=True)
     atomic_write(run_path / "config.yaml", dump_yaml(res.config))
+    save_site(res.site, run_path / "site.yaml")
     atomic_write(run_path / "plan.json", json.dumps(res.plan.to_dict(), indent=2) + "\n")
     script_path = run_path / "job.sh"
     atomic_write(script_path, script, mode=0o755)

@@ -190,6 +190,9 @@ def ensure_tiny_model(python: Path | str, dest: Path | str | None = None, *,
     with _locked(dest.parent / (dest.name + ".lock"), f"the tiny model {dest}"):
         if _read_marker(dest) == want:
             return dest
+        if dest.exists() and _read_marker(dest) is None and any(dest.iterdir()):
+            raise VllmSetupError(f"{dest} exists and was not written by aegis; "
+                                 "remove it or choose another directory for the tiny model")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
         log_path = dest.parent / (dest.name + "-build.log")

@@ -10,7 +10,7 @@ import click
 from aegis.errors import AegisError, UsageError
 from aegis.rundir import RunDir, find_run_dir
 from aegis.schedulers.base import JobInfo, JobState, Poller, get_scheduler
-from aegis.sites import choose_site
+from aegis.sites import choose_site, run_site
 
 # `aegis submit --wait` exit codes.
 EXIT_READY, EXIT_JOB_FAILED, EXIT_WAIT_TIMEOUT = 0, 3, 4
@@ -22,7 +22,10 @@ def _target(arg: Optional[str], site_opt: Optional[str], site_files=()) -> tuple
         job_id = run.job_id
         if not job_id:
             raise UsageError(f"{run.path} has no job id (was the submission refused?)")
-        site = choose_site(site_opt or run.site_name(), site_files)
+        name = site_opt or run.site_name()
+        saved = run.path / "site.yaml"
+        site = run_site(run.path, name) if name and not site_opt and not site_files and saved.exists() \
+            else choose_site(name, site_files)
     else:
         job_id = arg
         site = choose_site(site_opt, site_files)
@@ -105,8 +108,9 @@ def wait_for_run(run: RunDir, site, timeout: float, echo=click.echo, poller: Opt
         if info.state != last_state:
             echo(f"job {job_id}: {info.state.value}" + (f" on {info.nodes}" if info.nodes else ""), err=True)
             last_state = info.state
-        if info.state.finished and until_finished and info.state == JobState.COMPLETED:
-            echo(f"job {job_id}: completed")
+        if until_finished and (info.state.finished or info.state == JobState.UNKNOWN) and _check_ok(run):
+            # The check job's own record decides: some schedulers (PBS wrappers) do not say how a job ended.
+            echo(f"job {job_id}: allocation check passed")
             return EXIT_READY
         if info.state.finished:
             if endpoints_ready(run.endpoints()):
@@ -121,6 +125,13 @@ def wait_for_run(run: RunDir, site, timeout: float, echo=click.echo, poller: Opt
                               f"(still {info.state.value}); `aegis status {run.path}` or "
                               f"`aegis cancel {run.path}`")
         poller.sleep(min(poller.interval, max(0.1, deadline - time.monotonic())))
+
+
+def _check_ok(run: RunDir) -> bool:
+    try:
+        return json.loads((run.path / "check.json").read_text()).get("ok") is True
+    except (OSError, ValueError):
+        return False
 
 
 class JobEnded(AegisError):

@@ -24,7 +24,7 @@ from aegis.errors import AegisError
 from aegis.fsutil import atomic_write
 from aegis.launchers import per_node_step
 from aegis.placement import make_plan
-from aegis.sites import choose_site
+from aegis.sites import run_site, save_site
 
 ALLOCATION = "allocation.json"
 NODES_DIR = "nodes"
@@ -48,7 +48,7 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
     res = resolve_from_cli({**kw, "nodes": None})
     if not check:
         check_paths(res.config)  # before anything is written
-    alloc = discover()
+    alloc = discover(prefer=res.site.scheduler)
     plan = make_plan(res.site, res.config, nodes=len(alloc.hosts))
     run_path = Path(run_dir or os.environ.get("AEGIS_RUN_DIR") or
                     Path(res.config.runs_dir) / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{res.config.job_name}")
@@ -60,6 +60,8 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
     atomic_write(run_path / ALLOCATION, json.dumps(doc, indent=2) + "\n")
     atomic_write(run_path / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
     atomic_write(run_path / "config.yaml", dump_yaml(res.config))  # what the agents read
+    if not (run_path / "site.yaml").exists() or res.site.source != str(run_path / "site.yaml"):
+        save_site(res.site, run_path / "site.yaml")
     if not check:
         from aegis.supervise import Head
 
@@ -84,6 +86,8 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
         click.echo(f"node {r['index']}: {r['host']}  cpus {r['cpus']}  "
                    f"{r['local_storage']} {r['free_gb']:.1f} GB free")
     missing = sorted(set(range(len(alloc.hosts))) - {r["index"] for r in reports})
+    atomic_write(run_path / "check.json", json.dumps(
+        {"ok": proc.returncode == 0 and not missing, "hosts": alloc.hosts, "reports": reports}) + "\n")
     if proc.returncode != 0 or missing:
         detail = " ".join((proc.stderr or "").split())[-400:]
         raise AegisError(f"allocation check failed: node(s) {', '.join(alloc.hosts[i] for i in missing) or 'none'}"
@@ -103,7 +107,7 @@ def agent_cmd(run_dir, check):
         sys.exit(run_agent(run_path))
     alloc = json.loads((run_path / ALLOCATION).read_text())
     index = node_index(alloc["hosts"])
-    site = choose_site(alloc["site"]).resolved()
+    site = run_site(run_path, alloc["site"]).resolved()
     storage = os.path.expandvars(site.local_storage)
     try:
         free = shutil.disk_usage(storage).free / 1e9
@@ -157,6 +161,7 @@ def _launcher_alive(run_path: Path) -> bool:
     import psutil
 
     try:
-        return psutil.Process(info["pid"]).create_time() == info["create_time"]
+        proc = psutil.Process(info["pid"])
+        return proc.create_time() == info["create_time"] and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False

@@ -54,8 +54,8 @@ class RunDir:
 
     def job_log(self) -> Optional[Path]:
         """The scheduler's output file of the job (Slurm slurm-<id>.out, PBS pbs.out, local job.out)."""
-        job_id = self.job_id or ""
-        for name in (f"slurm-{job_id.split('.')[0]}.out", "pbs.out", "job.out"):
+        job_id = (self.job_id or "").split(".")[0]
+        for name in (f"slurm-{job_id}.out", "pbs.out", "job.out", f"job.sh.o{job_id}"):
             if (self.path / name).exists():
                 return self.path / name
         return None

@@ -263,6 +263,9 @@ def _build(name: str, profiles: dict[str, dict], chain=()) -> Site:
     if parent is not None:
         if parent in chain or parent == name:
             raise SiteError(f"{data['source']}: inherits: profiles inherit from each other in a loop")
+        sibling = Path(data.get("source", "")).parent / f"{parent}.yaml"
+        if parent not in profiles and sibling.is_file():  # a parent profile next to this one
+            profiles = {**profiles, parent: _read_profile(sibling)}
         if parent not in profiles:
             raise SiteError(f"{data['source']}: inherits: no site named {parent!r}{suggest(parent, profiles)}")
         base = _build(parent, profiles, chain + (name,)).model_dump()
@@ -311,3 +314,21 @@ def choose_site(requested: str | None, site_files=(), site_path: str | None = No
         requested = _read_profile(Path(site_files[0]))["name"]
     name = requested or detect_site(site_files=site_files, site_path=site_path) or "local"
     return load_site(name, site_files, site_path)
+
+
+def save_site(site: Site, path) -> None:
+    """Write the profile a run used into its run directory (jobs and agents read it back)."""
+    import yaml
+
+    from aegis.fsutil import atomic_write
+
+    data = site.model_dump(mode="json", exclude={"source"})
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def run_site(run_dir, name: str) -> Site:
+    """The site of a run: the profile saved in the run directory, else the named one."""
+    saved = Path(run_dir) / "site.yaml"
+    if saved.exists():
+        return load_site(name, site_files=(str(saved),))
+    return load_site(name)

@@ -26,7 +26,7 @@ done
 
 log "running pytest"
 set +e
-"$AEGIS_TEST_VENV/bin/python" -m pytest tests "$@"
+"$AEGIS_TEST_VENV/bin/python" -m pytest "$@"  # pytest.ini: testpaths = tests
 rc=$?
 set -e
 # pytest exits 5 when no test ran: that is a failure for CI too.

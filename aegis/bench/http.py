@@ -172,11 +172,19 @@ class _Conn(asyncio.Protocol):
 
 
 class Pool:
-    """Keep-alive connections per (scheme, host, port)."""
+    """Keep-alive connections per (scheme, host, port).
 
-    def __init__(self):
+    With `spare` > 0 the pool keeps that many idle connections ready: when an
+    acquire leaves fewer, new ones are opened in the background, so a growing
+    number of requests in flight does not put TCP connects on the send path.
+    """
+
+    def __init__(self, spare: int = 0):
         self.idle: dict[tuple, list[_Conn]] = {}
         self._ssl: _ssl.SSLContext | None = None
+        self.spare = spare
+        self._opening: dict[tuple, int] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     async def _connect(self, key: tuple) -> _Conn:
         scheme, host, port = key
@@ -193,11 +201,34 @@ class Pool:
 
     async def acquire(self, key: tuple) -> tuple[_Conn, bool]:
         idle = self.idle.get(key)
+        conn = None
         while idle:
-            conn = idle.pop()
-            if not conn.closed and not conn.transport.is_closing():
-                return conn, False
+            c = idle.pop()
+            if not c.closed and not c.transport.is_closing():
+                conn = c
+                break
+        if self.spare:
+            self._top_up(key)
+        if conn is not None:
+            return conn, False
         return await self._connect(key), True
+
+    def _top_up(self, key: tuple) -> None:
+        missing = self.spare - len(self.idle.get(key, ())) - self._opening.get(key, 0)
+        for _ in range(max(missing, 0)):
+            self._opening[key] = self._opening.get(key, 0) + 1
+            t = asyncio.get_running_loop().create_task(self._open_spare(key))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _open_spare(self, key: tuple) -> None:
+        try:
+            conn = await self._connect(key)
+            self.idle.setdefault(key, []).append(conn)
+        except HTTPError:
+            pass
+        finally:
+            self._opening[key] -= 1
 
     def release(self, key: tuple, conn: _Conn, reusable: bool) -> None:
         conn.exchange = None
@@ -215,6 +246,8 @@ class Pool:
                 self.idle.setdefault(key, []).append(c)
 
     def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
         for conns in self.idle.values():
             for c in conns:
                 c.close()

@@ -35,7 +35,7 @@ SEGMENTS_FILE = "segments.jsonl"
 # Requests per second one worker process sustains with dispatch lag p99 under
 # 5 ms on this project's 2-core test machine (benchmarks/bench/); `--workers auto`
 # starts one worker per this many req/s, at most one per core.
-PER_WORKER_RATE = 400.0
+PER_WORKER_RATE = 250.0
 PER_WORKER_CONCURRENCY = 256
 CLOSED_LOOP_POOL = 1000
 ROUTINGS = ("round-robin", "least-outstanding")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import math
 import os
 import signal
 import time
@@ -20,7 +21,8 @@ MONITOR_TICK_S = 0.01
 # loop: a sleeping process wakes up late (epoll's 1 ms rounding, scheduler latency).
 SPIN_S = float(os.environ.get("AEGIS_BENCH_SPIN_MS", "1.0")) / 1e3
 SATURATED_CPU = 0.9
-WARM_CONNECTIONS = 4
+WARM_CONNECTIONS = 4         # per endpoint, opened before the clock starts (more at high rates)
+SPARE_CONNECTIONS = 4        # idle connections kept ready per endpoint during the run
 
 
 @dataclass
@@ -121,7 +123,7 @@ class Worker:
         self.router = _Router(plan.endpoints, plan.routing)
         self.fd = -1
         self.sent = 0
-        self.pool = Pool()
+        self.pool = Pool(spare=SPARE_CONNECTIONS)
         self.t0 = 0.0
 
     def _write(self, rec: dict) -> None:
@@ -215,11 +217,23 @@ class Worker:
                 free_at = perf()
         await asyncio.gather(*(slot() for _ in range(p.concurrency or 1)))
 
+    def _warm_count(self) -> int:
+        """Connections per endpoint to open up front: about the requests in flight in 100 ms."""
+        p = self.plan
+        n = WARM_CONNECTIONS
+        if p.concurrency:
+            n = max(n, p.concurrency)
+        elif p.items and len(p.items) > 1:
+            span = p.items[-1][1] - p.items[0][1]
+            if span > 0:
+                n = max(n, math.ceil(len(p.items) / span * 0.1))
+        return min(math.ceil(n / max(len(p.endpoints), 1)) + 1, 256)
+
     async def run(self, ready_cb, wait_start) -> dict:
         p = self.plan
         self.fd = os.open(p.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            await asyncio.gather(*(self.pool.warm(e.url, WARM_CONNECTIONS) for e in p.endpoints))
+            await asyncio.gather(*(self.pool.warm(e.url, self._warm_count()) for e in p.endpoints))
             ready_cb()
             self.t0 = await wait_start()
             mon = _Monitor()

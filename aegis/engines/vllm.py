@@ -1,6 +1,8 @@
 """vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`)."""
 from __future__ import annotations
 
+import os
+
 from aegis.engines.base import Engine, EngineLaunch
 
 
@@ -21,9 +23,14 @@ class VLLMEngine(Engine):
         return _flag_value(extra_args, "--served-model-name") or super().served_name(model, extra_args, short_name)
 
     def command(self, launch: EngineLaunch) -> list[str]:
-        argv = [launch.python, "-m", "vllm.entrypoints.openai.api_server",
-                "--model", launch.model,
-                "--host", launch.host, "--port", str(launch.port),
+        if launch.nnodes > 1:
+            # Multi-node: `vllm serve` (the api_server module ignores --headless); the script sits
+            # next to the engine's Python (or on PATH when that is a bare name).
+            folder = os.path.dirname(launch.python)
+            argv = [os.path.join(folder, "vllm") if folder else "vllm", "serve", launch.model]
+        else:
+            argv = [launch.python, "-m", "vllm.entrypoints.openai.api_server", "--model", launch.model]
+        argv += ["--host", launch.host, "--port", str(launch.port),
                 "--tensor-parallel-size", str(launch.tensor_parallel_size),
                 "--pipeline-parallel-size", str(launch.pipeline_parallel_size)]
         if _flag_value(launch.extra_args, "--served-model-name") is None:

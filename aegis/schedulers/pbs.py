@@ -26,8 +26,12 @@ def pbs_time(walltime: str) -> str:
 
 
 def _finished_state(attrs: dict) -> JobState:
+    raw_code = attrs.get("Exit_status", attrs.get("exit_status"))
+    if raw_code is None:
+        # Torque-style 'C' without an exit status (e.g. Slurm's qstat wrapper): it ended, outcome unknown.
+        return JobState.COMPLETED if attrs.get("job_state") in ("F", "X") else JobState.UNKNOWN
     try:
-        code = int(attrs.get("Exit_status", 0))
+        code = int(raw_code)
     except (TypeError, ValueError):
         return JobState.UNKNOWN
     comment = str(attrs.get("comment", "")).lower()
@@ -46,7 +50,9 @@ def _info(job_id: str, attrs: dict) -> JobInfo:
     if raw in ("F", "X", "C"):
         state = _finished_state(attrs)
     hosts = sorted({part.split("/")[0] for part in str(attrs.get("exec_host", "")).split("+") if part})
-    exit_code = attrs.get("Exit_status")
+    exit_code = attrs.get("Exit_status", attrs.get("exit_status"))
+    if raw == "C" and exit_code is None:
+        raw = "C (ended; this qstat does not say how)"
     return JobInfo(job_id=job_id, state=state, raw_state=raw, reason=str(attrs.get("comment", "")),
                    nodes=",".join(hosts), exit_code=None if exit_code is None else str(exit_code))
 
@@ -129,7 +135,8 @@ class PBSScheduler(Scheduler):
                     proc = run_command(["qstat", "-f", *job_ids], what="qstat", timeout=self.timeout)
                     found = parse_qstat_full(proc.stdout)
                 except SchedulerError as exc2:
-                    if "Unknown Job Id" not in str(exc2) and "Invalid job id" not in str(exc2):
+                    # PBS Pro: "Unknown Job Id"; Torque-style qstat: exit 153 and no message.
+                    if not any(m in str(exc2) for m in ("Unknown Job Id", "Invalid job id", "exit status 153")):
                         raise
                     found = {}
         out = {}

@@ -22,7 +22,8 @@ def test_multi_node_instance_uses_vllm_multinode_flags(tmp_path):
     worker = ranks_for(tmp_path, "h200", raw, 1, hosts)
     assert len(head) == len(worker) == 1
     h, w = head[0].argv, worker[0].argv
-    assert h[:3] == ["/soft/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    # `vllm serve` next to the engine's Python: the api_server module ignores --headless.
+    assert h[:3] == w[:3] == ["/soft/vllm/bin/vllm", "serve", "zai-org/GLM-4.6"]
     for argv, rank in ((h, "0"), (w, "1")):
         assert argv[argv.index("--nnodes") + 1] == "2"
         assert argv[argv.index("--node-rank") + 1] == rank

@@ -137,7 +137,8 @@ def test_hostile_script_really_runs_harmlessly(tmp_path):
     subprocess.run(["bash", str(script)], check=True, cwd=tmp_path)
     assert not marker.exists()
     lines = record.read_text().splitlines()
-    assert lines[:4] == ["launch", "--run-dir", str(run_dir), str(run_dir / "config.yaml")]
+    assert lines[:6] == ["launch", "--run-dir", str(run_dir), "--site-file", str(run_dir / "site.yaml"),
+                         str(run_dir / "config.yaml")]
     assert f"HF_HOME=/tmp/$(touch {marker})/hf" in lines
     assert f"VALUE=a'b\"c`touch {marker}`$(touch {marker}) ; rm -rf ~" in lines
     assert lines[-1] == str(run_dir)

@@ -21,4 +21,4 @@ export HF_HOME=/tmp/hf_home
 export VLLM_LOGGING_LEVEL=INFO
 cd "$AEGIS_RUN_DIR"
 
-exec aegis launch --run-dir "$AEGIS_RUN_DIR" /scratch/proj/runs/20260101-000000-test/config.yaml
+exec aegis launch --run-dir "$AEGIS_RUN_DIR" --site-file /scratch/proj/runs/20260101-000000-test/site.yaml /scratch/proj/runs/20260101-000000-test/config.yaml

@@ -18,4 +18,4 @@ export HF_HOME=/tmp/hf_home
 export MIOPEN_USER_DB_PATH=/tmp/miopen
 cd "$AEGIS_RUN_DIR"
 
-exec aegis launch --run-dir "$AEGIS_RUN_DIR" /scratch/proj/runs/20260101-000000-test/config.yaml
+exec aegis launch --run-dir "$AEGIS_RUN_DIR" --site-file /scratch/proj/runs/20260101-000000-test/site.yaml /scratch/proj/runs/20260101-000000-test/config.yaml

@@ -22,4 +22,4 @@ export HF_HOME='/tmp/$(touch MARKER)/hf'
 export AEGIS_TEST_VALUE='a'"'"'b"c`touch MARKER`$(touch MARKER) ; rm -rf ~'
 cd "$AEGIS_RUN_DIR"
 
-exec aegis launch --run-dir "$AEGIS_RUN_DIR" /scratch/proj/runs/20260101-000000-test/config.yaml
+exec aegis launch --run-dir "$AEGIS_RUN_DIR" --site-file /scratch/proj/runs/20260101-000000-test/site.yaml /scratch/proj/runs/20260101-000000-test/config.yaml

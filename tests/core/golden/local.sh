@@ -6,4 +6,4 @@ set -euo pipefail
 export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
 cd "$AEGIS_RUN_DIR"
 
-exec aegis launch --run-dir "$AEGIS_RUN_DIR" /scratch/proj/runs/20260101-000000-test/config.yaml
+exec aegis launch --run-dir "$AEGIS_RUN_DIR" --site-file /scratch/proj/runs/20260101-000000-test/site.yaml /scratch/proj/runs/20260101-000000-test/config.yaml
