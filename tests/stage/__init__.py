@@ -1,0 +1,1 @@
+"""Tests of `aegis stage` (csrc/ and aegis/staging/) under a real mpirun."""

@@ -1,0 +1,1 @@
+"""Tests proving the CPU vLLM environment (venv, tiny model, real server) works."""
