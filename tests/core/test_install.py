@@ -19,7 +19,8 @@ def installed(tmp_path_factory):
     src = tmp_path_factory.mktemp("src") / "aegis"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
                                                              ".pytest_cache", ".hypothesis", "runs"))
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "AEGIS_BUILD_STAGE": "0"}
+    # mpicc and cmake are installed by tests/run.sh: the build must ship the compiled stage tool.
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "AEGIS_BUILD_STAGE": "1"}
     proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)], capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,6 +46,11 @@ def test_installed_aegis_plans_and_renders(installed, tmp_path):
     assert loc.startswith(str(installed)) and (Path(loc) / "slurm.sh.j2").exists()
     sites = subprocess.run([str(py), "-m", "aegis", "sites"], capture_output=True, text=True, cwd=tmp_path)
     assert sites.returncode == 0 and "frontier" in sites.stdout
+    # `pip install .` built csrc/ with CMake and shipped the binary inside the package.
+    found = subprocess.run([str(py), "-c", "from aegis.staging import find_binary; print(find_binary())"],
+                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "AEGIS_STAGE_BIN": ""})
+    binary = found.stdout.strip()
+    assert binary.startswith(str(installed)) and binary.endswith("aegis/_bin/aegis-stage"), found.stderr
 
 
 @pytest.mark.slow
