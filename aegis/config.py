@@ -76,6 +76,19 @@ def _no_control(value: str) -> str:
     return value
 
 
+def check_name(value: Optional[str], what: str) -> Optional[str]:
+    """Model and job names go into file names, job names and URLs."""
+    if value is not None and not MODEL_NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid {what}: use lowercase letters, digits, '.', '_' and '-'")
+    return value
+
+
+def check_env_names(names) -> None:
+    for name in names:
+        if not isinstance(name, str) or not ENV_NAME_RE.match(name):
+            raise ValueError(f"{name!r} is not a valid environment variable name")
+
+
 def _stringify(value: Any, what: str) -> Any:
     """YAML turns 32768 into an int; engine args and env values are strings."""
     if isinstance(value, bool):
@@ -113,9 +126,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        if v is not None and not MODEL_NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid name: use lowercase letters, digits, '.', '_' and '-'")
-        return v
+        return check_name(v, "name")
 
     @field_validator("model_source")
     @classmethod
@@ -152,9 +163,8 @@ def _check_env(v):
     if not isinstance(v, dict):
         return v
     out = {}
+    check_env_names(v)
     for key, value in v.items():
-        if not isinstance(key, str) or not ENV_NAME_RE.match(key):
-            raise ValueError(f"{key!r} is not a valid environment variable name")
         if SECRET_WORDS.search(key):
             raise ValueError(f"{key} looks like a secret; {SECRET_HINT}")
         value = _stringify(value, "env values")
@@ -211,9 +221,7 @@ class Config(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        if v is not None and not MODEL_NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid job name: use lowercase letters, digits, '.', '_' and '-'")
-        return v
+        return check_name(v, "job name")
 
     @field_validator("directives")
     @classmethod
@@ -226,9 +234,7 @@ class Config(_Strict):
     @field_validator("pass_env")
     @classmethod
     def _pass_env(cls, v):
-        for item in v:
-            if not ENV_NAME_RE.match(item):
-                raise ValueError(f"{item!r} is not a valid environment variable name")
+        check_env_names(v)
         return v
 
     @field_validator("hf_home", "hf_token_file", "runs_dir", "engine_python")

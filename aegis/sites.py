@@ -16,7 +16,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from pydantic import field_validator, model_validator
 
-from aegis.config import ENV_NAME_RE, Config, load_yaml, suggest
+from aegis.config import Config, check_env_names, load_yaml, suggest
 from aegis.errors import ConfigError, SiteError
 from aegis.resources import data_dir
 
@@ -125,9 +125,7 @@ class Site(BaseModel):
     @field_validator("visibility_env", "env")
     @classmethod
     def _env_names(cls, v):
-        for key in v:
-            if not ENV_NAME_RE.match(key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
+        check_env_names(v)
         return v
 
     @field_validator("hostname_patterns")
