@@ -37,7 +37,7 @@ def run_processes(run: Path):
 
 
 def launch(cluster, tmp_path, vllm_env, **raw):
-    cfg = config(tmp_path, model=str(vllm_env.model_dir), name="tiny", engine_python=str(vllm_env.python),
+    cfg = config(tmp_path, model=str(vllm_env.model_dir), engine_python=str(vllm_env.python),
                  env=dict(BASE_ENV), extra_vllm_args=list(BASE_ARGS), startup_timeout=TIMEOUT,
                  walltime="00:40:00", **raw)
     run = tmp_path / "run"
@@ -68,7 +68,7 @@ def test_instances_on_two_nodes_answer(slurm_cluster, tmp_path, vllm_env):
     key = (run / "api_key").read_text().strip()
     for inst in doc["instances"]:
         assert inst["url"] == f"http://{inst['hostname']}:{inst['port']}"
-        assert complete(inst["url"], "tiny", key)["usage"]["completion_tokens"] == 3  # reached from the host
+        assert complete(inst["url"], inst["model"], key)["usage"]["completion_tokens"] == 3  # from the host
     stop(slurm_cluster, run)
 
 
@@ -78,7 +78,7 @@ def test_one_instance_spanning_two_nodes(slurm_cluster, tmp_path, vllm_env):
     (inst,) = doc["instances"]
     assert inst["nodes"] == ["node1", "node2"] and inst["hostname"] == "node1"
     statuses = [json.loads(p.read_text()) for p in sorted((run / "nodes").glob("*.status.json"))]
-    worker = statuses[1]["ranks"]["tiny-0.rank1"]
+    worker = statuses[1]["ranks"][f"{inst['name']}.rank1"]
     assert worker["state"] == "running" and worker["pid"]
     argv = psutil.Process(worker["pid"]).cmdline()
     assert "--headless" in argv and argv[argv.index("--node-rank") + 1] == "1"
@@ -86,5 +86,5 @@ def test_one_instance_spanning_two_nodes(slurm_cluster, tmp_path, vllm_env):
     env = psutil.Process(worker["pid"]).environ()
     assert env["VLLM_HOST_IP"] == slurm_cluster.node_addresses["node2"] and env["GLOO_SOCKET_IFNAME"]
     key = (run / "api_key").read_text().strip()
-    assert complete(inst["url"], "tiny", key)["usage"]["completion_tokens"] == 3
+    assert complete(inst["url"], inst["model"], key)["usage"]["completion_tokens"] == 3
     stop(slurm_cluster, run)
