@@ -32,9 +32,10 @@ PROM_FILE = "prometheus.csv"
 CONFIG_FILE = "config.json"
 WORKLOAD_FILE = "workload.jsonl"
 SEGMENTS_FILE = "segments.jsonl"
-# Requests per second one worker process sustains with dispatch lag p99 under
-# 5 ms on this project's 2-core test machine (benchmarks/bench/); `--workers auto`
-# starts one worker per this many req/s, at most one per core.
+# On this project's 2-core test machine, shared with the server, dispatch lag
+# p99 stayed under 5 ms with one worker at 200 req/s and two at 300 req/s
+# (benchmarks/bench/compare_vllm.py); `--workers auto` starts one worker per
+# this many req/s, at most one per core.
 PER_WORKER_RATE = 250.0
 PER_WORKER_CONCURRENCY = 256
 CLOSED_LOOP_POOL = 1000

@@ -89,7 +89,7 @@ class SimRequest:
 
     __slots__ = ("rid", "prompt_ids", "prompt_tokens", "max_tokens", "adapter", "queue", "generated",
                  "arrival", "admitted", "first_token", "token_times", "finish", "cached_tokens",
-                 "preemptions", "blocks", "prefilled", "done", "recompute")
+                 "preemptions", "blocks", "done")
 
     def __init__(self, rid, prompt_ids, max_tokens, adapter, arrival):
         self.rid, self.prompt_ids, self.max_tokens, self.adapter = rid, prompt_ids, max_tokens, adapter
@@ -102,9 +102,7 @@ class SimRequest:
         self.cached_tokens = 0
         self.preemptions = 0
         self.blocks = 0
-        self.prefilled = False
         self.done = False
-        self.recompute = 0
 
 
 class Engine:
@@ -189,7 +187,6 @@ class Engine:
                     self.resident[r.adapter] = None
                     while len(self.resident) > cfg.max_cpu_loras:
                         self.resident.popitem(last=False)
-            r.prefilled = False
             self.running.append(r)
         skipped.extend(self.waiting)
         self.waiting = skipped
@@ -200,7 +197,6 @@ class Engine:
         self.free_blocks += victim.blocks
         victim.blocks = 0
         victim.preemptions += 1
-        victim.recompute += 1
         self.counters["preemptions"] += 1
         self.waiting.appendleft(victim)
 
@@ -401,6 +397,9 @@ class SimServer:
         if len(ids) + max_tokens > self.cfg.max_model_len:
             return _error(f"This model's maximum context length is {self.cfg.max_model_len} tokens. "
                           f"However, you requested {len(ids) + max_tokens} tokens.", 400)
+        if math.ceil((len(ids) + max_tokens + 1) / self.cfg.block_size) > self.cfg.kv_blocks:
+            return _error(f"the request needs more KV cache than the server has ({self.cfg.kv_blocks} blocks "
+                          f"of {self.cfg.block_size} tokens)", 400)
         rid = request.headers.get("X-Request-Id") or f"sim-{uuid.uuid4().hex}"
         r = SimRequest(rid, ids, int(max_tokens), model if model != self.cfg.model else None, arrival)
         disconnect = bool(self.cfg.disconnect_every and self.n_requests % self.cfg.disconnect_every == 0)

@@ -1,0 +1,1 @@
+"""Tests of aegis bench, probe and smoke."""
