@@ -45,16 +45,10 @@ def load_endpoints(target: str | os.PathLike) -> tuple[dict, Path]:
 
 
 def read_api_key(doc: dict) -> Optional[str]:
-    """The run's key: AEGIS_API_KEY, else the file the endpoints file names."""
-    if os.environ.get("AEGIS_API_KEY"):
-        return os.environ["AEGIS_API_KEY"]
-    key_file = doc.get("api_key_file")
-    if key_file:
-        try:
-            return Path(key_file).read_text().strip()
-        except OSError as exc:
-            raise AegisError(f"cannot read the API key file {key_file}: {exc.strerror}") from None
-    return None
+    """The run's key: AEGIS_API_KEY / OPENAI_API_KEY, else the (0600) file the endpoints file names."""
+    from aegis.bench.endpoints import Fleet, resolve_api_key
+
+    return resolve_api_key(None, Fleet(endpoints=[], api_key_file=doc.get("api_key_file")))
 
 
 def url_view(doc: dict, only_ready: bool = True) -> dict[str, list[str]]:
