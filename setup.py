@@ -64,7 +64,7 @@ setup(
     description="Serve and measure large language models on supercomputers",
     python_requires=">=3.10",
     packages=[
-        "aegis", "aegis.schedulers", "aegis.staging", "aegis.bench",
+        "aegis", "aegis.schedulers", "aegis.staging", "aegis.bench", "aegis.engines", "aegis.sweep", "aegis.report",
         "aegis.templates", "aegis.site_configs",
     ],
     package_dir={"aegis.templates": "templates", "aegis.site_configs": "site_configs"},

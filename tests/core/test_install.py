@@ -39,6 +39,11 @@ def test_installed_aegis_plans_and_renders(installed, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "#PBS -l select=" in out.stdout
+    # Every command module came along (a package missing from setup.py would drop its commands).
+    from aegis.cli import COMMANDS
+    helptext = subprocess.run([str(aegis), "--help"], capture_output=True, text=True, cwd=tmp_path).stdout
+    missing = [n for n in COMMANDS if n != "agent" and f"  {n} " not in helptext]
+    assert not missing, f"commands missing from the installed aegis: {missing}"
     # templates/ and site_configs/ came along as package data
     py = installed / "bin" / "python"
     loc = subprocess.run([str(py), "-c", "from aegis.resources import data_dir; print(data_dir('templates'))"],

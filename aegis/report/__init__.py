@@ -1,0 +1,1 @@
+"""Reports: aggregate bench, probe and sweep results into ranked CSV, Markdown and HTML with plots."""

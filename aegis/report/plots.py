@@ -1,0 +1,141 @@
+"""PNG plots of a report: throughput vs latency, TTFT vs arrival rate, Pareto front, Prometheus series."""
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from aegis.errors import UsageError
+from aegis.report.analyze import Verdict, pareto_front
+
+MAX_SERIES = 12  # Prometheus runs drawn (the best ones)
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plots need matplotlib: pip install 'aegis-hpc[plots]' (or use --no-plots)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def throughput_latency(verdicts: list[Verdict], out: Path) -> Path | None:
+    plt = _plt()
+    runs = [v for v in verdicts if "output_throughput" in v.run.metrics]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    by_config = defaultdict(list)
+    for v in runs:
+        by_config[v.run.config].append(v)
+    for ax, metric, title in ((axes[0], "p95_ttft_ms", "p95 TTFT (ms)"), (axes[1], "median_e2el_ms",
+                                                                            "median end-to-end latency (ms)")):
+        for name, group in by_config.items():
+            group = sorted(group, key=lambda v: v.run.rate or 0)
+            xs = [v.run.metrics.get(metric, 0.0) for v in group]
+            ys = [v.run.metrics["output_throughput"] for v in group]
+            line, = ax.plot(xs, ys, marker="o", linestyle="-" if len(group) > 1 else "none", label=name)
+            for v, x, y in zip(group, xs, ys):
+                if not v.passed:
+                    ax.plot([x], [y], marker="x", color="red", markersize=10)
+        ax.set_xlabel(title)
+        ax.set_ylabel("output throughput (tok/s)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("throughput vs latency (red x: fails the SLO)")
+    axes[1].legend(fontsize=7, loc="best")
+    return _save(fig, out / "throughput_vs_latency.png")
+
+
+def ttft_vs_rate(verdicts: list[Verdict], out: Path) -> Path | None:
+    plt = _plt()
+    probes = defaultdict(list)
+    for v in verdicts:
+        if v.run.kind == "probe":
+            probes[v.run.config].append(v.run)
+    if not probes:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = (("p50_ttft_ms", ":"), ("p95_ttft_ms", "-"), ("p99_ttft_ms", "--"))
+    for i, (name, runs) in enumerate(sorted(probes.items())):
+        runs = sorted(runs, key=lambda r: r.rate)
+        color = f"C{i % 10}"
+        for metric, style in styles:
+            ax.plot([r.rate for r in runs], [r.metrics.get(metric, float("nan")) for r in runs], style,
+                    marker="o", color=color, label=f"{name} {metric[:3]}")
+    ax.set_xlabel("arrival rate (req/s)")
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title("TTFT percentiles vs arrival rate (dotted p50, solid p95, dashed p99)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out / "ttft_vs_rate.png")
+
+
+def pareto(verdicts: list[Verdict], out: Path) -> Path | None:
+    plt = _plt()
+    runs = [v for v in verdicts if {"output_throughput_per_device", "output_tokens_per_s_per_user"}
+            <= set(v.run.metrics)]
+    if not runs:
+        return None
+    pts = [(v.run.metrics["output_tokens_per_s_per_user"], v.run.metrics["output_throughput_per_device"])
+           for v in runs]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for v, (x, y) in zip(runs, pts):
+        ax.plot([x], [y], marker="o" if v.passed else "x", color="C0" if v.passed else "red")
+        ax.annotate(v.run.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="C2", label="Pareto front")
+    ax.set_xlabel("output tokens/s per user (1000 / median TPOT)")
+    ax.set_ylabel("output tokens/s per device")
+    ax.set_title("Pareto front: throughput per device vs speed per user")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out / "pareto.png")
+
+
+def _series(path: str) -> dict[str, list[float]]:
+    cols = defaultdict(list)
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("endpoint") != "ALL" or row.get("ok") != "1":
+                continue
+            for key in ("time_s", "running", "waiting", "kv_cache_usage_perc"):
+                try:
+                    cols[key].append(float(row[key]))
+                except (TypeError, ValueError):
+                    cols[key].append(float("nan"))
+    return cols
+
+
+def prometheus(verdicts: list[Verdict], out: Path) -> Path | None:
+    plt = _plt()
+    runs = [v.run for v in verdicts if v.run.prom_csv][:MAX_SERIES]
+    data = [(r, _series(r.prom_csv)) for r in runs]
+    data = [(r, s) for r, s in data if s.get("time_s")]
+    if not data:
+        return None
+    fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    for run, s in data:
+        axes[0].plot(s["time_s"], s["running"], label=run.name)
+        axes[1].plot(s["time_s"], s["waiting"])
+        axes[2].plot(s["time_s"], [100 * x for x in s["kv_cache_usage_perc"]])
+    for ax, label in zip(axes, ("running requests", "waiting requests", "KV cache usage (%)")):
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[2].set_xlabel("time since the run's start (s)")
+    axes[0].set_title("server metrics (Prometheus, summed over endpoints)")
+    axes[0].legend(fontsize=7, ncol=3)
+    return _save(fig, out / "prometheus.png")
+
+
+def all_plots(verdicts: list[Verdict], out: Path) -> list[Path]:
+    made = [f(verdicts, out) for f in (throughput_latency, ttft_vs_rate, pareto, prometheus)]
+    _plt().close("all")
+    return [p for p in made if p]
