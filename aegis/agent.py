@@ -24,7 +24,7 @@ import psutil
 
 from aegis.allocation import node_index
 from aegis.config import Config, load_yaml
-from aegis.engines import EngineLaunch, get_engine
+from aegis.engines import EngineLaunch, check_engine_site, get_engine
 from aegis.fsutil import atomic_write
 from aegis.sites import Site, parse_ranges, run_site
 
@@ -120,9 +120,15 @@ def build_ranks(run_dir: Path, index: int, site: Site, cfg: Config, plan: dict, 
     staged_path = run_dir / "staged.json"
     staged = json.loads(staged_path.read_text()) if staged_path.exists() else {}
     ranks = []
+    adapters = {}  # model -> resolved LoRA adapters (listed once per model)
+    engine_dir = run_dir / "engine"  # per-instance engine config files (mode 0600)
     for inst in plan["instances"]:
         spec = specs[inst["model_name"]]
         engine = get_engine(spec.engine)
+        check_engine_site(spec, site)
+        opts = spec.engine_options()
+        if opts.lora is not None and spec.short_name not in adapters:
+            adapters[spec.short_name] = opts.lora.resolved()
         placements = inst["placement"]
         head_node = placements[0]["node"]
         for r, slice_ in enumerate(placements):
@@ -132,11 +138,18 @@ def build_ranks(run_dir: Path, index: int, site: Site, cfg: Config, plan: dict, 
             local = staged.get(spec.short_name, {})
             model = local.get("model", model)
             launch = EngineLaunch(
-                model=model, served_name=engine.served_name(spec.model, spec.extra_vllm_args, spec.short_name),
+                model=model, served_name=engine.served_name(spec.model, spec.engine_args, spec.short_name),
                 host=my_addr, port=inst["port"], tensor_parallel_size=inst["tensor_parallel_size"],
-                pipeline_parallel_size=inst["pipeline_parallel_size"], extra_args=spec.extra_vllm_args,
+                pipeline_parallel_size=inst["pipeline_parallel_size"], extra_args=spec.engine_args,
                 python=python, nnodes=len(placements), node_rank=r,
-                master_addr=addresses[head_node], master_port=master_port(inst["port"]))
+                master_addr=addresses[head_node], master_port=master_port(inst["port"]),
+                options=opts, lora_adapters=adapters.get(spec.short_name, {}), instance=inst["name"],
+                config_dir=str(engine_dir), api_key=bool(api_key),
+                node_hosts=[addresses[p["node"]] for p in placements], devices_per_node=len(slice_["devices"]),
+                device_kind=site.device_kind, visibility_vars=list(site.visibility_env))
+            argv = engine.command(launch)
+            if argv is None:  # this node's part is started by the instance's head (e.g. mpirun)
+                continue
             env = dict(os.environ)
             env.update(site.env)
             env.update(cfg.env)
@@ -148,8 +161,12 @@ def build_ranks(run_dir: Path, index: int, site: Site, cfg: Config, plan: dict, 
                 env["HF_HOME"] = local["hf_home"]
                 env["HF_HUB_CACHE"] = os.path.join(local["hf_home"], "hub")
                 env["HF_HUB_OFFLINE"] = "1"
-            if api_key and engine.api_key_env:
-                env[engine.api_key_env] = api_key
+            env.update(engine.feature_env(launch))
+            if api_key:
+                env.update(engine.key_env(api_key))
+            for path, text in engine.files(launch, api_key).items():
+                engine_dir.mkdir(mode=0o700, exist_ok=True)
+                atomic_write(Path(path), text, mode=0o600)
             if len(placements) > 1:  # ranks of a multi-node instance meet on the serving network
                 iface, ip = interface_of(my_addr)
                 if iface:
@@ -157,7 +174,7 @@ def build_ranks(run_dir: Path, index: int, site: Site, cfg: Config, plan: dict, 
                 if ip:
                     env.setdefault("VLLM_HOST_IP", ip)
             name = inst["name"] if r == 0 else f"{inst['name']}.rank{r}"
-            ranks.append(Rank(instance=inst["name"], rank=r, argv=engine.command(launch), env=env,
+            ranks.append(Rank(instance=inst["name"], rank=r, argv=argv, env=env,
                               cpus=parse_ranges(slice_["cpus"]) if slice_["cpus"] else [],
                               log=logs / f"{name}.log", head=(r == 0)))
     return ranks

@@ -29,6 +29,7 @@ COMMANDS = {
     "endpoints": "aegis.endpoints:endpoints_cmd",
     "health": "aegis.endpoints:health_cmd",
     "demo": "aegis.demo:demo_cmd",
+    "warm": "aegis.warm:warm_cmd",
     "sweep": "aegis.sweep.cli:sweep_cmd",
     "report": "aegis.report.cli:report_cmd",
     "size": "aegis.size:size_cmd",

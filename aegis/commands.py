@@ -58,8 +58,9 @@ def config_options(func):
                      help="Pipeline-parallel size (per model)."),
         click.option("--port-start", type=int, help="First port of the model (per model)."),
         click.option("--model-source", help="Directory the weights are staged from (per model)."),
-        click.option("--extra-vllm-args", help="Extra engine arguments as one string, appended to the "
-                     "config's (per model); or give them after `--`."),
+        click.option("--extra-args", "--extra-vllm-args", "extra_vllm_args",
+                     help="Extra engine arguments as one string, appended to the config's (per model); "
+                     "or give them after `--`."),
         click.option("--for-model", help="With several models: the one (by name) the per-model flags change."),
     ]
     for opt in reversed(opts):
@@ -104,10 +105,18 @@ def resolve_from_cli(kw: dict) -> Resolved:
     source = config_path or "<command line>"
     site = choose_site(site_of(raw, ov), site_files)
     if ov.model["extra_vllm_args"]:
-        ov.model["extra_vllm_args"] = _append_extra(raw, ov)
+        field, base = _extra_target(raw, ov)
+        ov.model[field] = base + ov.model["extra_vllm_args"]
+        if field != "extra_vllm_args":
+            ov.model["extra_vllm_args"] = None
+            ov.flag_names[field] = "--extra-args"
     cfg = resolve(raw, source, ov, site.defaults)
     if cfg.site is None:
         cfg = cfg.model_copy(update={"site": site.name})
+    from aegis.engines import check_engine_site
+
+    for spec in cfg.models:
+        check_engine_site(spec, site)  # e.g. TensorRT-LLM on Intel GPUs: refused before submitting
     return Resolved(config=cfg, site=site, plan=make_plan(site, cfg, cfg.nodes), source=config_path)
 
 
@@ -122,18 +131,24 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"model {spec.short_name!r}: model path {spec.model} does not exist")
 
 
-def _append_extra(raw: dict, ov: Overrides) -> list:
-    """CLI engine args come after the config's (for a repeated flag the CLI value wins)."""
+def _extra_target(raw: dict, ov: Overrides) -> tuple[str, list]:
+    """Where CLI engine args go (extra_args or extra_vllm_args) and the config's args they follow.
+
+    They come after the config's, so for a repeated flag the command line wins.
+    """
     models = raw.get("models")
     if isinstance(models, list) and models:
         if len(models) > 1 and ov.for_model is None:
-            return ov.model["extra_vllm_args"]  # resolve() reports the ambiguity
+            return "extra_vllm_args", []  # resolve() reports the ambiguity
         target = models[0] if ov.for_model is None else next(
             (m for m in models if isinstance(m, dict) and ov.for_model in (m.get("name"), m.get("model"))), {})
-        base = target.get("extra_vllm_args") if isinstance(target, dict) else None
+        target = target if isinstance(target, dict) else {}
     else:
-        base = raw.get("extra_vllm_args")
-    return (list(base) if isinstance(base, list) else []) + ov.model["extra_vllm_args"]
+        target = raw
+    engine = ov.model.get("engine") or target.get("engine", "vllm")
+    field = "extra_args" if "extra_args" in target or engine != "vllm" else "extra_vllm_args"
+    base = target.get(field)
+    return field, list(base) if isinstance(base, list) else []
 
 
 # --------------------------------------------------------------------------- plan

@@ -18,12 +18,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic import field_validator, model_validator
 
+from aegis.engines.options import EngineOptions, problem
 from aegis.errors import ConfigError
 
 # Keys that belong to one model; at the top level they describe the single model.
 MODEL_KEYS = (
     "model", "name", "instances", "tensor_parallel_size", "pipeline_parallel_size",
     "port_start", "model_source", "extra_vllm_args", "env", "engine",
+    "extra_args", "lora", "enable_prefix_caching", "kv_cache_dtype", "enable_expert_parallel",
+    "all2all_backend", "enable_eplb", "num_redundant_experts", "engine_version",
 )
 # Keys that may sit at the top level next to `models:` (port_start and env are
 # then the defaults every model starts from).
@@ -35,7 +38,9 @@ SYNONYMS = {
     "pp": "pipeline_parallel_size", "pp_size": "pipeline_parallel_size",
     "replicas": "instances", "num_instances": "instances", "time": "walltime",
     "project": "account", "allocation": "account", "num_nodes": "nodes", "port": "port_start",
-    "vllm_args": "extra_vllm_args", "extra_args": "extra_vllm_args", "environment": "env",
+    "vllm_args": "extra_vllm_args", "engine_args": "extra_args", "environment": "env",
+    "prefix_caching": "enable_prefix_caching", "expert_parallel": "enable_expert_parallel",
+    "eplb": "enable_eplb", "loras": "lora",
 }
 # Whole name parts only: HF_TOKEN and OPENAI_API_KEY are secrets, TOKENIZERS_PARALLELISM is not.
 SECRET_WORDS = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|API_?KEY|ACCESS_KEY|PRIVATE_KEY)(_|$)",
@@ -102,8 +107,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSpec(_Strict):
-    """One model: how many instances and how each is parallelised."""
+class ModelSpec(_Strict, EngineOptions):
+    """One model: how many instances and how each is parallelised, and its engine's features.
+
+    The feature keys (lora, enable_prefix_caching, kv_cache_dtype, ...) come from EngineOptions.
+    """
 
     model: StrictStr
     name: Optional[StrictStr] = None
@@ -114,7 +122,8 @@ class ModelSpec(_Strict):
     model_source: Optional[StrictStr] = None
     extra_vllm_args: list[StrictStr] = Field(default_factory=list)
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
-    engine: Literal["vllm"] = "vllm"
+    engine: Literal["vllm", "sglang", "trtllm"] = "vllm"
+    extra_args: list[StrictStr] = Field(default_factory=list)  # engine-neutral name of extra_vllm_args
 
     @field_validator("model")
     @classmethod
@@ -133,13 +142,13 @@ class ModelSpec(_Strict):
     def _source(cls, v):
         return None if v is None else _no_control(v)
 
-    @field_validator("extra_vllm_args", mode="before")
+    @field_validator("extra_vllm_args", "extra_args", mode="before")
     @classmethod
-    def _args(cls, v):
+    def _args(cls, v, info):
         if isinstance(v, str):
             raise ValueError('must be a list, e.g. ["--max-model-len", "32768"]')
         if isinstance(v, list):
-            v = [_stringify(x, "extra_vllm_args entries") for x in v]
+            v = [_stringify(x, f"{info.field_name} entries") for x in v]
             for x in v:
                 if isinstance(x, str):
                     _no_control(x)
@@ -149,6 +158,22 @@ class ModelSpec(_Strict):
     @classmethod
     def _env(cls, v):
         return _check_env(v)
+
+    @model_validator(mode="after")
+    def _engine_keys(self):
+        if self.extra_args and self.extra_vllm_args:
+            raise ValueError("set extra_args or extra_vllm_args, not both (extra_args is the engine-neutral name)")
+        if self.extra_vllm_args and self.engine != "vllm":
+            raise ValueError(f"extra_vllm_args: is for engine vllm; use extra_args for {self.engine}")
+        why = problem(self.engine, self)
+        if why:
+            raise ValueError(why)
+        return self
+
+    @property
+    def engine_args(self) -> list[str]:
+        """The pass-through engine arguments (extra_args or extra_vllm_args)."""
+        return list(self.extra_args or self.extra_vllm_args)
 
     @property
     def devices_per_instance(self) -> int:
@@ -249,6 +274,12 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _models(self):
+        if self.api_key:
+            for spec in self.models:
+                if spec.engine == "trtllm":
+                    raise ValueError(f"model {spec.short_name!r}: trtllm-serve cannot require an API key; "
+                                     "set api_key: false (its port is then open to anyone on the serving "
+                                     "network) or choose engine vllm or sglang")
         names = [m.short_name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -282,6 +313,9 @@ class Config(_Strict):
     def dump(self) -> dict:
         """The resolved config as plain data (what is saved into a run directory)."""
         data = self.model_dump(mode="json")
+        for i, model in enumerate(data["models"]):  # the engine feature keys after the model's own keys
+            data["models"][i] = {**{k: v for k, v in model.items() if k not in EngineOptions.model_fields},
+                                 **{k: model[k] for k in EngineOptions.model_fields}}
         return data
 
 

@@ -67,12 +67,17 @@ class Head:
 
         specs = {m.short_name: m for m in self.cfg.models}
         addresses = [self.site.serve_address.address(h) for h in self.alloc.hosts]
+        adapters: dict[str, list[str]] = {}  # model -> LoRA adapter names clients may ask for
+        for spec in self.cfg.models:
+            lora = spec.lora
+            adapters[spec.short_name] = list(lora.resolved()) if lora is not None else []
         for inst in self.plan.instances:
             spec = specs[inst.model_name]
             head = inst.head
             addr = addresses[head.node]
             self.instances.append({
-                "name": inst.name, "model": get_engine(spec.engine).served_name(spec.model, spec.extra_vllm_args, spec.short_name),
+                "name": inst.name, "model": get_engine(spec.engine).served_name(spec.model, spec.engine_args, spec.short_name),
+                "lora_adapters": adapters[spec.short_name],
                 "url": f"http://{addr}:{inst.port}", "host": addr, "hostname": self.alloc.hosts[head.node],
                 "port": inst.port, "node": head.node,
                 "devices": [d for p in inst.placement for d in p.devices],

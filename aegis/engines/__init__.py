@@ -1,12 +1,25 @@
 """Inference engines: how to start one, where its readiness and metrics are."""
 from aegis.engines.base import Engine, EngineLaunch
+from aegis.engines.options import ENGINE_NAMES, EngineOptions, LoraOptions
+from aegis.engines.sglang import SGLangEngine
+from aegis.engines.trtllm import TRTLLMEngine
 from aegis.engines.vllm import VLLMEngine
 
-ENGINES = {"vllm": VLLMEngine}
+ENGINES = {"vllm": VLLMEngine, "sglang": SGLangEngine, "trtllm": TRTLLMEngine}
+assert tuple(ENGINES) == ENGINE_NAMES
 
 
 def get_engine(name: str) -> Engine:
     return ENGINES[name]()
 
 
-__all__ = ["Engine", "EngineLaunch", "get_engine"]
+def check_engine_site(spec, site) -> None:
+    """Refuse (ConfigError, one line) a model whose engine cannot drive the site's devices."""
+    from aegis.errors import ConfigError
+
+    why = get_engine(spec.engine).check_site(list(site.visibility_env))
+    if why:
+        raise ConfigError(f"model {spec.short_name!r} on site {site.name!r}: {why}")
+
+
+__all__ = ["Engine", "EngineLaunch", "EngineOptions", "LoraOptions", "check_engine_site", "get_engine"]

@@ -1,8 +1,21 @@
-"""The Engine interface: command line and environment of one rank of one instance."""
+"""The Engine interface: command line, environment and config files of one rank of one instance."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
+
+from aegis.engines.options import EngineOptions
+
+
+def flag_value(args: list[str], flag: str):
+    """The value given to `flag` in `args` ("--f v" or "--f=v"), or None."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 @dataclass
@@ -21,6 +34,23 @@ class EngineLaunch:
     node_rank: int = 0
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
+    options: EngineOptions = field(default_factory=EngineOptions)
+    lora_adapters: dict = field(default_factory=dict)  # name -> path, resolved from options.lora
+    instance: str = "instance"  # the instance's name (names per-instance config files)
+    config_dir: str = "."  # where the agent writes per-instance engine config files (mode 0600)
+    api_key: bool = False  # the server must require the run's API key
+    node_hosts: list[str] = field(default_factory=list)  # addresses of the instance's nodes, head first
+    devices_per_node: int = 1  # devices this instance uses on each of its nodes
+    device_kind: str = "gpu"  # the site's device kind: gpu, xpu or cpu
+    visibility_vars: list[str] = field(default_factory=list)  # the site's device-visibility variables
+
+    def script(self, name: str) -> str:
+        """A console script installed next to the engine's Python (or on PATH for a bare name)."""
+        folder = os.path.dirname(self.python)
+        return os.path.join(folder, name) if folder else name
+
+    def config_path(self, suffix: str) -> str:
+        return os.path.join(self.config_dir, f"{self.instance}.{suffix}")
 
 
 class Engine:
@@ -28,13 +58,53 @@ class Engine:
     health_path = "/health"
     models_path = "/v1/models"
     metrics_path = "/metrics"
-    api_key_env = ""  # the variable the engine reads its API key from
+    api_key_env = ""  # the variable the engine reads its API key from ("" if it has none)
+    served_name_flag = "--served-model-name"
+    supports_api_key = True
+    vendors: tuple = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+                      "ZE_AFFINITY_MASK", "VLLM_CPU_OMP_THREADS_BIND")  # visibility variables it runs with
 
-    def command(self, launch: EngineLaunch) -> list[str]:
+    def command(self, launch: EngineLaunch) -> Optional[list[str]]:
+        """The argv of this rank, or None when this node runs no process (another rank starts it)."""
         raise NotImplementedError
 
+    def lora_args(self, launch: EngineLaunch, adapters_flag: str, limit_flags: dict[str, str]) -> list[str]:
+        """`--enable-lora ADAPTERS_FLAG name=path ...` and the limits set (`--max-lora-rank` is common)."""
+        lora = launch.options.lora
+        if lora is None:
+            return []
+        args = ["--enable-lora"]
+        if launch.lora_adapters:
+            args += [adapters_flag, *(f"{n}={p}" for n, p in launch.lora_adapters.items())]
+        for key, flag in {**limit_flags, "max_lora_rank": "--max-lora-rank"}.items():
+            if getattr(lora, key) is not None:
+                args += [flag, str(getattr(lora, key))]
+        return args
+
+    def feature_env(self, launch: EngineLaunch) -> dict[str, str]:
+        """Environment variables the features need (beyond the site's and the user's)."""
+        return {}
+
+    def key_env(self, api_key: str) -> dict[str, str]:
+        """Environment that hands the engine its API key (never the command line)."""
+        return {self.api_key_env: api_key} if self.api_key_env else {}
+
+    def files(self, launch: EngineLaunch, api_key: Optional[str]) -> dict[str, str]:
+        """path -> text of per-instance config files the agent writes (mode 0600) before starting."""
+        return {}
+
+    def check_site(self, visibility_vars: list[str]) -> Optional[str]:
+        """Why this engine cannot run on a site with these device-visibility variables, or None."""
+        if visibility_vars and not set(visibility_vars) & set(self.vendors):
+            return (f"engine {self.name!r} does not run on devices selected with "
+                    f"{', '.join(visibility_vars)}; choose another engine for this site")
+        return None
+
     def served_name(self, model: str, extra_args: list[str], short_name: str = "") -> str:
-        """The name clients ask for: the model id, or for a model given as a path its short name."""
+        """The name clients ask for: the flag in extra args, the model id, or for a path its short name."""
+        given = flag_value(extra_args, self.served_name_flag)
+        if given:
+            return given
         if short_name and model.startswith(("/", "~", "./", "../")):
             return short_name
         return model

@@ -1,39 +1,51 @@
-"""vLLM's OpenAI-compatible server (`python -m vllm.entrypoints.openai.api_server`)."""
+"""vLLM's OpenAI-compatible server: command lines, feature flags and the version differences that matter."""
 from __future__ import annotations
 
-import os
+import json
+from typing import Optional
 
-from aegis.engines.base import Engine, EngineLaunch
+from aegis.engines.base import Engine, EngineLaunch, flag_value
+from aegis.engines.options import version_tuple
+
+# The one place for vLLM version differences: (first version with the new spelling, old, new).
+# Flags were checked against `vllm serve --help=all` of 0.32 and the docs of 0.10/0.11 (docs/engines.md).
+VERSIONS = {
+    "all2all_backend": ((0, 11), "env:VLLM_ALL2ALL_BACKEND", "--all2all-backend"),
+    "num_redundant_experts": ((0, 11), "--num-redundant-experts", "--eplb-config"),
+}
+# Metric names that changed (V1 engine before 0.11 used "gpu_" names).
+METRICS = {
+    "prefix_cache_queries": ((0, 11), "vllm:gpu_prefix_cache_queries_total", "vllm:prefix_cache_queries_total"),
+    "prefix_cache_hits": ((0, 11), "vllm:gpu_prefix_cache_hits_total", "vllm:prefix_cache_hits_total"),
+    "kv_cache_usage": ((0, 11), "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    "lora_requests_info": ((0, 0), "vllm:lora_requests_info", "vllm:lora_requests_info"),
+}
 
 
-def _flag_value(args: list[str], flag: str):
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+def spelling(table: dict, key: str, version: Optional[str]) -> str:
+    first, old, new = table[key]
+    return new if version_tuple(version) >= first else old
+
+
+def metric_name(key: str, version: Optional[str] = None) -> str:
+    """The Prometheus name of a vLLM metric in `version` (None: current releases)."""
+    return spelling(METRICS, key, version)
 
 
 class VLLMEngine(Engine):
     name = "vllm"
     api_key_env = "VLLM_API_KEY"  # read by vLLM's server: the key never appears on a command line
 
-    def served_name(self, model: str, extra_args: list[str], short_name: str = "") -> str:
-        return _flag_value(extra_args, "--served-model-name") or super().served_name(model, extra_args, short_name)
-
     def command(self, launch: EngineLaunch) -> list[str]:
         if launch.nnodes > 1:
-            # Multi-node: `vllm serve` (the api_server module ignores --headless); the script sits
-            # next to the engine's Python (or on PATH when that is a bare name).
-            folder = os.path.dirname(launch.python)
-            argv = [os.path.join(folder, "vllm") if folder else "vllm", "serve", launch.model]
+            # Multi-node: `vllm serve` (the api_server module ignores --headless).
+            argv = [launch.script("vllm"), "serve", launch.model]
         else:
             argv = [launch.python, "-m", "vllm.entrypoints.openai.api_server", "--model", launch.model]
         argv += ["--host", launch.host, "--port", str(launch.port),
-                "--tensor-parallel-size", str(launch.tensor_parallel_size),
-                "--pipeline-parallel-size", str(launch.pipeline_parallel_size)]
-        if _flag_value(launch.extra_args, "--served-model-name") is None:
+                 "--tensor-parallel-size", str(launch.tensor_parallel_size),
+                 "--pipeline-parallel-size", str(launch.pipeline_parallel_size)]
+        if flag_value(launch.extra_args, "--served-model-name") is None:
             argv += ["--served-model-name", launch.served_name]
         if launch.nnodes > 1:
             # vLLM's multiprocessing multi-node mode: every node runs the same command; the
@@ -42,4 +54,34 @@ class VLLMEngine(Engine):
                      "--master-addr", str(launch.master_addr), "--master-port", str(launch.master_port)]
             if launch.node_rank > 0:
                 argv.append("--headless")
-        return argv + list(launch.extra_args)
+        return argv + self.feature_args(launch) + list(launch.extra_args)
+
+    def feature_args(self, launch: EngineLaunch) -> list[str]:
+        """The flags of the named features (engine keys of the config)."""
+        opts, version = launch.options, launch.options.engine_version
+        args: list[str] = []
+        args += self.lora_args(launch, "--lora-modules", {"max_loras": "--max-loras",
+                                                         "max_cpu_loras": "--max-cpu-loras"})
+        if opts.enable_prefix_caching is not None:
+            args.append("--enable-prefix-caching" if opts.enable_prefix_caching else "--no-enable-prefix-caching")
+        if opts.kv_cache_dtype is not None:
+            args += ["--kv-cache-dtype", opts.kv_cache_dtype]
+        if opts.enable_expert_parallel:
+            args.append("--enable-expert-parallel")
+        if opts.all2all_backend and spelling(VERSIONS, "all2all_backend", version).startswith("--"):
+            args += ["--all2all-backend", opts.all2all_backend]
+        if opts.enable_eplb:
+            args.append("--enable-eplb")
+        if opts.num_redundant_experts is not None:
+            flag = spelling(VERSIONS, "num_redundant_experts", version)
+            value = (json.dumps({"num_redundant_experts": opts.num_redundant_experts})
+                     if flag == "--eplb-config" else str(opts.num_redundant_experts))
+            args += [flag, value]
+        return args
+
+    def feature_env(self, launch: EngineLaunch) -> dict[str, str]:
+        opts = launch.options
+        where = spelling(VERSIONS, "all2all_backend", opts.engine_version)
+        if opts.all2all_backend and where.startswith("env:"):
+            return {where[4:]: opts.all2all_backend}
+        return {}

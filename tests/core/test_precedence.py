@@ -85,3 +85,19 @@ def test_site_detected_from_hostname(monkeypatch, capsys):
     monkeypatch.setattr(socket, "gethostname", lambda: "workstation")
     monkeypatch.setattr(socket, "getfqdn", lambda: "workstation.lan")
     assert plan_json(capsys, "--model", "m")["site"] == "local"
+
+
+def test_cli_engine_args_go_where_the_model_keeps_them(tmp_path):
+    from aegis.commands import resolve_from_cli
+    cfg = write(tmp_path, "site: h200\nmodel: org/m\nengine: sglang\nextra_args: [\"--mem-fraction-static\", \"0.8\"]\n")
+    res = resolve_from_cli({"args": (str(cfg), "--chunked-prefill-size", "4096"), "extra_vllm_args": "--a b"})
+    spec = res.config.models[0]
+    assert spec.extra_args == ["--mem-fraction-static", "0.8", "--a", "b", "--chunked-prefill-size", "4096"]
+    assert spec.extra_vllm_args == []
+
+
+def test_engine_that_cannot_drive_the_site_is_refused_at_plan_time(tmp_path, capsys):
+    cfg = write(tmp_path, "site: aurora\nmodel: m\nengine: trtllm\napi_key: false\n")
+    code, out, err = run_cli(capsys, "plan", cfg)
+    assert code == 2 and out == ""
+    assert "engine 'trtllm' does not run on devices selected with ZE_AFFINITY_MASK" in err

@@ -1,0 +1,1 @@
+"""Tests of the engine command lines, engine options, prefix-cache warm-up and vLLM features."""
