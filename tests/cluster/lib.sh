@@ -22,6 +22,13 @@ MIN_JOB_AGE="${AEGIS_SLURM_MIN_JOB_AGE:-30}"    # seconds squeue keeps ended job
 # Names under /tmp that stay shared with the host inside every node (so that
 # pytest's tmp_path, /tmp/pytest-of-$USER/..., is a "shared filesystem").
 SHARED_TMP="${AEGIS_SLURM_SHARED_TMP:-pytest-of-$(id -un)}"
+# A checkout under /tmp (a CI clone may live there) must stay visible to the nodes too:
+# jobs run `python -m aegis` from it.
+_aegis_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
+case "$_aegis_repo" in
+    /tmp/?*) _aegis_top=${_aegis_repo#/tmp/}; SHARED_TMP="$SHARED_TMP ${_aegis_top%%/*}" ;;
+esac
+unset _aegis_repo _aegis_top
 # 1: add "address name" lines for the nodes to /etc/hosts (removed by stop.sh).
 EDIT_HOSTS="${AEGIS_SLURM_EDIT_HOSTS:-1}"
 # 1: point /etc/slurm/slurm.conf at the cluster's config when that file is
