@@ -44,7 +44,7 @@ class LazyGroup(click.Group):
     """A group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | {n for n in COMMANDS if _importable(n)})
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
 
     def get_command(self, ctx, name):
         cmd = super().get_command(ctx, name)
@@ -53,18 +53,11 @@ class LazyGroup(click.Group):
         module, _, attr = COMMANDS[name].partition(":")
         try:
             return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            return None
-
-
-def _importable(name: str) -> bool:
-    module = COMMANDS[name].partition(":")[0]
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+            raise click.ClickException(f"'aegis {name}' is not available in this installation ({exc}); "
+                                       "reinstall aegis") from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
