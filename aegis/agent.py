@@ -76,6 +76,18 @@ def log_tail(path: Path, lines: int = LOG_TAIL) -> str:
         return ""
 
 
+def _group_alive(pgid: Optional[int]) -> bool:
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -100,6 +112,7 @@ class Rank:
     exit_code: Optional[int] = None
     next_start: float = 0.0
     started_at: Optional[float] = None
+    pgid: Optional[int] = None
     tail: str = ""
     history: list = field(default_factory=list)
 
@@ -278,8 +291,12 @@ class Agent:
                 rank.proc.wait()
             _kill_group(rank.proc.pid)  # anything the engine left in its group (workers) goes too
             rank.exit_code = rank.proc.returncode
+            rank.pgid = rank.proc.pid
             rank.proc = None
             rank.state = "stopped"
+        deadline = time.monotonic() + 5.0  # killed groups can take a moment to disappear
+        while time.monotonic() < deadline and any(_group_alive(r.pgid) for r in live):
+            time.sleep(0.05)
         for rank in self.ranks:
             if rank.state in ("pending", "restarting"):
                 rank.state = "stopped"
