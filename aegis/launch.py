@@ -60,7 +60,7 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
     atomic_write(run_path / ALLOCATION, json.dumps(doc, indent=2) + "\n")
     atomic_write(run_path / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
     atomic_write(run_path / "config.yaml", dump_yaml(res.config))  # what the agents read
-    if not (run_path / "site.yaml").exists() or res.site.source != str(run_path / "site.yaml"):
+    if res.site.source != str(run_path / "site.yaml"):  # not already the run's own saved profile
         save_site(res.site, run_path / "site.yaml")
     if not check:
         from aegis.supervise import Head

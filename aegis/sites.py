@@ -267,9 +267,10 @@ def _build(name: str, profiles: dict[str, dict], chain=()) -> Site:
         if parent not in profiles:
             raise SiteError(f"{data['source']}: inherits: no site named {parent!r}{suggest(parent, profiles)}")
         base = _build(parent, profiles, chain + (name,)).model_dump()
-        base.update({k: v for k, v in data.items()})
-        if "defaults" in data:
-            base["defaults"] = {**_build(parent, profiles, chain + (name,)).defaults, **data["defaults"]}
+        parent_defaults = base["defaults"]
+        base.update(data)
+        if isinstance(data.get("defaults"), dict):  # defaults merge; anything else fails validation below
+            base["defaults"] = {**parent_defaults, **data["defaults"]}
         data = base
     try:
         return Site.model_validate(data)

@@ -75,6 +75,7 @@ def test_user_profile_via_site_file_and_path(tmp_path, capsys, monkeypatch):
     ("name: bad\nscheduler: slurm\ndevices_per_node: 4\ndefaults: {partition: x}\n",
      "cannot be a site default (did you mean 'queue'?)"),
     ("name: bad\ninherits: nowhere\n", "no site named 'nowhere'"),
+    ("name: bad\ninherits: h200\ndefaults: 5\n", "defaults: Input should be a valid dictionary"),
     ("name: bad\nscheduler: slurm\ndevices_per_node: 4\nhostname_patterns: ['(']\n", "not a valid regular expression"),
     ("name: [1, 2\n", "not valid YAML"),
 ])

@@ -1,6 +1,5 @@
 """Scheduler backends: state translation, output parsers (PBS fixtures), batching, backoff, local jobs."""
 import json
-import os
 import time
 from pathlib import Path
 

@@ -3,7 +3,6 @@ import json
 
 import pytest
 
-from tests.launch.fleet import READY_TIMEOUT
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,5 @@
 """Real CPU vLLM instances started by `aegis submit` inside the 3-node Slurm cluster."""
 import json
-import os
-import sys
 import time
 import urllib.request
 from pathlib import Path
