@@ -31,6 +31,7 @@ COMMANDS = {
     "demo": "aegis.demo:demo_cmd",
     "warm": "aegis.warm:warm_cmd",
     "sweep": "aegis.sweep.cli:sweep_cmd",
+    "sweep-point": "aegis.sweep.cli:sweep_point_cmd",
     "report": "aegis.report.cli:report_cmd",
     "size": "aegis.size:size_cmd",
     "stage": "aegis.staging.cli:stage_cmd",

@@ -129,6 +129,10 @@ def check_paths(cfg: Config) -> None:
         if spec.model.startswith(("/", "~", "./", "../")) and not spec.model_source \
                 and not os.path.exists(os.path.expanduser(spec.model)):
             raise ConfigError(f"model {spec.short_name!r}: model path {spec.model} does not exist")
+    python = cfg.engine_python
+    if python and "/" in python and "$" not in python and not os.access(os.path.expanduser(python), os.X_OK):
+        raise ConfigError(f"engine_python {python} is not an executable file; point it at the Python of the "
+                          "environment that has the engine (e.g. ~/.cache/aegis/vllm-venv/bin/python)")
 
 
 def _extra_target(raw: dict, ov: Overrides) -> tuple[str, list]:
@@ -175,10 +179,10 @@ def default_run_dir(cfg: Config, now: Optional[_dt.datetime] = None) -> Path:
 
 
 def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None,
-               launch_args: tuple = ()) -> str:
+               launch_args: tuple = (), payload: Optional[list] = None) -> str:
     ctx = RenderContext(site=res.site, config=res.config, plan=res.plan, run_dir=str(run_dir),
                         config_path=str(run_dir / "config.yaml"), aegis_command=aegis_command,
-                        launch_args=["--site-file", str(run_dir / "site.yaml"), *launch_args])
+                        launch_args=["--site-file", str(run_dir / "site.yaml"), *launch_args], payload=payload)
     return get_scheduler(res.site.scheduler).render(ctx)
 
 

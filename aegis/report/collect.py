@@ -15,6 +15,7 @@ from aegis.errors import UsageError
 OOM_RE = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|UR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY",
                     re.IGNORECASE)
 LOG_TAIL_BYTES = 1 << 20
+POINT_SKIP = ("warmup", "attempts")  # inside a sweep point: not measurements
 
 
 @dataclass
@@ -107,16 +108,18 @@ def _notes(s: dict) -> list[str]:
     return notes
 
 
-def _oom_in_logs(point_dir: Path) -> bool:
-    for log in list(point_dir.glob("*.log")) + list(point_dir.glob("*.out")) + list(point_dir.glob("logs/*")):
+def oom_log(point_dir: Path) -> Optional[Path]:
+    """The first log of a sweep point (*.log, *.out, logs/*) that reports running out of memory."""
+    logs = sorted(point_dir.glob("*.log")) + sorted(point_dir.glob("*.out")) + sorted(point_dir.glob("logs/*"))
+    for log in logs:
         try:
             with open(log, "rb") as fh:
                 fh.seek(max(0, log.stat().st_size - LOG_TAIL_BYTES))
                 if OOM_RE.search(fh.read().decode("utf-8", "replace")):
-                    return True
+                    return log
         except OSError:
             continue
-    return False
+    return None
 
 
 def _bench_run(d: Path, root: Path, kind: str, config_name: str, default_devices: Optional[int],
@@ -133,6 +136,9 @@ def _bench_run(d: Path, root: Path, kind: str, config_name: str, default_devices
         devices = len(s.get("endpoints") or []) or None  # one device per endpoint unless told
     run = Run(config=config_name, kind=kind, path=str(d), rate=rate, devices=devices, config_hash=digest,
               metrics=summary_metrics(s, devices), notes=_notes(s))
+    status = _read_json(point[0] / "status.json") if point else None
+    if status and status.get("state") in ("failed", "interrupted"):
+        run.notes.append(f"point {status['state']}: {status.get('reason') or 'no reason recorded'}")
     if rate is not None:
         run.metrics["rate"] = rate
     if (d / "prometheus.csv").exists():
@@ -179,10 +185,14 @@ def collect(paths, devices: Optional[int] = None) -> list[Run]:
                     runs.append(run)
                     found = True
                 dirnames[:] = []
-            elif "point.json" in filenames and not _has_results(d):
+            elif "point.json" in filenames:
+                # A point's warm-up and earlier attempts are not results.
+                dirnames[:] = [n for n in dirnames if n not in POINT_SKIP]
+                if any(_has_results(d / n) for n in dirnames):
+                    continue
                 info = _read_json(d / "point.json") or {}
                 status = _read_json(d / "status.json") or {}
-                why = status.get("reason") or ("out of memory (found in the logs)" if _oom_in_logs(d)
+                why = status.get("reason") or ("out of memory (found in the logs)" if oom_log(d)
                                                 else "no results (not run yet, or the servers never became healthy)")
                 runs.append(Run(config=info.get("label", d.name), kind="missing", path=str(d),
                                 devices=info.get("devices"), config_hash=info.get("hash"), notes=[why]))

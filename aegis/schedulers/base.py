@@ -67,6 +67,7 @@ class RenderContext:
     config_path: str  # absolute path of the resolved config inside run_dir
     aegis_command: Optional[str] = None  # default: this Python's `-m aegis`
     launch_args: list = field(default_factory=list)  # extra `aegis launch` flags, e.g. --check
+    payload: Optional[list] = None  # run `aegis PAYLOAD...` instead of `aegis launch` (a sweep point)
 
     @property
     def nodes(self) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from aegis.errors import UsageError
+from aegis.errors import AegisError, UsageError
 from aegis.sweep.expand import Point, expand, render_points, run_steps, spec_hash, sweep_document
 from aegis.sweep.spec import SweepSpec, load_spec
 
@@ -43,6 +43,15 @@ def format_dry_run(spec: SweepSpec, points: list[Point]) -> str:
     return "\n".join(lines)
 
 
+def default_mode(site) -> str:
+    """inline on the local site or inside an allocation of the site's scheduler; else one job per point."""
+    if site.scheduler == "local":
+        return "inline"
+    from aegis.allocation import discover
+
+    return "inline" if discover(prefer=site.scheduler).scheduler == site.scheduler else "jobs"
+
+
 @click.command("sweep")
 @click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="List the configurations and what runs; start nothing.")
@@ -50,18 +59,95 @@ def format_dry_run(spec: SweepSpec, points: list[Point]) -> str:
               help="With --dry-run: write each configuration's run directory and job script under DIR.")
 @click.option("--site", help="Site profile (default: the spec's, else the base config's, else detected).")
 @click.option("--site-file", multiple=True, type=click.Path(dir_okay=False), help="Extra site profile file(s).")
-@click.option("--json", "as_json", is_flag=True, help="Print the expanded sweep as JSON.")
-def sweep_cmd(spec_path, dry_run, render_dir, site, site_file, as_json):
-    """Expand SPEC.yaml (base config x axes + named configurations) into hashed configurations."""
-    if not dry_run:
-        raise UsageError("running sweeps is not available yet; use --dry-run (add --render DIR for job scripts)")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the expanded sweep as JSON.")
+@click.option("--mode", type=click.Choice(["inline", "jobs"]), default=None,
+              help="inline: one point after another here (local site, or inside an allocation); jobs: one "
+              "job per point. Default: inline on the local site or inside an allocation, else jobs.")
+@click.option("--dir", "sweep_dir", type=click.Path(file_okay=False),
+              help="Sweep directory (default: runs/sweep-<name>).")
+@click.option("--resume", is_flag=True, help="Continue the sweep in its directory: finished points are skipped, "
+              "jobs still queued are waited for, interrupted points run again.")
+@click.option("--rerun", multiple=True, metavar="LABEL|HASH",
+              help="Run this finished configuration again (repeatable; 'all' for every one). Its earlier "
+              "results move to <point>/attempts/N.")
+@click.option("--retry-failed", is_flag=True, help="Run the configurations that failed earlier again.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="--mode jobs: wait until every job has ended (else submit and return).")
+@click.option("--cancel", is_flag=True, help="Cancel every queued or running job of the sweep.")
+@click.option("--report/--no-report", "make_report", default=True, show_default=True,
+              help="Write the report (DIR/report) when every point has finished.")
+def sweep_cmd(spec_path, dry_run, render_dir, site, site_file, as_json, mode, sweep_dir, resume, rerun,
+              retry_failed, wait, cancel, make_report):
+    """Run a server-configuration sweep: SPEC.yaml's base config x axes (+ named configurations).
+
+    Exit status: 0 every configuration measured, 3 some failed (their reasons are in the summary and
+    the report), 130 interrupted (continue with --resume).
+    """
+    if render_dir and not dry_run:
+        raise UsageError("--render goes with --dry-run (a real run writes its own directories)")
     spec = load_spec(spec_path)
     points = expand(spec, site, site_file)
-    if render_dir:
-        written = render_points(spec, points, Path(render_dir))
-    if as_json:
-        click.echo(json.dumps(sweep_document(spec, points), indent=2))
-    else:
-        click.echo(format_dry_run(spec, points))
+    if dry_run:
         if render_dir:
-            click.echo(f"wrote {len(written)} job scripts under {Path(render_dir).absolute()}")
+            written = render_points(spec, points, Path(render_dir))
+        if as_json:
+            click.echo(json.dumps(sweep_document(spec, points), indent=2))
+        else:
+            click.echo(format_dry_run(spec, points))
+            if render_dir:
+                click.echo(f"wrote {len(written)} job scripts under {Path(render_dir).absolute()}")
+        return
+    from aegis.sweep import execute
+
+    echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    target = Path(sweep_dir) if sweep_dir else execute.default_dir(spec)
+    if cancel:
+        if not (target / "sweep.json").exists():
+            raise UsageError(f"{target.absolute()} holds no sweep (no sweep.json); give its --dir")
+        n = execute.cancel_jobs(points, target.absolute(), echo)
+        click.echo(f"cancelled {n} job(s)")
+        return
+    mode = mode or default_mode(points[0].site)
+    target = execute.prepare(spec, points, target, resume or bool(rerun) or retry_failed)
+    echo(f"sweep {spec.name}: {len(points)} configurations, mode {mode}, directory {target}")
+    if mode == "inline":
+        execute.run_inline(spec, execute.select(points, target, rerun, retry_failed, echo), target, echo)
+    else:
+        execute.run_jobs(spec, points, target, rerun, retry_failed, wait, echo)
+    states = [(execute.read_status(target / p.dirname) or {}).get("state") for p in points]
+    click.echo("\n".join(execute.summary_lines(points, target)))
+    if all(s in execute.FINISHED for s in states):
+        if make_report:
+            _report(target, echo)
+        if "failed" in states:
+            raise SomeFailed(f"{states.count('failed')} of {len(points)} configuration(s) failed; "
+                             f"see {target}/*/status.json (--retry-failed runs them again)")
+
+
+class SomeFailed(AegisError):
+    exit_code = 3
+
+
+def _report(target: Path, echo) -> None:
+    from aegis.report.cli import report_cmd
+
+    try:
+        import matplotlib  # noqa: F401
+        plots = ["--plots"]
+    except ImportError:
+        plots = ["--no-plots"]
+        echo("matplotlib is not installed: the report has no plots (pip install 'aegis[plots]')")
+    report_cmd.main([str(target), "--output-dir", str(target / "report"), *plots], standalone_mode=False)
+
+
+@click.command("sweep-point", hidden=True)
+@click.argument("point_dir", type=click.Path(file_okay=False, exists=True))
+def sweep_point_cmd(point_dir):
+    """Run one sweep point in this allocation (what a point's job script runs)."""
+    from aegis.sweep.runner import Interrupted, PointRunner
+
+    status = PointRunner(Path(point_dir), lambda msg: click.echo(msg, err=True)).run()
+    if status["state"] == "interrupted":
+        raise Interrupted(f"interrupted: {status.get('reason')}")
+    if status["state"] == "failed":
+        raise SomeFailed(f"configuration failed: {status.get('reason')}")

@@ -282,23 +282,36 @@ def sweep_document(spec: SweepSpec, points: list[Point]) -> dict:
             "points": [p.to_dict() for p in points]}
 
 
-def render_points(spec: SweepSpec, points: list[Point], out_dir: Path) -> list[Path]:
-    """Write each point's run directory (config, site, plan, job script, point.json) and sweep.json."""
+def write_point(spec: SweepSpec, p: Point, out_dir: Path, payload: Optional[list] = None,
+                steps: Optional[list] = None) -> Path:
+    """Write one point's run directory: config, site, plan, point.json (with its steps) and job script.
+
+    The job script runs `aegis PAYLOAD` (default `aegis sweep-point DIR`: launch, gate, steps, shutdown).
+    """
     from aegis.commands import Resolved, render_job
+    from aegis.fsutil import atomic_write
+
+    run_dir = out_dir.absolute() / p.dirname
+    run_dir.mkdir(parents=True, exist_ok=True)
+    res = Resolved(config=p.config, site=p.site, plan=p.plan, source=None)
+    atomic_write(run_dir / "config.yaml", dump_yaml(p.config))
+    save_site(p.site, run_dir / "site.yaml")
+    atomic_write(run_dir / "plan.json", json.dumps(p.plan.to_dict(), indent=2) + "\n")
+    doc = {**p.to_dict(), "sweep": spec.name, "spec_hash": spec_hash(spec),
+           "steps": steps if steps is not None else run_steps(spec), "run": spec.run}
+    atomic_write(run_dir / "point.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write(run_dir / "job.sh", render_job(res, run_dir, payload=payload or ["sweep-point", str(run_dir)]),
+                 mode=0o755)
+    return run_dir
+
+
+def render_points(spec: SweepSpec, points: list[Point], out_dir: Path) -> list[Path]:
+    """Write each point's run directory and sweep.json (what `--dry-run --render DIR` shows)."""
     from aegis.fsutil import atomic_write
 
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for p in points:
-        run_dir = out_dir / p.dirname
-        run_dir.mkdir(parents=True, exist_ok=True)
-        res = Resolved(config=p.config, site=p.site, plan=p.plan, source=None)
-        atomic_write(run_dir / "config.yaml", dump_yaml(p.config))
-        save_site(p.site, run_dir / "site.yaml")
-        atomic_write(run_dir / "plan.json", json.dumps(p.plan.to_dict(), indent=2) + "\n")
-        atomic_write(run_dir / "point.json", json.dumps({**p.to_dict(), "sweep": spec.name}, indent=2) + "\n")
-        atomic_write(run_dir / "job.sh", render_job(res, run_dir), mode=0o755)
-        written.append(run_dir / "job.sh")
+    steps = run_steps(spec)
+    written = [write_point(spec, p, out_dir, steps=steps) / "job.sh" for p in points]
     atomic_write(out_dir / "sweep.json", json.dumps(sweep_document(spec, points), indent=2) + "\n")
     return written

@@ -32,7 +32,9 @@ TOP_KEYS = ("name", "description", "site", "base", "axes", "include", "bench", "
 # Options of `aegis bench`/`aegis probe` the sweep sets itself for every point.
 SWEEP_OWNED = {"endpoints", "url", "api_key_file", "output_dir", "resume", "json", "progress", "label"}
 WARMUP_KEYS = ("num_requests", "input_len", "output_len")
-RUN_KEYS = ("health_timeout", "reset_prefix_cache", "max_parallel")
+RUN_KEYS = ("health_timeout", "reset_prefix_cache", "max_parallel", "shutdown_timeout")
+RUN_TYPES = {"health_timeout": "seconds", "shutdown_timeout": "seconds", "max_parallel": "count",
+             "reset_prefix_cache": "bool"}
 SLO_RE = re.compile(r"^(max|min)_([a-z0-9_]+)$")
 INCLUDE_KEYS = ("name", "set")
 
@@ -198,6 +200,18 @@ def _check_simple(path: str, section: str, data, allowed) -> dict:
     return dict(data)
 
 
+def _check_run(path: str, run: dict) -> dict:
+    for key, value in run.items():
+        kind = RUN_TYPES[key]
+        if kind == "bool" and not isinstance(value, bool):
+            _fail(path, f"run.{key}", f"must be true or false (got {value!r})")
+        if kind == "count" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            _fail(path, f"run.{key}", f"must be a whole number >= 1 (got {value!r})")
+        if kind == "seconds" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            _fail(path, f"run.{key}", f"must be a number of seconds > 0 (got {value!r})")
+    return run
+
+
 def parse_spec(data: dict, path: str) -> SweepSpec:
     """Validate a loaded spec mapping."""
     for key in data:
@@ -231,7 +245,7 @@ def parse_spec(data: dict, path: str) -> SweepSpec:
     if bench is not None and "num_requests" not in bench and "duration" not in bench:
         _fail(path, "bench.num_requests", "give num_requests or duration so each run ends")
     warmup = _check_simple(path, "warmup", data.get("warmup"), WARMUP_KEYS)
-    run = _check_simple(path, "run", data.get("run"), RUN_KEYS)
+    run = _check_run(path, _check_simple(path, "run", data.get("run"), RUN_KEYS))
     description = data.get("description", "")
     if not isinstance(description, str):
         _fail(path, "description", "must be a string")

@@ -1,0 +1,309 @@
+"""Run sweep points: inline (one after another in this allocation or on the local site) or one job each.
+
+One point, wherever it runs (`run_point`, also what a point's job script runs as
+`aegis sweep-point DIR`):
+
+1. earlier attempts' results are moved to `DIR/attempts/N/` (nothing is lost);
+2. `aegis launch` starts the point's servers (its own process group), and the
+   health gate waits for `endpoints.json` to say every instance is ready
+   (failed instances, a launcher that exits, or the health timeout end the point);
+3. the steps run in turn (`aegis bench` warm-up, bench, probe), each writing its
+   results under `DIR/<step>/`; before every step after the first, the prefix
+   cache of every instance is reset where the server allows it
+   (`POST /reset_prefix_cache`: vLLM serves it only with VLLM_SERVER_DEV_MODE=1);
+4. the servers are shut down (the launcher's `shutdown` file, then signals);
+5. `DIR/status.json` records the outcome: done, failed (with the reason: OOM,
+   not healthy, a step's error) or interrupted.
+
+A finished point (done or failed) is never run again unless asked (`--rerun`,
+`--retry-failed`); interrupted and never-started points run on `--resume`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Optional
+
+from aegis.errors import AegisError
+from aegis.fsutil import atomic_write
+
+STATUS = "status.json"
+POINT = "point.json"
+FINISHED = ("done", "failed")
+ATTEMPTS = "attempts"
+# What one attempt leaves in a point directory besides its step directories (moved aside on a re-run).
+ATTEMPT_FILES = ("status.json", "endpoints.json", "launch.log", "logs", "nodes", "staged.json")
+DEFAULT_HEALTH_MARGIN = 120.0  # seconds past the config's startup_timeout before the gate gives up
+POLL = 1.0
+
+
+class Interrupted(AegisError):
+    """The sweep was stopped by a signal; the current point was shut down and marked interrupted."""
+
+    exit_code = 130
+
+
+def read_status(point_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(point_dir) / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(point_dir: Path, doc: dict) -> None:
+    atomic_write(Path(point_dir) / STATUS, json.dumps(doc, indent=2) + "\n")
+
+
+def _aegis() -> list[str]:
+    return [sys.executable, "-m", "aegis"]
+
+
+def _last_line(path: Path, limit: int = 200) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(path) - 8192))
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:limit] if lines else ""
+
+
+def move_previous_attempt(point_dir: Path, step_dirs: list[str]) -> Optional[Path]:
+    """Move what an earlier attempt left (results, logs, status) to attempts/N/; returns where."""
+    names = [n for n in (*step_dirs, *ATTEMPT_FILES) if (point_dir / n).exists()]
+    if not names:
+        return None
+    root = point_dir / ATTEMPTS
+    root.mkdir(exist_ok=True)
+    n = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+    dest = root / str(n)
+    dest.mkdir()
+    for name in names:
+        shutil.move(str(point_dir / name), str(dest / name))
+    return dest
+
+
+def reset_prefix_cache(doc: dict, key: Optional[str], tries: int = 5) -> str:
+    """POST /reset_prefix_cache to every ready instance: 'reset', or why not ('unavailable ...')."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    results = []
+    for inst in doc.get("instances", []):
+        if inst.get("status") != "ready":
+            continue
+        for attempt in range(tries):
+            req = urllib.request.Request(inst["url"] + "/reset_prefix_cache", data=b"", headers=headers,
+                                         method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    body = resp.read().decode(errors="replace")
+            except urllib.error.HTTPError as exc:
+                if exc.code in (404, 405):
+                    return (f"unavailable (HTTP {exc.code}): vLLM serves /reset_prefix_cache only with "
+                            "VLLM_SERVER_DEV_MODE=1 in the config's env")
+                return f"failed on {inst['name']}: HTTP {exc.code}"
+            except (OSError, ValueError) as exc:
+                return f"failed on {inst['name']}: {exc}"
+            try:
+                ok = json.loads(body).get("success", True) if body.strip() else True
+            except ValueError:
+                ok = True
+            if ok:
+                results.append(inst["name"])
+                break
+            time.sleep(1.0)  # blocks still held by finishing requests: try again
+        else:
+            return f"failed on {inst['name']}: the server kept answering success=false"
+    return "reset" if results else "no ready instance"
+
+
+class PointRunner:
+    """Runs one point in this allocation (or on this machine): launch, gate, steps, shutdown, status."""
+
+    def __init__(self, point_dir: Path, echo: Callable[[str], None] = print, prefix: str = ""):
+        self.dir = Path(point_dir).absolute()
+        info = json.loads((self.dir / POINT).read_text())
+        self.info = info
+        self.steps: list[dict] = info.get("steps") or []
+        self.run_opts: dict = info.get("run") or {}
+        self.echo = echo
+        self.prefix = prefix or f"{info.get('label', self.dir.name)} ({info.get('hash', '?')})"
+        self.launcher: Optional[subprocess.Popen] = None
+        self.child: Optional[subprocess.Popen] = None
+        self.stop_signal: Optional[int] = None
+        self.status: dict = {}
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _say(self, msg: str) -> None:
+        self.echo(f"{self.prefix}: {msg}")
+
+    def _save(self, **update) -> None:
+        self.status.update(update)
+        write_status(self.dir, self.status)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum
+        if self.child is not None and self.child.poll() is None:
+            try:  # the bench saves what finished and exits on SIGINT
+                os.killpg(self.child.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    def _endpoints(self) -> Optional[dict]:
+        try:
+            return json.loads((self.dir / "endpoints.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _health_timeout(self) -> float:
+        if self.run_opts.get("health_timeout"):
+            return float(self.run_opts["health_timeout"])
+        from aegis.config import load_yaml
+
+        startup = load_yaml(self.dir / "config.yaml").get("startup_timeout", 1800)
+        return float(startup) + DEFAULT_HEALTH_MARGIN
+
+    # -- phases ------------------------------------------------------------------------
+
+    def _launch(self) -> None:
+        cmd = _aegis() + ["launch", "--run-dir", str(self.dir), "--site-file", str(self.dir / "site.yaml"),
+                          str(self.dir / "config.yaml")]
+        with open(self.dir / "launch.log", "ab") as log:
+            self.launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True, cwd=str(self.dir))
+
+    def _gate(self) -> Optional[str]:
+        """Wait until every instance is ready; None, or why the point cannot be measured."""
+        timeout = self._health_timeout()
+        t0 = time.monotonic()
+        while self.stop_signal is None:
+            doc = self._endpoints() or {}
+            state = doc.get("state")
+            if state == "ready":
+                ready = [i.get("ready_seconds") or 0 for i in doc.get("instances", [])]
+                self.status["ready_seconds"] = max(ready, default=None)
+                return None
+            if state in ("failed", "degraded", "stopped"):
+                errors = [f"{i['name']}: {i['error']}" for i in doc.get("instances", []) if i.get("error")]
+                return "not healthy: " + ("; ".join(errors)[:600] or state)
+            code = self.launcher.poll()
+            if code is not None:
+                return f"the launcher exited ({code}) before the instances were ready: " \
+                       f"{_last_line(self.dir / 'launch.log')}"
+            if time.monotonic() - t0 > timeout:
+                return f"not healthy after {timeout:.0f} s (run.health_timeout); logs: {self.dir / 'logs'}"
+            time.sleep(POLL)
+        return None
+
+    def _run_step(self, step: dict) -> Optional[str]:
+        out = self.dir / step["subdir"]
+        log_path = self.dir / "logs" / f"{step['step']}.log"
+        cmd = _aegis() + list(step["args"]) + ["--endpoints", str(self.dir), "--output-dir", str(out)]
+        t0 = time.monotonic()
+        with open(log_path, "ab") as log:
+            self.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True, cwd=str(self.dir))
+            code = self.child.wait()
+            self.child = None
+        record = {"exit_code": code, "seconds": round(time.monotonic() - t0, 1), "log": str(log_path)}
+        self.status.setdefault("steps", {})[step["step"]] = record
+        self._save()
+        if self.stop_signal is not None:
+            return None
+        if code != 0:
+            return f"{step['step']} exited {code}: {_last_line(log_path)} (log: {log_path})"
+        summary = out / "summary.json"
+        if summary.exists():
+            try:
+                s = json.loads(summary.read_text())
+                self._say(f"{step['step']}: {s.get('completed', 0)} ok, {s.get('failed', 0)} failed, "
+                          f"{s.get('output_throughput', 0):.1f} output tok/s, "
+                          f"p95 TTFT {s.get('p95_ttft_ms', 0):.0f} ms")
+            except (OSError, ValueError):
+                pass
+        else:
+            self._say(f"{step['step']}: finished in {record['seconds']} s")
+        return None
+
+    def _shutdown(self) -> None:
+        if self.launcher is None:
+            return
+        atomic_write(self.dir / "shutdown", f"{time.time()}\n")
+        grace = float(self.run_opts.get("shutdown_timeout") or 180)
+        try:
+            self.launcher.wait(grace)
+        except subprocess.TimeoutExpired:
+            self._say(f"servers still up {grace:.0f} s after the shutdown request; terminating them")
+            for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+                try:
+                    os.killpg(self.launcher.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.launcher.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+    # -- the whole point ---------------------------------------------------------------
+
+    def run(self) -> dict:
+        moved = move_previous_attempt(self.dir, [s["subdir"] for s in self.steps])
+        if moved is not None:
+            self._say(f"earlier attempt moved to {moved}")
+        (self.dir / "logs").mkdir(exist_ok=True)
+        self.status = {"state": "running", "hash": self.info.get("hash"), "label": self.info.get("label"),
+                       "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                       "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID"),
+                       "steps": {}, "prefix_cache_reset": []}
+        self._save()
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        reason = None
+        t0 = time.monotonic()
+        try:
+            self._say("starting the servers")
+            self._launch()
+            reason = self._gate()
+            if reason is None and self.stop_signal is None:
+                self._say(f"healthy after {self.status.get('ready_seconds')} s")
+                reset = self.run_opts.get("reset_prefix_cache", True)
+                for i, step in enumerate(self.steps):
+                    if self.stop_signal is not None:
+                        break
+                    if i > 0 and reset:
+                        doc = self._endpoints() or {}
+                        from aegis.endpoints import read_api_key
+
+                        result = reset_prefix_cache(doc, read_api_key(doc))
+                        self.status["prefix_cache_reset"].append({"before": step["step"], "result": result})
+                        if result != "reset" and len(self.status["prefix_cache_reset"]) == 1:
+                            self._say(f"prefix cache not reset: {result}")
+                    reason = self._run_step(step)
+                    if reason is not None:
+                        break
+        finally:
+            self._say("stopping the servers")
+            self._shutdown()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if reason is not None:
+            from aegis.report.collect import oom_log
+
+            oom = oom_log(self.dir)
+            if oom:
+                reason = f"out of memory (log: {oom}); {reason}"
+        state = "interrupted" if self.stop_signal is not None else ("failed" if reason else "done")
+        if state == "interrupted":
+            reason = f"stopped by signal {signal.Signals(self.stop_signal).name}"
+        self._save(state=state, reason=reason, finished=time.time(), seconds=round(time.monotonic() - t0, 1))
+        self._say(f"{state} in {self.status['seconds']} s" + (f": {reason}" if reason else ""))
+        return self.status
