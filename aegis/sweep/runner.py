@@ -235,24 +235,36 @@ class PointRunner:
         return None
 
     def _shutdown(self) -> None:
-        if self.launcher is None:
+        """Stop the launcher: the `shutdown` file and SIGTERM (it stops its agents and engines), then force."""
+        if self.launcher is None or self.launcher.poll() is not None:
             return
+        import psutil
+
         atomic_write(self.dir / "shutdown", f"{time.time()}\n")
+        try:  # also reaches a launcher still staging, before it reads the shutdown file
+            os.killpg(self.launcher.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
         grace = float(self.run_opts.get("shutdown_timeout") or 180)
         try:
             self.launcher.wait(grace)
+            return
         except subprocess.TimeoutExpired:
-            self._say(f"servers still up {grace:.0f} s after the shutdown request; terminating them")
-            for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
-                try:
-                    os.killpg(self.launcher.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.launcher.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            self._say(f"servers still up {grace:.0f} s after the shutdown request; killing them")
+        try:  # the agents run in their own session: kill the whole tree, not only the launcher's group
+            tree = psutil.Process(self.launcher.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        for proc in [*tree]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            os.killpg(self.launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.launcher.wait(30)
 
     # -- the whole point ---------------------------------------------------------------
 

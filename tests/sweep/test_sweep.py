@@ -118,7 +118,7 @@ def test_render_writes_valid_job_scripts(tmp_path):
     for p in doc["points"]:
         d = out / p["dir"]
         script = (d / "job.sh").read_text()
-        assert "#SBATCH --nodes=8" in script and str(d / "config.yaml") in script
+        assert "#SBATCH --nodes=8" in script and script.rstrip().endswith(f"-m aegis sweep-point {d}")
         subprocess.run(["bash", "-n", str(d / "job.sh")], check=True)
         cfg = yaml.safe_load((d / "config.yaml").read_text())
         assert cfg["models"][0]["tensor_parallel_size"] == 8
@@ -129,9 +129,10 @@ def test_render_writes_valid_job_scripts(tmp_path):
     assert "--async-scheduling" in agg["extra_vllm_args"] and agg["extra_vllm_args"].count("--max-num-seqs") == 1
 
 
-def test_run_mode_is_refused_for_now(tmp_path):
-    r = CliRunner().invoke(sweep_cmd, [str(REPO / "examples/sweeps/local-tiny-4.yaml")])
+def test_render_needs_dry_run(tmp_path):
+    r = CliRunner().invoke(sweep_cmd, [str(REPO / "examples/sweeps/local-tiny-4.yaml"), "--render", str(tmp_path)])
     assert r.exit_code != 0 and "--dry-run" in str(r.exception)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_apply_settings_engine_args_for_other_engines():

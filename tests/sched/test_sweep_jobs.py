@@ -1,0 +1,77 @@
+"""`aegis sweep --mode jobs` on the real 3-node Slurm cluster: one job per configuration, real CPU vLLM."""
+import json
+import time
+
+import pytest
+import yaml
+
+from tests.fixtures.vllm import BASE_ARGS, BASE_ENV
+from tests.sched.test_slurm_jobs import SITES, aegis, sleeper  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.slow
+SITE = ["--site-file", SITES / "testcluster-cpu.yaml", "--site", "testcluster-cpu"]
+
+
+def write_spec(tmp_path, base, **extra):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "jobs", "base": {"walltime": "00:30:00", **base},
+                                    "bench": {"input_len": 16, "output_len": 4, "rate": 4, "num_requests": 8},
+                                    **extra}))
+    return spec
+
+
+def statuses(d):
+    return {f.parent.name: json.loads(f.read_text()) for f in d.glob("*/status.json")}
+
+
+def test_one_job_per_configuration_submitted_then_collected(slurm_cluster, tmp_path, vllm_env):
+    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny", "engine_python": str(vllm_env.python),
+                                 "env": {**BASE_ENV, "VLLM_SERVER_DEV_MODE": "1"}, "extra_vllm_args": list(BASE_ARGS),
+                                 "startup_timeout": 900},
+                      axes={"max_num_seqs": [4, 8]}, warmup={"num_requests": 2})
+    d = tmp_path / "sweep"
+    # Outside an allocation the default mode is one job per point; --no-wait submits and returns.
+    r = aegis(slurm_cluster, "sweep", spec, *SITE, "--dir", d, "--no-wait", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "mode jobs" in r.stderr and r.stderr.count("submitted job") == 2
+    submitted = statuses(d)
+    assert len(submitted) == 2 and all(s["state"] in ("submitted", "running", "done") for s in submitted.values())
+    # --resume waits for the jobs already submitted instead of submitting them again.
+    r = aegis(slurm_cluster, "sweep", spec, *SITE, "--dir", d, "--resume", cwd=tmp_path, timeout=1500)
+    assert r.returncode == 0, r.stdout + r.stderr + "".join(
+        p.read_text() for p in d.glob("*/slurm-*.out"))
+    assert "submitted job" not in r.stderr
+    st = statuses(d)
+    assert all(s["state"] == "done" for s in st.values())
+    for name, s in st.items():
+        job_id = (d / name / "job_id").read_text().strip()
+        assert s["job_id"] == job_id == submitted[name]["job_id"]  # ran inside its own job
+        assert s["host"] in ("node1", "node2", "node3")
+        assert (d / name / f"slurm-{job_id}.out").exists()
+        assert (d / name / "job.sh").read_text().rstrip().endswith(f"sweep-point {d / name}")
+        summary = json.loads((d / name / "bench" / "summary.json").read_text())
+        assert summary["completed"] == 8 and summary["failed"] == 0
+        assert s["prefix_cache_reset"] == [{"before": "bench", "result": "reset"}]
+    assert (d / "report" / "summary.csv").exists()
+    status = json.loads(aegis(slurm_cluster, "status", d / name, "--json").stdout)
+    assert status["state"] == "completed"
+
+
+def test_cancel_stops_the_sweeps_jobs(slurm_cluster, tmp_path, sleeper):
+    spec = write_spec(tmp_path, {"model": "org/model", "engine_python": str(sleeper), "startup_timeout": 600},
+                      axes={"max_num_seqs": [4, 8, 16]}, run={"max_parallel": 2})
+    d = tmp_path / "sweep"
+    r = aegis(slurm_cluster, "sweep", spec, *SITE, "--dir", d, "--no-wait", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("submitted job") == 2 and "1 waiting for a free slot" in r.stderr
+    r = aegis(slurm_cluster, "sweep", spec, *SITE, "--dir", d, "--cancel", cwd=tmp_path)
+    assert r.returncode == 0 and "cancelled 2 job(s)" in r.stdout, r.stderr
+    st = statuses(d)
+    assert sorted(s["state"] for s in st.values()) == ["interrupted", "interrupted"]
+    deadline = time.monotonic() + 60
+    while True:
+        q = aegis(slurm_cluster, "status", d / next(iter(st)), "--json")
+        if json.loads(q.stdout)["state"] == "cancelled":
+            break
+        assert time.monotonic() < deadline, q.stdout
+        time.sleep(1)
