@@ -269,6 +269,8 @@ class PointRunner:
     # -- the whole point ---------------------------------------------------------------
 
     def run(self) -> dict:
+        if (read_status(self.dir) or {}).get("state") == "submitted":  # this job's own submission record
+            (self.dir / STATUS).unlink()
         moved = move_previous_attempt(self.dir, [s["subdir"] for s in self.steps])
         if moved is not None:
             self._say(f"earlier attempt moved to {moved}")

@@ -1,5 +1,9 @@
-"""`aegis sweep --mode jobs` on the real 3-node Slurm cluster: one job per configuration, real CPU vLLM."""
+"""`aegis sweep` on the real 3-node Slurm cluster with the CPU vLLM: one job per configuration, and inline
+inside an interactive allocation."""
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -27,7 +31,7 @@ def statuses(d):
 def test_one_job_per_configuration_submitted_then_collected(slurm_cluster, tmp_path, vllm_env):
     spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny", "engine_python": str(vllm_env.python),
                                  "env": {**BASE_ENV, "VLLM_SERVER_DEV_MODE": "1"}, "extra_vllm_args": list(BASE_ARGS),
-                                 "startup_timeout": 900},
+                                 "startup_timeout": 900, "directives": ["--exclusive"]},  # a node per point
                       axes={"max_num_seqs": [4, 8]}, warmup={"num_requests": 2})
     d = tmp_path / "sweep"
     # Outside an allocation the default mode is one job per point; --no-wait submits and returns.
@@ -47,11 +51,13 @@ def test_one_job_per_configuration_submitted_then_collected(slurm_cluster, tmp_p
         job_id = (d / name / "job_id").read_text().strip()
         assert s["job_id"] == job_id == submitted[name]["job_id"]  # ran inside its own job
         assert s["host"] in ("node1", "node2", "node3")
+        assert not (d / name / "attempts").exists()  # the job's submission record is not an earlier attempt
         assert (d / name / f"slurm-{job_id}.out").exists()
         assert (d / name / "job.sh").read_text().rstrip().endswith(f"sweep-point {d / name}")
         summary = json.loads((d / name / "bench" / "summary.json").read_text())
         assert summary["completed"] == 8 and summary["failed"] == 0
         assert s["prefix_cache_reset"] == [{"before": "bench", "result": "reset"}]
+    assert len({s["host"] for s in st.values()}) == 2  # exclusive nodes: the points ran side by side
     assert (d / "report" / "summary.csv").exists()
     status = json.loads(aegis(slurm_cluster, "status", d / name, "--json").stdout)
     assert status["state"] == "completed"
@@ -75,3 +81,24 @@ def test_cancel_stops_the_sweeps_jobs(slurm_cluster, tmp_path, sleeper):
             break
         assert time.monotonic() < deadline, q.stdout
         time.sleep(1)
+
+
+def test_inline_inside_an_interactive_allocation(slurm_cluster, tmp_path, vllm_env):
+    """`salloc` then `aegis sweep`: the default mode is inline, points run in that allocation's nodes."""
+    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny", "engine_python": str(vllm_env.python),
+                                 "env": dict(BASE_ENV), "extra_vllm_args": list(BASE_ARGS), "startup_timeout": 900},
+                      axes={"max_num_seqs": [4]}, warmup={"num_requests": 2})
+    d = tmp_path / "sweep"
+    r = subprocess.run(["salloc", "-N1", "-p", "debug", "--exclusive", sys.executable, "-m", "aegis", "sweep",
+                        str(spec), *map(str, SITE), "--dir", str(d)], capture_output=True, text=True,
+                       env={**os.environ, **slurm_cluster.env}, cwd=tmp_path, timeout=1500)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "mode inline" in r.stderr and "submitted job" not in r.stderr
+    (st,) = statuses(d).values()
+    assert st["state"] == "done" and st["job_id"]  # the salloc allocation's job
+    doc = json.loads((d / f"{st['label']}-{st['hash']}" / "endpoints.json").read_text())
+    assert doc["scheduler"] == "slurm" and doc["instances"][0]["hostname"] in ("node1", "node2", "node3")
+    # Without VLLM_SERVER_DEV_MODE vLLM has no reset endpoint: recorded, and the bench still ran.
+    (reset,) = st["prefix_cache_reset"]
+    assert reset["before"] == "bench" and reset["result"].startswith("unavailable (HTTP 404)"), reset
+    assert "prefix cache not reset: unavailable" in r.stderr and st["steps"]["bench"]["exit_code"] == 0
