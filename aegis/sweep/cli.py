@@ -71,13 +71,17 @@ def default_mode(site) -> str:
               help="Run this finished configuration again (repeatable; 'all' for every one). Its earlier "
               "results move to <point>/attempts/N.")
 @click.option("--retry-failed", is_flag=True, help="Run the configurations that failed earlier again.")
+@click.option("--submit", is_flag=True, help="--mode inline from a login node: submit ONE job, as large as the "
+              "biggest configuration, that runs the configurations one after another.")
+@click.option("--walltime", default=None, help="With --submit: the job's walltime (default: the base config's "
+              "walltime x the configurations to run).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="--mode jobs: wait until every job has ended (else submit and return).")
 @click.option("--cancel", is_flag=True, help="Cancel every queued or running job of the sweep.")
 @click.option("--report/--no-report", "make_report", default=True, show_default=True,
               help="Write the report (DIR/report) when every point has finished.")
 def sweep_cmd(spec_path, dry_run, render_dir, site, site_file, as_json, mode, sweep_dir, resume, rerun,
-              retry_failed, wait, cancel, make_report):
+              retry_failed, submit, walltime, wait, cancel, make_report):
     """Run a server-configuration sweep: SPEC.yaml's base config x axes (+ named configurations).
 
     Exit status: 0 every configuration measured, 3 some failed (their reasons are in the summary and
@@ -107,9 +111,17 @@ def sweep_cmd(spec_path, dry_run, render_dir, site, site_file, as_json, mode, sw
         n = execute.cancel_jobs(points, target.absolute(), echo)
         click.echo(f"cancelled {n} job(s)")
         return
+    if (submit or walltime) and mode != "inline":
+        raise UsageError("--submit and --walltime go with --mode inline (one job running every configuration)")
+    if submit and points[0].site.scheduler == "local":
+        raise UsageError("--submit needs a site with a scheduler; on the local site run without it")
     mode = mode or default_mode(points[0].site)
     target = execute.prepare(spec, points, target, resume or bool(rerun) or retry_failed)
     echo(f"sweep {spec.name}: {len(points)} configurations, mode {mode}, directory {target}")
+    if submit:
+        execute.submit_inline(spec, points, target, execute.select(points, target, rerun, retry_failed, echo),
+                              walltime, echo)
+        return
     if mode == "inline":
         execute.run_inline(spec, execute.select(points, target, rerun, retry_failed, echo), target, echo)
     else:

@@ -107,6 +107,50 @@ def run_inline(spec: SweepSpec, todo: list[Point], sweep_dir: Path, echo: Callab
     return results
 
 
+def submit_inline(spec: SweepSpec, points: list[Point], sweep_dir: Path, todo: list[Point],
+                  walltime: Optional[str], echo: Callable[[str], None]) -> str:
+    """Submit ONE job, as large as the biggest point, that runs the points inline (`--mode inline --submit`)."""
+    import shutil
+
+    from aegis.commands import Resolved, check_paths, render_job
+    from aegis.config import walltime_seconds
+    from aegis.schedulers.base import get_scheduler
+    from aegis.sites import save_site
+
+    if not todo:
+        raise UsageError("every configuration has finished already; nothing to submit "
+                         "(--rerun LABEL|HASH|all or --retry-failed to run some again)")
+    for p in todo:
+        check_paths(p.config)
+    site = points[0].site
+    biggest = max(todo, key=lambda p: (p.plan.nodes_required, p.devices))
+    per_point = walltime_seconds(biggest.config.walltime)
+    if walltime is None:
+        total = per_point * len(todo)
+        walltime = f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
+    else:
+        walltime_seconds(walltime)  # a bad value is a ConfigError naming the format
+    job_dir = sweep_dir / "inline-job"
+    if (job_dir / "job_id").exists():
+        raise UsageError(f"{job_dir} already holds a submitted job ({(job_dir / 'job_id').read_text().strip()}); "
+                         f"`aegis status {job_dir}`, or cancel it with `aegis cancel {job_dir}` first")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec_copy = sweep_dir / "spec.yaml"
+    shutil.copyfile(spec.path, spec_copy)
+    save_site(site, sweep_dir / "site.yaml")
+    cfg = biggest.config.model_copy(update={"walltime": walltime, "name": f"sweep-{spec.name}"})
+    payload = ["sweep", str(spec_copy), "--mode", "inline", "--resume", "--dir", str(sweep_dir),
+               "--site-file", str(sweep_dir / "site.yaml"), "--site", site.name]
+    script = render_job(Resolved(config=cfg, site=site, plan=biggest.plan, source=None), job_dir, payload=payload)
+    atomic_write(job_dir / "job.sh", script, mode=0o755)
+    job_id = get_scheduler(site.scheduler).submit(str(job_dir / "job.sh"), str(job_dir))
+    atomic_write(job_dir / "job_id", job_id + "\n")
+    echo(f"submitted job {job_id}: {len(todo)} configuration(s) one after another on "
+         f"{biggest.plan.nodes_required} node(s), walltime {walltime}; `aegis status {job_dir}`; "
+         f"the report appears in {sweep_dir / 'report'} when it is done")
+    return job_id
+
+
 # --------------------------------------------------------------------------- jobs
 
 

@@ -179,7 +179,8 @@ class PointRunner:
                           str(self.dir / "config.yaml")]
         with open(self.dir / "launch.log", "ab") as log:
             self.launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True, cwd=str(self.dir))
+                                             start_new_session=True, cwd=str(self.dir),
+                                             env={**os.environ, "AEGIS_RUN_DIR": str(self.dir)})
 
     def _gate(self) -> Optional[str]:
         """Wait until every instance is ready; None, or why the point cannot be measured."""

@@ -102,3 +102,30 @@ def test_inline_inside_an_interactive_allocation(slurm_cluster, tmp_path, vllm_e
     (reset,) = st["prefix_cache_reset"]
     assert reset["before"] == "bench" and reset["result"].startswith("unavailable (HTTP 404)"), reset
     assert "prefix cache not reset: unavailable" in r.stderr and st["steps"]["bench"]["exit_code"] == 0
+
+
+def test_inline_submit_runs_every_point_in_one_job(slurm_cluster, tmp_path, vllm_env):
+    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny", "engine_python": str(vllm_env.python),
+                                 "env": dict(BASE_ENV), "extra_vllm_args": list(BASE_ARGS), "startup_timeout": 900,
+                                 "walltime": "00:10:00"},
+                      axes={"max_num_seqs": [4, 8]})
+    d = tmp_path / "sweep"
+    r = aegis(slurm_cluster, "sweep", spec, *SITE, "--mode", "inline", "--submit", "--dir", d, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = (d / "inline-job" / "job_id").read_text().strip()
+    script = (d / "inline-job" / "job.sh").read_text()
+    assert "#SBATCH --time=00:20:00" in script  # 2 configurations x the base walltime
+    assert f"sweep {d / 'spec.yaml'} --mode inline --resume --dir {d}" in script
+    deadline = time.monotonic() + 1200
+    while json.loads(aegis(slurm_cluster, "status", d / "inline-job", "--json").stdout)["state"] != "completed":
+        assert time.monotonic() < deadline, (d / "inline-job" / f"slurm-{job_id}.out").read_text()
+        time.sleep(2)
+    st = statuses(d)
+    assert len(st) == 2 and all(s["state"] == "done" and s["job_id"] == job_id for s in st.values())
+    first, second = sorted(st.values(), key=lambda s: s["started"])
+    assert first["finished"] <= second["started"]  # one after another
+    assert (d / "report" / "summary.csv").exists()
+    # Submitting again while results exist needs --resume, and then there is nothing left to run.
+    r = aegis(slurm_cluster, "sweep", spec, *SITE, "--mode", "inline", "--submit", "--dir", d, "--resume",
+              cwd=tmp_path)
+    assert r.returncode == 2 and "nothing to submit" in r.stderr
