@@ -142,6 +142,10 @@ def submit_inline(spec: SweepSpec, points: list[Point], sweep_dir: Path, todo: l
     payload = ["sweep", str(spec_copy), "--mode", "inline", "--resume", "--dir", str(sweep_dir),
                "--site-file", str(sweep_dir / "site.yaml"), "--site", site.name]
     script = render_job(Resolved(config=cfg, site=site, plan=biggest.plan, source=None), job_dir, payload=payload)
+    from aegis.config import dump_yaml
+
+    atomic_write(job_dir / "config.yaml", dump_yaml(cfg))  # `aegis status/cancel DIR/inline-job` read these
+    save_site(site, job_dir / "site.yaml")
     atomic_write(job_dir / "job.sh", script, mode=0o755)
     job_id = get_scheduler(site.scheduler).submit(str(job_dir / "job.sh"), str(job_dir))
     atomic_write(job_dir / "job_id", job_id + "\n")
