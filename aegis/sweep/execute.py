@@ -225,10 +225,15 @@ def run_jobs(spec: SweepSpec, points: list[Point], sweep_dir: Path, rerun: tuple
             while queue and len(active) < limit:
                 p = queue.pop(0)
                 point_dir = write_point(spec, p, sweep_dir, steps=steps)
-                job_id = sched.submit(str(point_dir / "job.sh"), str(point_dir))
+                # The record goes first: a job that starts at once replaces it with its own.
+                write_status(point_dir, {"state": "submitted", "submitted": time.time(), "hash": p.hash,
+                                         "label": p.label})
+                try:
+                    job_id = sched.submit(str(point_dir / "job.sh"), str(point_dir))
+                except BaseException:
+                    (point_dir / "status.json").unlink(missing_ok=True)
+                    raise
                 atomic_write(point_dir / "job_id", job_id + "\n")
-                write_status(point_dir, {"state": "submitted", "job_id": job_id, "submitted": time.time(),
-                                         "hash": p.hash, "label": p.label})
                 echo(f"{p.label} ({p.hash}): submitted job {job_id}")
                 active[job_id] = p
             if not wait:

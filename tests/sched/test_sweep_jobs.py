@@ -40,6 +40,7 @@ def test_one_job_per_configuration_submitted_then_collected(slurm_cluster, tmp_p
     assert "mode jobs" in r.stderr and r.stderr.count("submitted job") == 2
     submitted = statuses(d)
     assert len(submitted) == 2 and all(s["state"] in ("submitted", "running", "done") for s in submitted.values())
+    job_ids = {name: (d / name / "job_id").read_text().strip() for name in submitted}
     # --resume waits for the jobs already submitted instead of submitting them again.
     r = aegis(slurm_cluster, "sweep", spec, *SITE, "--dir", d, "--resume", cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr + "".join(
@@ -49,7 +50,7 @@ def test_one_job_per_configuration_submitted_then_collected(slurm_cluster, tmp_p
     assert all(s["state"] == "done" for s in st.values())
     for name, s in st.items():
         job_id = (d / name / "job_id").read_text().strip()
-        assert s["job_id"] == job_id == submitted[name]["job_id"]  # ran inside its own job
+        assert s["job_id"] == job_id == job_ids[name]  # ran inside the job submitted first
         assert s["host"] in ("node1", "node2", "node3")
         assert not (d / name / "attempts").exists()  # the job's submission record is not an earlier attempt
         assert (d / name / f"slurm-{job_id}.out").exists()
