@@ -295,11 +295,8 @@ def summary_lines(points: list[Point], sweep_dir: Path) -> list[str]:
 
 
 def _summary(point_dir: Path) -> Optional[dict]:
-    for sub in ("bench",):
-        try:
-            s = json.loads((point_dir / sub / "summary.json").read_text())
-            return {"output_throughput": float(s.get("output_throughput", 0.0)),
-                    "p95_ttft_ms": float(s.get("p95_ttft_ms", 0.0))}
-        except (OSError, ValueError):
-            continue
-    return None
+    try:
+        s = json.loads((point_dir / "bench" / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"output_throughput": float(s.get("output_throughput", 0.0)), "p95_ttft_ms": float(s.get("p95_ttft_ms", 0.0))}

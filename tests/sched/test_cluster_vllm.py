@@ -2,12 +2,11 @@
 import json
 import time
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.fixtures.vllm import BASE_ARGS, BASE_ENV
+from tests.fixtures.vllm import BASE_ARGS, BASE_ENV, run_processes
 from tests.sched.test_slurm_jobs import SITES, aegis, config
 
 pytestmark = pytest.mark.slow
@@ -20,18 +19,6 @@ def complete(url, model, key):
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return json.loads(resp.read())
-
-
-def run_processes(run: Path):
-    """Processes (on any node: namespaces share this machine's process table) that belong to the run."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("AEGIS_RUN_DIR") == str(run):
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
 
 
 def launch(cluster, tmp_path, vllm_env, **raw):

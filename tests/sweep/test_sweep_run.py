@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+
+from tests.fixtures.vllm import run_processes
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "sweeps" / "local-tiny-4.yaml"
@@ -37,18 +38,6 @@ def statuses(sweep_dir: Path) -> dict[str, dict]:
     out = {}
     for f in sweep_dir.glob("*/status.json"):
         out[f.parent.name] = json.loads(f.read_text())
-    return out
-
-
-def run_processes(point_dir: Path):
-    """Processes started for one point (the launcher exports AEGIS_RUN_DIR to all of them)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("AEGIS_RUN_DIR") == str(point_dir):
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
     return out
 
 
