@@ -6,7 +6,7 @@ import html
 import io
 from pathlib import Path
 
-from aegis.fsutil import atomic_write
+from aegis.util.fs import atomic_write
 from aegis.report.analyze import Verdict
 
 LONG_COLUMNS = ("config", "config_hash", "kind", "rate", "path", "metric", "value")

@@ -16,11 +16,11 @@ from typing import Optional
 import jinja2
 
 from aegis._version import __version__
-from aegis.config import DIRECTIVE_VALUE_RE, Config
+from aegis.config.schema import DIRECTIVE_VALUE_RE, Config
 from aegis.errors import ConfigError, SchedulerError
-from aegis.placement import Plan
-from aegis.resources import data_dir
-from aegis.sites import Site
+from aegis.plan.placement import Plan
+from aegis.templates import environment
+from aegis.config.sites import Site
 
 
 class JobState(str, enum.Enum):
@@ -91,12 +91,7 @@ class RenderContext:
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
-        undefined=jinja2.StrictUndefined, autoescape=False,
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters["q"] = lambda v: shlex.quote(str(v))
-    return env
+    return environment(q=lambda v: shlex.quote(str(v)))
 
 
 class Scheduler:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-from aegis.config import walltime_seconds
+from aegis.config.schema import walltime_seconds
 from aegis.errors import SchedulerError
 from aegis.schedulers.base import JobInfo, JobState, RenderContext, Scheduler, run_command
 

@@ -1,7 +1,7 @@
 """Slurm: #SBATCH directives, sbatch --parsable, squeue (then sacct), scancel."""
 from __future__ import annotations
 
-from aegis.config import walltime_seconds
+from aegis.config.schema import walltime_seconds
 from aegis.errors import SchedulerError
 from aegis.schedulers.base import JobInfo, JobState, RenderContext, Scheduler, run_command
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from aegis.errors import AegisError, UsageError
-from aegis.sweep.expand import Point, expand, render_points, run_steps, spec_hash, sweep_document
+from aegis.sweep.expand import SWEEP_FILE, Point, expand, render_points, run_steps, spec_hash, sweep_document
 from aegis.sweep.spec import SweepSpec, load_spec
 
 
@@ -47,7 +47,7 @@ def default_mode(site) -> str:
     """inline on the local site or inside an allocation of the site's scheduler; else one job per point."""
     if site.scheduler == "local":
         return "inline"
-    from aegis.allocation import discover
+    from aegis.launch.allocation import discover
 
     return "inline" if discover(prefer=site.scheduler).scheduler == site.scheduler else "jobs"
 
@@ -106,7 +106,7 @@ def sweep_cmd(spec_path, dry_run, render_dir, site, site_file, as_json, mode, sw
     echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
     target = Path(sweep_dir) if sweep_dir else execute.default_dir(spec)
     if cancel:
-        if not (target / "sweep.json").exists():
+        if not (target / SWEEP_FILE).exists():
             raise UsageError(f"{target.absolute()} holds no sweep (no sweep.json); give its --dir")
         n = execute.cancel_jobs(points, target.absolute(), echo)
         click.echo(f"cancelled {n} job(s)")

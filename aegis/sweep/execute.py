@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from aegis.errors import UsageError
-from aegis.fsutil import atomic_write
+from aegis.util.fs import atomic_write
 from aegis.rundir import RunDir
-from aegis.sweep.expand import Point, run_steps, sweep_document, write_point
+from aegis.sweep.expand import INLINE_JOB, SPEC_COPY, SWEEP_FILE, Point, run_steps, sweep_document, write_point
 from aegis.sweep.runner import FINISHED, Interrupted, PointRunner, read_status, write_status
 from aegis.sweep.spec import SweepSpec
 
@@ -31,7 +31,7 @@ def prepare(spec: SweepSpec, points: list[Point], sweep_dir: Path, resume: bool)
     """Create or reopen the sweep directory; refuse to mix results of a different workload."""
     sweep_dir = sweep_dir.absolute()
     doc = sweep_document(spec, points)
-    existing = sweep_dir / "sweep.json"
+    existing = sweep_dir / SWEEP_FILE
     if existing.exists():
         try:
             old = json.loads(existing.read_text())
@@ -84,7 +84,7 @@ def run_inline(spec: SweepSpec, todo: list[Point], sweep_dir: Path, echo: Callab
         return []
     site = todo[0].site
     if site.scheduler != "local":
-        from aegis.allocation import discover
+        from aegis.launch.allocation import discover
 
         alloc = discover(prefer=site.scheduler)
         need = max(p.plan.nodes_required for p in todo)
@@ -112,10 +112,10 @@ def submit_inline(spec: SweepSpec, points: list[Point], sweep_dir: Path, todo: l
     """Submit ONE job, as large as the biggest point, that runs the points inline (`--mode inline --submit`)."""
     import shutil
 
-    from aegis.commands import Resolved, check_paths, render_job
-    from aegis.config import walltime_seconds
-    from aegis.schedulers.base import get_scheduler
-    from aegis.sites import save_site
+    from aegis.config.resolve import Resolved, check_paths
+    from aegis.config.schema import walltime_seconds
+    from aegis.config.sites import save_site
+    from aegis.run import render_job
 
     if not todo:
         raise UsageError("every configuration has finished already; nothing to submit "
@@ -130,25 +130,22 @@ def submit_inline(spec: SweepSpec, points: list[Point], sweep_dir: Path, todo: l
         walltime = f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
     else:
         walltime_seconds(walltime)  # a bad value is a ConfigError naming the format
-    job_dir = sweep_dir / "inline-job"
-    if (job_dir / "job_id").exists():
-        raise UsageError(f"{job_dir} already holds a submitted job ({(job_dir / 'job_id').read_text().strip()}); "
-                         f"`aegis status {job_dir}`, or cancel it with `aegis cancel {job_dir}` first")
-    job_dir.mkdir(parents=True, exist_ok=True)
-    spec_copy = sweep_dir / "spec.yaml"
+    job = RunDir(sweep_dir / INLINE_JOB)
+    if job.job_id:
+        raise UsageError(f"{job.path} already holds a submitted job ({job.job_id}); "
+                         f"`aegis status {job.path}`, or cancel it with `aegis cancel {job.path}` first")
+    spec_copy = sweep_dir / SPEC_COPY
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.path, spec_copy)
-    save_site(site, sweep_dir / "site.yaml")
+    site_file = RunDir(sweep_dir).site
+    save_site(site, site_file)
     cfg = biggest.config.model_copy(update={"walltime": walltime, "name": f"sweep-{spec.name}"})
     payload = ["sweep", str(spec_copy), "--mode", "inline", "--resume", "--dir", str(sweep_dir),
-               "--site-file", str(sweep_dir / "site.yaml"), "--site", site.name]
-    script = render_job(Resolved(config=cfg, site=site, plan=biggest.plan, source=None), job_dir, payload=payload)
-    from aegis.config import dump_yaml
-
-    atomic_write(job_dir / "config.yaml", dump_yaml(cfg))  # `aegis status/cancel DIR/inline-job` read these
-    save_site(site, job_dir / "site.yaml")
-    atomic_write(job_dir / "job.sh", script, mode=0o755)
-    job_id = get_scheduler(site.scheduler).submit(str(job_dir / "job.sh"), str(job_dir))
-    atomic_write(job_dir / "job_id", job_id + "\n")
+               "--site-file", str(site_file), "--site", site.name]
+    res = Resolved(config=cfg, site=site, plan=biggest.plan, source=None)
+    job.write_inputs(res)  # `aegis status/cancel DIR/inline-job` read these
+    job_id = job.submit(job.write_script(render_job(res, job.path, payload=payload)), site.scheduler)
+    job_dir = job.path
     echo(f"submitted job {job_id}: {len(todo)} configuration(s) one after another on "
          f"{biggest.plan.nodes_required} node(s), walltime {walltime}; `aegis status {job_dir}`; "
          f"the report appears in {sweep_dir / 'report'} when it is done")
@@ -207,7 +204,7 @@ def run_jobs(spec: SweepSpec, points: list[Point], sweep_dir: Path, rerun: tuple
 
     Jobs an earlier invocation submitted are waited for, not submitted again.
     """
-    from aegis.commands import check_paths
+    from aegis.config.resolve import check_paths
     from aegis.schedulers.base import Poller, get_scheduler
 
     site = points[0].site
@@ -228,12 +225,12 @@ def run_jobs(spec: SweepSpec, points: list[Point], sweep_dir: Path, rerun: tuple
                 # The record goes first: a job that starts at once replaces it with its own.
                 write_status(point_dir, {"state": "submitted", "submitted": time.time(), "hash": p.hash,
                                          "label": p.label})
+                run = RunDir(point_dir)
                 try:
-                    job_id = sched.submit(str(point_dir / "job.sh"), str(point_dir))
+                    job_id = run.submit(run.script, sched)
                 except BaseException:
-                    (point_dir / "status.json").unlink(missing_ok=True)
+                    run.point_status.unlink(missing_ok=True)
                     raise
-                atomic_write(point_dir / "job_id", job_id + "\n")
                 echo(f"{p.label} ({p.hash}): submitted job {job_id}")
                 active[job_id] = p
             if not wait:

@@ -10,12 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from aegis.config import Config, ModelSpec, Overrides, dump_yaml, resolve, slugify
+from aegis.config.schema import Config, ModelSpec, Overrides, resolve, slugify
 from aegis.engines.options import LoraOptions
 from aegis.errors import AegisError, ConfigError
-from aegis.placement import Plan, make_plan
-from aegis.sites import Site, choose_site, save_site
+from aegis.plan.placement import Plan, make_plan
+from aegis.config.sites import Site, choose_site
+from aegis.rundir import RunDir
 from aegis.sweep.spec import SweepSpec, bench_options, probe_options
+
+SWEEP_FILE = "sweep.json"  # the sweep directory's own files; each point's directory is a RunDir
+SPEC_COPY = "spec.yaml"
+INLINE_JOB = "inline-job"
 
 HASH_LEN = 8
 CONFIG_KEYS = (set(Config.model_fields) | set(ModelSpec.model_fields)) - {"models"}
@@ -288,30 +293,27 @@ def write_point(spec: SweepSpec, p: Point, out_dir: Path, payload: Optional[list
 
     The job script runs `aegis PAYLOAD` (default `aegis sweep-point DIR`: launch, gate, steps, shutdown).
     """
-    from aegis.commands import Resolved, render_job
-    from aegis.fsutil import atomic_write
+    from aegis.config.resolve import Resolved
+    from aegis.run import render_job
+    from aegis.util.fs import atomic_write
 
-    run_dir = out_dir.absolute() / p.dirname
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out_dir.absolute() / p.dirname)
     res = Resolved(config=p.config, site=p.site, plan=p.plan, source=None)
-    atomic_write(run_dir / "config.yaml", dump_yaml(p.config))
-    save_site(p.site, run_dir / "site.yaml")
-    atomic_write(run_dir / "plan.json", json.dumps(p.plan.to_dict(), indent=2) + "\n")
+    run.write_inputs(res)
     doc = {**p.to_dict(), "sweep": spec.name, "spec_hash": spec_hash(spec),
            "steps": steps if steps is not None else run_steps(spec), "run": spec.run}
-    atomic_write(run_dir / "point.json", json.dumps(doc, indent=2) + "\n")
-    atomic_write(run_dir / "job.sh", render_job(res, run_dir, payload=payload or ["sweep-point", str(run_dir)]),
-                 mode=0o755)
-    return run_dir
+    atomic_write(run.point, json.dumps(doc, indent=2) + "\n")
+    run.write_script(render_job(res, run.path, payload=payload or ["sweep-point", str(run.path)]))
+    return run.path
 
 
 def render_points(spec: SweepSpec, points: list[Point], out_dir: Path) -> list[Path]:
     """Write each point's run directory and sweep.json (what `--dry-run --render DIR` shows)."""
-    from aegis.fsutil import atomic_write
+    from aegis.util.fs import atomic_write
 
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = run_steps(spec)
-    written = [write_point(spec, p, out_dir, steps=steps) / "job.sh" for p in points]
-    atomic_write(out_dir / "sweep.json", json.dumps(sweep_document(spec, points), indent=2) + "\n")
+    written = [RunDir(write_point(spec, p, out_dir, steps=steps)).script for p in points]
+    atomic_write(out_dir / SWEEP_FILE, json.dumps(sweep_document(spec, points), indent=2) + "\n")
     return written

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from aegis.errors import AegisError
-from aegis.fsutil import atomic_write
+from aegis.rundir import RunDir
+from aegis.util.fs import atomic_write
 
 STATUS = "status.json"
 POINT = "point.json"
@@ -130,6 +131,7 @@ class PointRunner:
 
     def __init__(self, point_dir: Path, echo: Callable[[str], None] = print, prefix: str = ""):
         self.dir = Path(point_dir).absolute()
+        self.rundir = RunDir(self.dir)
         info = json.loads((self.dir / POINT).read_text())
         self.info = info
         self.steps: list[dict] = info.get("steps") or []
@@ -167,7 +169,7 @@ class PointRunner:
     def _health_timeout(self) -> float:
         if self.run_opts.get("health_timeout"):
             return float(self.run_opts["health_timeout"])
-        from aegis.config import load_yaml
+        from aegis.config.schema import load_yaml
 
         startup = load_yaml(self.dir / "config.yaml").get("startup_timeout", 1800)
         return float(startup) + DEFAULT_HEALTH_MARGIN
@@ -295,10 +297,8 @@ class PointRunner:
                     if self.stop_signal is not None:
                         break
                     if i > 0 and reset:
-                        doc = self._endpoints() or {}
-                        from aegis.endpoints import read_api_key
-
-                        result = reset_prefix_cache(doc, read_api_key(doc))
+                        doc = self.rundir.read_endpoints()
+                        result = reset_prefix_cache(doc.to_json(), doc.api_key()) if doc else "no endpoints file"
                         self.status["prefix_cache_reset"].append({"before": step["step"], "result": result})
                         if result != "reset" and len(self.status["prefix_cache_reset"]) == 1:
                             self._say(f"prefix cache not reset: {result}")

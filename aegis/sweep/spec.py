@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from aegis.config import check_name, load_yaml, slugify, suggest
+from aegis.config.schema import check_name, load_yaml, slugify, suggest
 from aegis.errors import ConfigError
 
 TOP_KEYS = ("name", "description", "site", "base", "axes", "include", "bench", "probe", "warmup", "slo", "run")
@@ -41,7 +41,7 @@ INCLUDE_KEYS = ("name", "set")
 
 @dataclass
 class SweepSpec:
-    """A validated sweep spec (the base stays raw: each point is resolved by aegis.config)."""
+    """A validated sweep spec (the base stays raw: each point is resolved by aegis.config.schema)."""
 
     path: str
     name: str

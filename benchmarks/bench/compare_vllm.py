@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from aegis.bench.simserver import SimProcess  # noqa: E402
+from aegis.testing.simserver import SimProcess  # noqa: E402
 
 CACHE = Path(os.environ.get("AEGIS_CACHE", Path.home() / ".cache" / "aegis"))
 LAG_LIMIT_MS = 5.0

@@ -3,7 +3,7 @@
     python benchmarks/launch/bench_launch.py [--repeat 3] [--instances 1]
 
 Both sides start the tiny offline model with the CPU build of vLLM (set up in
-~/.cache/aegis by aegis.cpu_vllm) with the same engine arguments. "By hand"
+~/.cache/aegis by aegis.testing.cpu_vllm) with the same engine arguments. "By hand"
 is `python -m vllm.entrypoints.openai.api_server ...` polled on /health and
 /v1/models every 0.1 s; "aegis" is `aegis launch config.yaml` until
 endpoints.json says ready. Runs alternate (hand, aegis, hand, aegis, ...) so
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from aegis.cpu_vllm import ensure_tiny_model, ensure_vllm_venv
+from aegis.testing.cpu_vllm import ensure_tiny_model, ensure_vllm_venv
 
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis.bench.simserver import SimProcess
+from aegis.testing.simserver import SimProcess
 from tests.fixtures.vllm import vllm_env, vllm_server, vllm_servers  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,17 +1,18 @@
 """The engine command lines and environments the agent builds from a plan (no engine is started)."""
 import json
 
-from aegis.agent import build_ranks, master_port
-from aegis.config import resolve
-from aegis.placement import make_plan
-from aegis.sites import load_site
+from aegis.launch.ranks import build_ranks, master_port
+from aegis.rundir import RunDir
+from aegis.config.schema import resolve
+from aegis.plan.placement import make_plan
+from aegis.config.sites import load_site
 
 
 def ranks_for(tmp_path, site_name, raw, index, hosts, key="k3y"):
     site = load_site(site_name).resolved()
     cfg = resolve(raw)
-    plan = make_plan(site, cfg, nodes=len(hosts)).to_dict()
-    return build_ranks(tmp_path, index, site, cfg, plan, hosts, key)
+    plan = make_plan(site, cfg, nodes=len(hosts))
+    return build_ranks(RunDir(tmp_path), index, site, cfg, plan, hosts, key)
 
 
 def test_multi_node_instance_uses_vllm_multinode_flags(tmp_path):

@@ -32,6 +32,30 @@ def test_top_level_help_lists_commands(capsys):
     assert set(COMMANDS) >= {"plan", "submit", "sites", "modulefile"}
 
 
+def test_help_lines_are_the_commands_own_docstrings():
+    """`aegis --help` lists commands from the COMMANDS table without importing them: each line must be
+    the first line of the command's own docstring (hidden commands have none)."""
+    import importlib
+
+    for name, (target, summary) in COMMANDS.items():
+        module, _, attr = target.partition(":")
+        cmd = getattr(importlib.import_module(module), attr)
+        assert cmd.name == name
+        if summary is None:
+            assert cmd.hidden, f"{name}: a listed command needs its help line in COMMANDS"
+        else:
+            assert summary == " ".join(cmd.help.split("\n\n")[0].split()), name
+
+
+def test_help_imports_no_command_module():
+    code = ("import sys; from aegis.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('aegis')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    loaded = eval(out.strip().splitlines()[-1])
+    assert set(loaded) <= {"aegis", "aegis._version", "aegis.cli", "aegis.errors", "aegis.remote"}, loaded
+
+
 def test_sites_list_and_show(capsys):
     code, out, _ = run_cli(capsys, "sites")
     assert code == 0

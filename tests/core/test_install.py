@@ -47,9 +47,9 @@ def test_installed_aegis_plans_and_renders(installed, tmp_path):
     missing += [n for n in hidden if subprocess.run([str(aegis), n, "--help"], capture_output=True,
                                                      cwd=tmp_path).returncode != 0]
     assert not missing, f"commands missing from the installed aegis: {missing}"
-    # templates/ and site_configs/ came along as package data
+    # the templates and site profiles came along as package data (read with importlib.resources)
     py = installed / "bin" / "python"
-    loc = subprocess.run([str(py), "-c", "from aegis.resources import data_dir; print(data_dir('templates'))"],
+    loc = subprocess.run([str(py), "-c", "import importlib.resources as r; print(r.files('aegis.templates'))"],
                          capture_output=True, text=True, cwd=tmp_path).stdout.strip()
     assert loc.startswith(str(installed)) and (Path(loc) / "slurm.sh.j2").exists()
     sites = subprocess.run([str(py), "-m", "aegis", "sites"], capture_output=True, text=True, cwd=tmp_path)

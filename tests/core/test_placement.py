@@ -1,10 +1,10 @@
 """Table-driven placement tests for every shipped site."""
 import pytest
 
-from aegis.config import resolve
+from aegis.config.schema import resolve
 from aegis.errors import PlacementError
-from aegis.placement import make_plan
-from aegis.sites import load_site
+from aegis.plan.placement import make_plan
+from aegis.config.sites import load_site
 
 
 def plan_for(site, instances=1, tp=1, pp=1, nodes=None, **extra):

@@ -60,7 +60,7 @@ def test_extra_engine_args_after_double_dash_and_as_string(tmp_path, capsys):
     code, out, err = run_cli(capsys, "submit", "--dry-run", "--run-dir", tmp_path / "r", cfg,
                              "--extra-vllm-args", "--enable-prefix-caching", "--", "--max-num-seqs", "64")
     assert code == 0, err
-    from aegis.commands import resolve_from_cli
+    from aegis.config.flags import resolve_from_cli
     res = resolve_from_cli({"args": (str(cfg), "--max-num-seqs", "64"),
                             "extra_vllm_args": "--enable-prefix-caching"})
     assert res.config.models[0].extra_vllm_args == [
@@ -88,7 +88,7 @@ def test_site_detected_from_hostname(monkeypatch, capsys):
 
 
 def test_cli_engine_args_go_where_the_model_keeps_them(tmp_path):
-    from aegis.commands import resolve_from_cli
+    from aegis.config.flags import resolve_from_cli
     cfg = write(tmp_path, "site: h200\nmodel: org/m\nengine: sglang\nextra_args: [\"--mem-fraction-static\", \"0.8\"]\n")
     res = resolve_from_cli({"args": (str(cfg), "--chunked-prefill-size", "4096"), "extra_vllm_args": "--a b"})
     spec = res.config.models[0]

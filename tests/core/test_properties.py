@@ -4,10 +4,10 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aegis.config import resolve
+from aegis.config.schema import resolve
 from aegis.errors import PlacementError
-from aegis.placement import make_plan
-from aegis.sites import load_site
+from aegis.plan.placement import make_plan
+from aegis.config.sites import load_site
 
 SITES = {name: load_site(name).resolved() for name in ("aurora", "frontier", "h200", "polaris", "local")}
 

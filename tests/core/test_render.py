@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aegis.commands import render_job, resolve_from_cli
+from aegis.config.flags import resolve_from_cli
+from aegis.run import render_job
 from aegis.errors import ConfigError
 from tests.core.helpers import write
 

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from aegis.allocation import discover, expand_hostlist, node_index
+from aegis.launch.allocation import discover, expand_hostlist, node_index
 from aegis.errors import SchedulerError
-from aegis.jobs import EXIT_JOB_FAILED, JobEnded, wait_for_run
+from aegis.schedulers.jobs import EXIT_JOB_FAILED, JobEnded, wait_for_run
 from aegis.rundir import RunDir
 from aegis.schedulers import pbs, slurm
 from aegis.schedulers.base import JobInfo, JobState, Poller, run_command
 from aegis.schedulers.local import LocalScheduler
-from aegis.sites import load_site
+from aegis.config.sites import load_site
 from tests.core.helpers import run_cli
 
 FIX = Path(__file__).parent / "fixtures" / "pbs"
@@ -131,7 +131,7 @@ def test_wait_reports_failure_with_log(tmp_path):
     sched = Script([JobState.RUNNING, JobState.FAILED])
     poller = Poller(sched, first=0.01, sleep=lambda s: None)
     run = RunDir(tmp_path)
-    import aegis.jobs as jobs
+    import aegis.schedulers.jobs as jobs
     orig = jobs.get_scheduler
     jobs.get_scheduler = lambda name: sched
     try:

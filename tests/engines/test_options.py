@@ -6,15 +6,16 @@ import re
 
 import pytest
 
-from aegis.allocation import Allocation
-from aegis.config import resolve
+from aegis.launch.allocation import Allocation
+from aegis.config.schema import resolve
 from aegis.engines import EngineLaunch, get_engine
 from aegis.engines.options import SUPPORT, EngineOptions, LoraOptions
 from aegis.engines.vllm import metric_name
 from aegis.errors import ConfigError
-from aegis.placement import make_plan
-from aegis.sites import load_site
-from aegis.supervise import Head
+from aegis.plan.placement import make_plan
+from aegis.config.sites import load_site
+from aegis.launch.head import Head
+from aegis.rundir import RunDir
 
 
 def error(raw: dict) -> str:
@@ -54,7 +55,7 @@ def test_engine_keys_are_validated_with_one_clear_line(raw, expected):
 def test_every_key_is_in_the_config_and_the_docs():
     from pathlib import Path
 
-    from aegis.config import MODEL_KEYS, ModelSpec
+    from aegis.config.schema import MODEL_KEYS, ModelSpec
 
     docs = (Path(__file__).parents[2] / "docs" / "engines.md").read_text()
     for key in SUPPORT:
@@ -117,7 +118,7 @@ def test_endpoints_file_lists_lora_adapters(tmp_path):
         {"model": "meta-llama/Llama-3.1-8B-Instruct", "lora": {"adapters": {"sql": "/a/sql", "chat": "/a/chat"}}},
         {"model": "Qwen/Qwen3-8B"}]})
     plan = make_plan(site, cfg, nodes=1)
-    head = Head(tmp_path, site, cfg, plan, Allocation("slurm", "42", ["gpu-a01"]), echo=lambda m: None)
+    head = Head(RunDir(tmp_path), site, cfg, plan, Allocation("slurm", "42", ["gpu-a01"]), echo=lambda m: None)
     head._prepare()
     head._publish()
     doc = json.loads((tmp_path / "endpoints.json").read_text())

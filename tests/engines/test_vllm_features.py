@@ -10,10 +10,10 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from aegis.config import resolve
+from aegis.config.schema import resolve
 from aegis.engines import EngineLaunch, get_engine
 from aegis.engines.vllm import metric_name
-from aegis.warm import warm_cmd
+from aegis.engines.warm import warm_cmd
 from tests.fixtures.vllm import BASE_ARGS, BASE_ENV, START_TIMEOUT, VllmServer, _wait_healthy, free_port
 from tests.fixtures.vllm import stop_vllm_server
 

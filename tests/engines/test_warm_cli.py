@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from aegis.errors import AegisError, UsageError
-from aegis.warm import read_prefixes, warm_cmd
+from aegis.engines.warm import read_prefixes, warm_cmd
 
 
 def test_prefix_file_formats(tmp_path):

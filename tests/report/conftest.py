@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from aegis.bench.cli import bench_cmd, probe_cmd
-from aegis.bench.simserver import SimProcess
+from aegis.testing.simserver import SimProcess
 
 LOAD = ["--input-len", "32", "--output-len", "8", "--scrape-interval", "0.2", "--no-progress"]
 

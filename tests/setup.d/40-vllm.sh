@@ -2,4 +2,4 @@
 # once in a few minutes) and the tiny offline model the vLLM tests serve.
 # Both are cached: when present this takes well under a second.
 log "vLLM CPU venv and tiny model (cached in $AEGIS_CACHE)"
-"$AEGIS_TEST_VENV/bin/python" -m aegis.cpu_vllm setup --cache "$AEGIS_CACHE" >/dev/null
+"$AEGIS_TEST_VENV/bin/python" -m aegis.testing.cpu_vllm setup --cache "$AEGIS_CACHE" >/dev/null

@@ -6,7 +6,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from aegis.size import fit_tp, instances_needed, nodes_for, size_cmd
+from aegis.plan.cli import size_cmd
+from aegis.plan.size import fit_tp, instances_needed, nodes_for
 
 
 def run(*args):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis import cpu_vllm
+from aegis.testing import cpu_vllm
 from aegis.errors import VllmSetupError
 
 
@@ -38,7 +38,7 @@ def test_cached_setup_runs_no_subprocess(vllm_env, monkeypatch):
 
 
 def test_cli_setup_prints_paths(vllm_env):
-    out = subprocess.run([sys.executable, "-m", "aegis.cpu_vllm", "setup", "--json"],
+    out = subprocess.run([sys.executable, "-m", "aegis.testing.cpu_vllm", "setup", "--json"],
                          capture_output=True, text=True, check=True).stdout
     info = json.loads(out)
     assert info["python"] == str(vllm_env.python)

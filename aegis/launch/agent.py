@@ -1,0 +1,166 @@
+"""The per-node agent: start this node's engine processes, restart them when they die, stop them cleanly.
+
+One agent runs on every node (one launcher step for the whole job). It reads
+the run directory (plan, allocation, config, api_key), starts the engine ranks
+placed on its node (`aegis.launch.ranks`) with their device mask, CPU binding,
+port and log file, restarts a rank that dies (with backoff, up to
+max_restarts), and reports a NodeStatus after every change. On SIGTERM, or
+when its parent goes away, it stops its own process groups (SIGTERM, then
+SIGKILL after the grace period). It never signals processes it did not start.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from aegis.launch.node_status import NodeStatus, RankState
+from aegis.launch.ranks import Rank
+from aegis.rundir import RunDir
+from aegis.util.procs import signal_group, stop_groups
+
+POLL = 0.5  # seconds between checks: a dead rank is seen within a second
+LOG_TAIL = 20
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            return "\n".join(fh.read().decode(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Agent:
+    def __init__(self, run: RunDir, index: int, ranks: list[Rank], max_restarts: int, grace: float, host: str):
+        self.run = run
+        self.index = index
+        self.ranks = ranks
+        self.max_restarts = max_restarts
+        self.grace = grace
+        self.host = host
+        self.stopping = False
+        self.parent = os.getppid()
+        run.nodes.mkdir(exist_ok=True)
+
+    # -- processes --------------------------------------------------------------------
+
+    def _start(self, rank: Rank) -> None:
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        cpus = [c for c in rank.cpus if c in allowed] or None
+
+        def bind() -> None:  # runs in the child before exec
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        log = open(rank.log, "ab")
+        log.write(f"\n=== aegis: starting {rank.key} (attempt {rank.restarts + 1}) at {time.ctime()}: "
+                  f"{' '.join(rank.argv)}\n".encode())
+        log.flush()
+        try:
+            rank.proc = subprocess.Popen(rank.argv, env=rank.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=bind,
+                                         cwd=str(self.run.path))
+            rank.state = RankState.STARTING if rank.restarts == 0 else RankState.RESTARTING
+            rank.started_at = time.time()
+            rank.exit_code = None
+        except OSError as exc:
+            log.write(f"=== aegis: cannot start: {exc}\n".encode())
+            rank.proc = None
+            rank.exit_code = -1
+            self._died(rank)
+        finally:
+            log.close()
+
+    def _died(self, rank: Rank) -> None:
+        """A rank's process ended: restart it after a backoff, or give up after max_restarts."""
+        if self.stopping:
+            rank.state = RankState.STOPPED
+            return
+        if rank.restarts >= self.max_restarts:
+            rank.state = RankState.FAILED
+            rank.tail = log_tail(rank.log)
+            return
+        rank.restarts += 1
+        rank.state = RankState.RESTARTING
+        rank.next_start = time.monotonic() + min(60.0, 2.0 ** (rank.restarts - 1))
+
+    def check(self) -> bool:
+        """One supervision round; True when something changed."""
+        changed = False
+        for rank in self.ranks:
+            if rank.proc is not None:
+                code = rank.proc.poll()
+                if code is not None:
+                    # The engine's own children (engine core, workers) outlive it: end its group.
+                    signal_group(rank.proc.pid, signal.SIGKILL)
+                    rank.exit_code = code
+                    rank.proc = None
+                    self._died(rank)
+                    changed = True
+                elif rank.state in (RankState.STARTING, RankState.RESTARTING):
+                    rank.state = RankState.RUNNING
+                    changed = True
+            elif rank.state == RankState.RESTARTING and time.monotonic() >= rank.next_start and not self.stopping:
+                self._start(rank)
+                changed = True
+        return changed
+
+    def stop(self) -> None:
+        """Stop every rank's own process group (SIGTERM, SIGKILL after the grace period), wait until gone."""
+        self.stopping = True
+        live = [r for r in self.ranks if r.proc is not None]
+        stop_groups([r.proc for r in live if r.proc is not None], self.grace)
+        for rank in live:
+            assert rank.proc is not None
+            rank.exit_code = rank.proc.returncode
+            rank.proc = None
+        for rank in self.ranks:
+            if rank.state != RankState.FAILED:
+                rank.state = RankState.STOPPED
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def status(self) -> NodeStatus:
+        return NodeStatus(index=self.index, host=self.host, agent_pid=os.getpid(), updated=time.time(),
+                          stopping=self.stopping, ranks={r.key: r.status() for r in self.ranks})
+
+    def write_status(self) -> None:
+        self.status().write(self.run.node_status(self.index))
+
+    def run_until_stopped(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *a: setattr(self, "stopping", True))
+        signal.signal(signal.SIGINT, lambda *a: setattr(self, "stopping", True))
+        for rank in self.ranks:
+            self._start(rank)
+        self.write_status()
+        while not self.stopping:
+            if self.check():
+                self.write_status()
+            if os.getppid() != self.parent:  # the launcher went away: do not leave engines behind
+                break
+            time.sleep(POLL)
+        self.stop()
+        self.write_status()
+        return 0
+
+
+def run_agent(run: RunDir) -> int:
+    """The agent of this node: build its ranks from the run directory and supervise them until stopped."""
+    from aegis.config.schema import load_yaml, resolve
+    from aegis.config.sites import run_site
+    from aegis.launch.allocation import Allocation, node_index
+    from aegis.launch.ranks import build_ranks
+
+    alloc = Allocation.read(run.allocation)
+    cfg = resolve(load_yaml(run.config), str(run.config))
+    site = run_site(run.path, alloc.site).resolved()
+    index = node_index(alloc.hosts)
+    ranks = build_ranks(run, index, site, cfg, run.read_plan(), alloc.addresses, run.read_api_key())
+    agent = Agent(run, index, ranks, cfg.max_restarts, cfg.shutdown_grace, socket.gethostname())
+    return agent.run_until_stopped()

@@ -1,0 +1,277 @@
+"""The head of `aegis launch`: start the agents (one launcher step), gate on health, publish, shut down.
+
+The head never starts engines itself: one `srun`/`mpiexec` step (or, on the
+local site, one process) runs an agent per node. The head checks every
+instance concurrently (GET /health, then /v1/models must list the model),
+reports per-instance ready times, keeps the endpoints file current as
+instances start, die, restart or fail (`next_state`), and stops everything on
+SIGTERM/SIGINT or when `aegis shutdown` drops a `shutdown` file into the run
+directory: SIGTERM to the step (srun/mpiexec forward it to the agents, which
+stop their engines), SIGKILL after the grace period.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+import psutil
+
+from aegis.config.schema import Config
+from aegis.config.sites import Site
+from aegis.errors import AegisError
+from aegis.launch.allocation import Allocation
+from aegis.launch.endpoints import EndpointsFile, InstanceEndpoint, InstanceState, RunState
+from aegis.launch.health import Probe, probe_all
+from aegis.launch.node_status import NodeStatus, RankState, RankStatus
+from aegis.plan.placement import Plan
+from aegis.rundir import RunDir
+from aegis.util.fs import atomic_write
+from aegis.util.procs import stop_groups
+
+S = InstanceState
+
+
+def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Optional[Probe], since: float, now: float,
+               startup_timeout: float) -> tuple[InstanceState, Optional[str]]:
+    """The new state of one instance (and its error) from its ranks' reports and its health probe.
+
+    failed stays failed; a failed rank fails the instance; a replaced, restarting or vanished
+    rank makes it restarting; a passing probe makes it ready; a failing probe makes a ready one
+    unhealthy; starting/restarting/unhealthy for longer than `startup_timeout` is failed.
+    """
+    head = next((r for r in ranks if r.rank == 0), None)
+    replaced = bool(head and inst.pid and head.pid and head.pid != inst.pid)
+    failed = [r for r in ranks if r.state == RankState.FAILED]
+    if inst.status == S.FAILED:
+        return S.FAILED, inst.error
+    if failed:
+        r = failed[0]
+        tail = r.log_tail.strip().splitlines()
+        return S.FAILED, (f"exited {r.exit_code} after {r.restarts} restart(s); log: {r.log}"
+                          + (f"; last line: {tail[-1][:200]}" if tail else ""))
+    if replaced or any(r.state == RankState.RESTARTING for r in ranks) or (
+            inst.status == S.READY and any(r.pid is None for r in ranks)):
+        return S.RESTARTING, inst.error
+    if probe is not None and probe.ok:
+        return S.READY, None
+    if inst.status == S.READY:
+        return S.UNHEALTHY, probe.error if probe else None
+    if inst.status in (S.STARTING, S.RESTARTING, S.UNHEALTHY) and now - since > startup_timeout:
+        return S.FAILED, (f"not healthy after {startup_timeout:g} s ({probe.error if probe else ''}); "
+                          f"log: {inst.log}")
+    return inst.status, inst.error
+
+
+def overall_state(states: list[InstanceState], previous: RunState) -> RunState:
+    """The run's state from its instances' (a run once ready that loses an instance is degraded)."""
+    if all(s == S.READY for s in states):
+        return RunState.READY
+    if all(s == S.FAILED for s in states):
+        return RunState.FAILED
+    if any(s == S.FAILED for s in states) and S.STARTING not in states:
+        return RunState.DEGRADED
+    if previous in (RunState.READY, RunState.DEGRADED):
+        return RunState.DEGRADED
+    return RunState.STARTING
+
+
+class Head:
+    def __init__(self, run: RunDir, site: Site, cfg: Config, plan: Plan, alloc: Allocation,
+                 echo: Optional[Callable[[str], None]] = None):
+        self.run = run
+        self.site = site
+        self.cfg = cfg
+        self.plan = plan
+        self.alloc = alloc
+        self.echo = echo or (lambda msg: click.echo(msg, err=True))
+        self.stop_requested = False
+        self.step: Optional[subprocess.Popen] = None
+        self.key: Optional[str] = None
+        self.t0 = time.monotonic()
+        self.since: dict[str, float] = {}
+        self.exit_code = 0
+        self.doc = EndpointsFile(job_id=alloc.job_id, run_dir=str(run.path), site=site.name,
+                                 scheduler=alloc.scheduler)
+
+    @property
+    def instances(self) -> list[InstanceEndpoint]:
+        return self.doc.instances
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        run = self.run
+        run.logs.mkdir(exist_ok=True)
+        run.nodes.mkdir(exist_ok=True)
+        for stale in [run.shutdown, *run.node_statuses()]:
+            stale.unlink(missing_ok=True)
+        if self.cfg.api_key:
+            self.key = secrets.token_urlsafe(32)
+            atomic_write(run.api_key, self.key + "\n", mode=0o600)
+            self.doc.api_key_file = str(run.api_key)
+        me = psutil.Process()
+        atomic_write(run.head, json.dumps(
+            {"pid": me.pid, "create_time": me.create_time(), "host": socket.gethostname()}) + "\n")
+        from aegis.engines import get_engine
+
+        addresses = self.alloc.addresses or [self.site.serve_address.address(h) for h in self.alloc.hosts]
+        specs = {m.short_name: m for m in self.cfg.models}
+        adapters = {s.short_name: (list(s.lora.resolved()) if s.lora is not None else []) for s in self.cfg.models}
+        for inst in self.plan.instances:
+            spec = specs[inst.model_name]
+            addr = addresses[inst.head.node]
+            self.instances.append(InstanceEndpoint(
+                name=inst.name, model=get_engine(spec.engine).served_name(spec.model, spec.engine_args, spec.short_name),
+                lora_adapters=adapters[spec.short_name], url=f"http://{addr}:{inst.port}", host=addr,
+                hostname=self.alloc.hosts[inst.head.node], port=inst.port, node=inst.head.node,
+                devices=[d for p in inst.placement for d in p.devices],
+                nodes=[self.alloc.hosts[p.node] for p in inst.placement], engine=spec.engine,
+                log=str(run.log(inst.name))))
+            self.since[inst.name] = self.t0
+
+    def _publish(self) -> None:
+        self.doc.write(self.run.endpoints)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _agent_ranks(self) -> dict[str, list[RankStatus]]:
+        """instance name -> the states its ranks' agents report."""
+        out: dict[str, list[RankStatus]] = {}
+        for path in self.run.node_statuses():
+            status = NodeStatus.read(path)
+            for rank in status.ranks.values() if status else []:
+                out.setdefault(rank.instance, []).append(rank)
+        return out
+
+    def _update(self, inst: InstanceEndpoint, ranks: list[RankStatus], probe: Optional[Probe]) -> bool:
+        """Apply next_state to one instance, tell the user what changed; True when something did."""
+        before = (inst.status, inst.pid, inst.restarts)
+        now = time.monotonic()
+        head = next((r for r in ranks if r.rank == 0), None)
+        if head:
+            inst.pid, inst.restarts = head.pid, max(r.restarts for r in ranks)
+        status, error = next_state(inst, ranks, probe, self.since[inst.name], now, self.cfg.startup_timeout)
+        if status != before[0]:
+            if status == S.FAILED:
+                self.echo(f"aegis: {inst.name} failed: {error}")
+            elif status == S.RESTARTING:
+                self.echo(f"aegis: {inst.name} died; restarting (restart {inst.restarts})")
+            elif status == S.READY:
+                inst.ready_seconds = round(now - self.since[inst.name], 1)
+                self.echo(f"aegis: {inst.name} ready at {inst.url} after {inst.ready_seconds} s")
+            if status in (S.RESTARTING, S.UNHEALTHY):
+                self.since[inst.name] = now
+        inst.status, inst.error = status, error
+        return (inst.status, inst.pid, inst.restarts) != before
+
+    async def _loop(self) -> None:
+        announced = False
+        assert self.step is not None
+        while not self.stop_requested:
+            if self.run.shutdown.exists():
+                self.echo("aegis: shutdown requested")
+                break
+            code = self.step.poll()
+            if code is not None:
+                self.echo(f"aegis: the agents' launcher step exited ({code}); see {self.run.log('agents')}")
+                for inst in self.instances:
+                    if inst.status != S.FAILED:
+                        inst.status, inst.error = S.FAILED, f"agent step exited ({code})"
+                self.exit_code = 1
+                break
+            ranks = self._agent_ranks()
+            live = [i for i in self.instances if i.status != S.FAILED]
+            probes = dict(zip([i.name for i in live], await probe_all(live, self.key)))
+            changed = False
+            for inst in self.instances:
+                changed |= self._update(inst, ranks.get(inst.name, []), probes.get(inst.name))
+            state = overall_state([i.status for i in self.instances], self.doc.state)
+            if changed or state != self.doc.state:
+                self.doc.state = state
+                self._publish()
+            if state == RunState.READY and not announced:
+                announced = True
+                slowest = max(i.ready_seconds or 0 for i in self.instances)
+                self.echo(f"aegis: all {len(self.instances)} instance(s) ready in {slowest} s; "
+                          f"endpoints: {self.run.endpoints}")
+            if state == RunState.FAILED:
+                self.echo("aegis: every instance failed; stopping")
+                self.exit_code = 1
+                break
+            await asyncio.sleep(2.0 if state == RunState.READY else 1.0)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def _stop(self) -> None:
+        self.doc.state = RunState.STOPPING
+        self._publish()
+        grace = self.cfg.shutdown_grace + 15
+        if self.step is not None:
+            stop_groups([self.step], grace, linger=0,
+                        on_kill=lambda: self.echo(f"aegis: agents still running after {grace} s; killing them"))
+        for inst in self.instances:
+            if inst.status != S.FAILED:
+                inst.status = S.STOPPED
+            inst.pid = None
+        self.doc.state = RunState.STOPPED if self.exit_code == 0 else RunState.FAILED
+        self._publish()
+        self.echo(f"aegis: all instances stopped ({self.run.path})")
+
+    def _stage(self) -> None:
+        """Broadcast each model_source to node-local storage once (one rank per node), before any engine."""
+        from aegis.launch.steps import per_node_step
+        from aegis.staging import stage
+
+        staged = {}
+        root = Path(os.path.expandvars(os.path.expanduser(self.site.local_storage))) / "aegis-models"
+        for spec in self.cfg.models:
+            if not spec.model_source:
+                continue
+            src = Path(os.path.expanduser(spec.model_source))
+            hf_layout = src.name.startswith("models--")
+            dest = root / "hub" / src.name if hf_layout else root / spec.short_name
+            self.echo(f"aegis: staging {src} to {dest} on {len(self.alloc.hosts)} node(s)")
+            t0 = time.monotonic()
+            summary = stage(str(src), str(dest), launcher=per_node_step(self.site, len(self.alloc.hosts), []))
+            self.echo(f"aegis: staged {summary.get('bytes', 0) / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s"
+                      + (" (already there)" if summary.get("skipped") else ""))
+            # An HF cache repo is found by its id through HF_HOME; a plain directory is loaded by path.
+            staged[spec.short_name] = {"hf_home": str(root), "model": spec.model} if hf_layout else \
+                {"model": str(dest)}
+        atomic_write(self.run.staged, json.dumps(staged, indent=2) + "\n")
+
+    def run_all(self, step_argv: list[str]) -> int:
+        """Stage, start the agents' step, gate and supervise until shutdown; the exit status."""
+        self._prepare()
+        self._publish()
+        try:
+            self._stage()
+        except Exception as exc:  # StageError and OSErrors: the run fails with the reason, nothing started
+            for inst in self.instances:
+                inst.status, inst.error = S.FAILED, f"staging failed: {exc}"
+            self.doc.state = RunState.FAILED
+            self._publish()
+            if isinstance(exc, AegisError):
+                raise
+            raise AegisError(f"staging failed: {exc}") from None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *a: setattr(self, "stop_requested", True))
+        self.echo(f"aegis: starting {len(self.instances)} instance(s) on {len(self.alloc.hosts)} node(s) "
+                  f"({self.alloc.scheduler} {self.alloc.job_id or ''}); logs: {self.run.logs}")
+        with open(self.run.log("agents"), "ab") as log:
+            self.step = subprocess.Popen(step_argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            asyncio.run(self._loop())
+        finally:
+            self._stop()
+        return self.exit_code

@@ -1,0 +1,55 @@
+"""Health probes: is an instance serving its model? (GET /health, then /v1/models must list it), concurrently."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import aiohttp
+
+from aegis.launch.endpoints import InstanceEndpoint
+
+HEALTH_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The answer of one instance to one health probe."""
+
+    ok: bool
+    error: Optional[str] = None
+    latency_ms: Optional[float] = None
+    models: list[str] = field(default_factory=list)
+
+
+async def probe(session: aiohttp.ClientSession, url: str, served: str, key: Optional[str]) -> Probe:
+    """GET /health then /v1/models: ready when `served` is listed."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    start = time.monotonic()
+    try:
+        async with session.get(url + "/health") as resp:
+            if resp.status != 200:
+                return Probe(False, f"/health answered {resp.status}")
+        async with session.get(url + "/v1/models", headers=headers) as resp:
+            if resp.status != 200:
+                return Probe(False, f"/v1/models answered {resp.status}")
+            body = await resp.json(content_type=None)
+        models = [m.get("id") for m in body.get("data", [])]
+        if served not in models:
+            return Probe(False, f"serves {models}, not {served!r}", models=models)
+        return Probe(True, latency_ms=(time.monotonic() - start) * 1000, models=models)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        return Probe(False, type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+
+
+async def probe_all(instances: Sequence[InstanceEndpoint], key: Optional[str], concurrency: int = 256,
+                    timeout: float = HEALTH_TIMEOUT) -> list[Probe]:
+    """Check every instance concurrently (at most `concurrency` at a time), in the order given."""
+    sem = asyncio.Semaphore(concurrency)
+    conn = aiohttp.TCPConnector(limit=concurrency, force_close=True)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async def one(inst: InstanceEndpoint) -> Probe:
+            async with sem:
+                return await probe(session, inst.url, inst.model, key)
+        return await asyncio.gather(*(one(i) for i in instances))

@@ -1,0 +1,68 @@
+"""The node status record: what one agent reports about its engine ranks (nodes/N.status.json), typed and versioned."""
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from aegis.util.fs import atomic_write
+
+VERSION = 1
+
+
+class RankState(str, enum.Enum):
+    """Where one engine process is (the agent on its node decides)."""
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class RankStatus(BaseModel):
+    """One engine process: an instance's part on a node."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    instance: str
+    rank: int
+    state: RankState
+    pid: Optional[int] = None
+    restarts: int = 0
+    exit_code: Optional[int] = None
+    log: str = ""
+    log_tail: str = ""
+    started_at: Optional[float] = None
+
+
+class NodeStatus(BaseModel):
+    """Every engine rank one agent runs, written by that agent after each change."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int = VERSION
+    index: int
+    host: str
+    agent_pid: int
+    updated: float
+    stopping: bool = False
+    ranks: dict[str, RankStatus] = {}  # by rank key: `<instance>` or `<instance>.rank<r>`
+
+    def write(self, path: Path) -> None:
+        atomic_write(path, self.model_dump_json() + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Optional["NodeStatus"]:
+        """The record, or None when missing, being replaced, or written by a newer aegis."""
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or data.get("version", VERSION) != VERSION:
+                return None
+            return cls.model_validate(data)
+        except (OSError, ValueError, ValidationError):
+            return None

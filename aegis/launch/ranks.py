@@ -1,0 +1,155 @@
+"""The engine processes of one node, built from the plan: command line, environment, CPU cores, log."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+from aegis.config.schema import Config
+from aegis.config.sites import Site, parse_ranges
+from aegis.engines import EngineLaunch, check_engine_site, get_engine
+from aegis.launch.node_status import RankState, RankStatus
+from aegis.plan.placement import Plan
+from aegis.rundir import RunDir
+from aegis.util.fs import atomic_write
+
+def interface_address(name: str) -> Optional[str]:
+    for addr in psutil.net_if_addrs().get(name, []):
+        if addr.family == socket.AF_INET:
+            return addr.address
+    return None
+
+
+def node_address(site: Site, host: str) -> str:
+    """The address engines bind to and clients use (the site's serving network)."""
+    if site.serve_address.method == "interface":
+        addr = interface_address(site.serve_address.interface)
+        if addr is None:
+            raise RuntimeError(f"interface {site.serve_address.interface} has no IPv4 address on {host}")
+        return addr
+    return site.serve_address.address(host)
+
+
+def interface_of(address: str) -> tuple[Optional[str], Optional[str]]:
+    """(interface name, IPv4) that carries `address` on this node, for the engines' collectives."""
+    try:
+        ip = socket.gethostbyname(address)
+    except OSError:
+        return None, None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
+            return name, ip
+    return None, ip
+
+
+def master_port(port: int) -> int:
+    """The rendezvous port of a multi-node instance, derived from its serving port."""
+    return port + 20000 if port + 20000 <= 65535 else port - 20000
+
+
+@dataclass
+class Rank:
+    """One engine process to run: an instance's part on this node, and its supervision state."""
+
+    instance: str
+    rank: int
+    argv: list[str]
+    env: dict[str, str]
+    cpus: list[int]
+    log: Path
+    proc: Optional[subprocess.Popen] = None
+    state: RankState = RankState.PENDING
+    restarts: int = 0
+    exit_code: Optional[int] = None
+    next_start: float = 0.0
+    started_at: Optional[float] = None
+    tail: str = ""
+
+    @property
+    def head(self) -> bool:
+        """The instance's head rank (the one that serves HTTP)."""
+        return self.rank == 0
+
+    @property
+    def key(self) -> str:
+        return self.instance if self.rank == 0 else f"{self.instance}.rank{self.rank}"
+
+    def status(self) -> RankStatus:
+        return RankStatus(instance=self.instance, rank=self.rank, state=self.state,
+                          pid=self.proc.pid if self.proc else None, restarts=self.restarts,
+                          exit_code=self.exit_code, log=str(self.log), log_tail=self.tail,
+                          started_at=self.started_at)
+
+
+def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, addresses: list[str],
+                api_key: Optional[str]) -> list[Rank]:
+    """The engine processes this node runs, from the plan."""
+    specs = {m.short_name: m for m in cfg.models}
+    run.logs.mkdir(exist_ok=True)
+    my_addr = node_address(site, socket.gethostname()) if site.serve_address.method == "interface" \
+        else addresses[index]
+    python = os.path.expanduser(cfg.engine_python) if cfg.engine_python else "python3"
+    staged = run.read_json(run.staged) or {}
+    ranks = []
+    adapters = {}  # model -> resolved LoRA adapters (listed once per model)
+    engine_dir = run.engine_dir  # per-instance engine config files (mode 0600)
+    for inst in plan.instances:
+        spec = specs[inst.model_name]
+        engine = get_engine(spec.engine)
+        check_engine_site(spec, site)
+        opts = spec.engine_options()
+        if opts.lora is not None and spec.short_name not in adapters:
+            adapters[spec.short_name] = opts.lora.resolved()
+        placements = inst.placement
+        head_node = placements[0].node
+        for r, slice_ in enumerate(placements):
+            if slice_.node != index:
+                continue
+            model = os.path.expanduser(spec.model) if spec.model.startswith("~") else spec.model
+            local = staged.get(spec.short_name, {})
+            model = local.get("model", model)
+            launch = EngineLaunch(
+                model=model, served_name=engine.served_name(spec.model, spec.engine_args, spec.short_name),
+                host=my_addr, port=inst.port, tensor_parallel_size=inst.tensor_parallel_size,
+                pipeline_parallel_size=inst.pipeline_parallel_size, extra_args=spec.engine_args,
+                python=python, nnodes=len(placements), node_rank=r,
+                master_addr=addresses[head_node], master_port=master_port(inst.port),
+                options=opts, lora_adapters=adapters.get(spec.short_name, {}), instance=inst.name,
+                config_dir=str(engine_dir), api_key=bool(api_key),
+                node_hosts=[addresses[p.node] for p in placements], devices_per_node=len(slice_.devices),
+                device_kind=site.device_kind, visibility_vars=list(site.visibility_env))
+            argv = engine.command(launch)
+            if argv is None:  # this node's part is started by the instance's head (e.g. mpirun)
+                continue
+            env = dict(os.environ)
+            env.update(site.env)
+            env.update(cfg.env)
+            env.update(spec.env)
+            env.update(slice_.env)
+            if cfg.hf_home:
+                env["HF_HOME"] = os.path.expanduser(cfg.hf_home)
+            if "hf_home" in local:  # weights staged as an HF cache: load offline from node-local storage
+                env["HF_HOME"] = local["hf_home"]
+                env["HF_HUB_CACHE"] = os.path.join(local["hf_home"], "hub")
+                env["HF_HUB_OFFLINE"] = "1"
+            env.update(engine.feature_env(launch))
+            if api_key:
+                env.update(engine.key_env(api_key))
+            for path, text in engine.files(launch, api_key).items():
+                engine_dir.mkdir(mode=0o700, exist_ok=True)
+                atomic_write(Path(path), text, mode=0o600)
+            if len(placements) > 1:  # ranks of a multi-node instance meet on the serving network
+                iface, ip = interface_of(my_addr)
+                if iface:
+                    env.setdefault("GLOO_SOCKET_IFNAME", iface)
+                if ip:
+                    env.setdefault("VLLM_HOST_IP", ip)
+            key = inst.name if r == 0 else f"{inst.name}.rank{r}"
+            ranks.append(Rank(instance=inst.name, rank=r, argv=argv, env=env,
+                              cpus=parse_ranges(slice_.cpus) if slice_.cpus else [], log=run.log(key)))
+    return ranks

@@ -1,0 +1,101 @@
+"""`aegis plan` and `aegis size`: where every instance runs, and how many instances and devices a job needs."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from aegis.config.flags import config_options, resolve_from_cli
+from aegis.errors import UsageError
+from aegis.plan.placement import format_table
+from aegis.plan.size import BYTES, fit_tp, instances_needed, nodes_for, site_facts, throughput_of
+
+
+@click.command("plan")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(as_json, **kw):
+    """Show where every instance of CONFIG will run (nodes, devices, CPU cores, ports)."""
+    res = resolve_from_cli(kw)
+    if as_json:
+        click.echo(res.plan.to_json(), nl=False)
+    else:
+        click.echo(format_table(res.plan))
+
+
+@click.command("size")
+@click.option("--tokens", type=float, help="Tokens to produce (W).")
+@click.option("--deadline", type=float, help="Hours until the work must be done.")
+@click.option("--throughput", help="Per-instance tokens/s: a number, a bench result (summary.json or its "
+              "directory), or a report's summary.csv (its best run that meets the SLO).")
+@click.option("--metric", type=click.Choice(["output_throughput", "total_token_throughput"]),
+              default="output_throughput", show_default=True, help="Which tokens W counts (from a result file).")
+@click.option("--site", help="Site profile (devices per node, device memory).")
+@click.option("--tensor-parallel-size", "--tp", "tp", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--pipeline-parallel-size", "--pp", "pp", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--model-params", type=float, help="Model parameters, e.g. 70e9 (memory fit mode).")
+@click.option("--dtype", default="bf16", show_default=True, help="Weight dtype: " + ", ".join(BYTES))
+@click.option("--kv-cache-dtype", default=None, help="KV-cache dtype [default: --dtype].")
+@click.option("--max-model-len", type=click.IntRange(min=1), help="Context length of one sequence.")
+@click.option("--num-seqs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Full-length sequences the KV cache must hold at once.")
+@click.option("--num-layers", type=click.IntRange(min=1), default=None, help="Decoder layers [rule of thumb].")
+@click.option("--num-kv-heads", type=click.IntRange(min=1), default=None, help="KV heads [8].")
+@click.option("--head-dim", type=click.IntRange(min=1), default=None, help="Head dimension [128].")
+@click.option("--device-memory-gb", type=float, default=None,
+              help="Memory per device [the site profile's device_memory_gb; local: RAM / cores].")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0.05, 1.0), default=0.9, show_default=True)
+@click.option("--overhead-gb", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Activations, graphs and runtime per device.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+def size_cmd(tokens, deadline, throughput, metric, site, tp, pp, model_params, dtype, kv_cache_dtype,
+             max_model_len, num_seqs, num_layers, num_kv_heads, head_dim, device_memory_gb,
+             gpu_memory_utilization, overhead_gb, as_json):
+    """Size a fleet for a token budget and deadline, or find the smallest TP that fits a model."""
+    fleet = any(v is not None for v in (tokens, deadline, throughput))
+    memory = model_params is not None or max_model_len is not None
+    if fleet == memory:
+        raise UsageError("give either --tokens/--deadline/--throughput (fleet size) or "
+                         "--model-params/--max-model-len (memory fit)")
+    dpn, device_gb, site_name = site_facts(site, device_memory_gb)
+    if fleet:
+        if tokens is None or deadline is None or throughput is None:
+            raise UsageError("fleet sizing needs all of --tokens, --deadline and --throughput")
+        if not tokens > 0 or not deadline > 0:
+            raise UsageError("--tokens and --deadline must be positive")
+        tps = throughput_of(throughput, metric)
+        n = instances_needed(tokens, tps, deadline)
+        hours = tokens / (tps * 3600.0 * n)
+        out = {"instances": n, "tokens_per_s_per_instance": tps, "hours_with_instances": hours,
+               "margin_pct": 100.0 * (deadline - hours) / deadline}
+        line = (f"{n} instances at {tps:.4g} tok/s each finish {tokens:.4g} tokens in {hours:.3g} h "
+                f"(deadline {deadline:g} h, margin {out['margin_pct']:.1f} %)")
+        if dpn:
+            k = tp * pp
+            nodes = nodes_for(n, k, dpn)
+            fit = nodes * (dpn // k) if k <= dpn else n
+            out.update({"site": site_name, "nodes": nodes, "devices_per_instance": k, "instances_that_fit": fit,
+                        "hours_if_nodes_full": tokens / (tps * 3600.0 * fit)})
+            line += (f"; on {site_name}: {nodes} nodes ({dpn} devices each, {k} per instance; "
+                     f"{fit} instances fit, {out['hours_if_nodes_full']:.3g} h if all run)")
+        click.echo(json.dumps(out, indent=2) if as_json else line)
+        return
+    if model_params is None or max_model_len is None:
+        raise UsageError("the memory fit needs both --model-params and --max-model-len")
+    if not model_params > 0:
+        raise UsageError("--model-params must be positive, e.g. 70e9")
+    if device_gb is None:
+        raise UsageError("device memory unknown: give --device-memory-gb, or a --site whose profile sets "
+                         "device_memory_gb")
+    res = fit_tp(model_params, dtype, max_model_len, device_gb, dpn or 8, layers=num_layers,
+                 kv_heads=num_kv_heads, head_dim=head_dim, kv_dtype=kv_cache_dtype, seqs=num_seqs,
+                 utilization=gpu_memory_utilization, overhead_gb=overhead_gb)
+    res.update({"site": site_name or None, "device_memory_gb": device_gb})
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"TP {res['tensor_parallel_size']} x PP {res['pipeline_parallel_size']} "
+               f"({res['devices']} devices, {res['nodes']} node(s)): {res['per_device_gb']:.1f} GB per device of "
+               f"{res['usable_gb']:.1f} usable (weights {res['weights_gb']:.1f} GB, KV cache {res['kv_cache_gb']:.1f} GB "
+               f"for {num_seqs} x {max_model_len} tokens at {res['kv_bytes_per_token']} B/token: {res['layers']} layers, "
+               f"{res['kv_heads']} KV heads x {res['head_dim']}); room for {res['extra_sequences']} more full sequences")

@@ -1,0 +1,151 @@
+"""The library under the CLI: submit or launch a resolved config, then follow the run through a `Run` handle.
+
+    from aegis.config.resolve import resolve_config
+    from aegis.run import Run, submit
+
+    run = submit(resolve_config("examples/local-tiny.yaml"))
+    endpoints = run.wait_ready(timeout=1200)   # an EndpointsFile; raises JobEnded / WaitTimeout
+    ...
+    run.shutdown()                              # or run.cancel()
+
+Every `aegis` command that starts or follows a run goes through this module;
+progress is reported through `logging` (logger "aegis").
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from aegis.config.resolve import Resolved, check_paths
+from aegis.config.schema import Config
+from aegis.config.sites import Site, choose_site, run_site
+from aegis.errors import AegisError, UsageError
+from aegis.launch.endpoints import EndpointsFile, RunState
+from aegis.rundir import RunDir
+
+log = logging.getLogger("aegis")
+
+
+def default_run_dir(cfg: Config, now: Optional[_dt.datetime] = None) -> Path:
+    """RUNS_DIR/<time>-<name>, with ~ expanded (a fresh directory for each run)."""
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return Path(os.path.expanduser(cfg.runs_dir)).absolute() / f"{stamp}-{cfg.job_name}"
+
+
+def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None,
+               launch_args: Sequence[str] = (), payload: Optional[list] = None) -> str:
+    """The job script of `res` for its site's scheduler, run from `run_dir` (nothing is written)."""
+    from aegis.schedulers.base import RenderContext, get_scheduler
+
+    run = RunDir(run_dir)
+    ctx = RenderContext(site=res.site, config=res.config, plan=res.plan, run_dir=str(run.path),
+                        config_path=str(run.config), aegis_command=aegis_command,
+                        launch_args=["--site-file", str(run.site), *launch_args], payload=payload)
+    return get_scheduler(res.site.scheduler).render(ctx)
+
+
+def submit(res: Resolved, run_dir: Optional[Path] = None, check: bool = False) -> "Run":
+    """Check the paths, write the run directory, submit its job script; the Run to follow."""
+    check_paths(res.config)
+    path = Path(run_dir).absolute() if run_dir else default_run_dir(res.config)
+    script = render_job(res, path, launch_args=("--check",) if check else ())
+    run = RunDir(path)
+    job_id = run.write_submission(res, script)
+    log.info("submitted job %s on %s; run directory: %s", job_id, res.site.name, run.path)
+    return Run(run.path, site=res.site)
+
+
+class Run:
+    """A handle on one run directory: its job, its endpoints, and the verbs that end it."""
+
+    def __init__(self, path: os.PathLike | str, site: Optional[Site] = None):
+        self.dir = RunDir(Path(path))
+        self._site = site
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir.path)!r})"
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    @property
+    def job_id(self) -> Optional[str]:
+        return self.dir.job_id
+
+    @property
+    def site(self) -> Site:
+        """The run's own saved site profile (the one it was submitted with)."""
+        if self._site is None:
+            name = self.dir.site_name()
+            self._site = run_site(self.path, name) if name and self.dir.site.exists() else choose_site(name)
+        return self._site
+
+    def endpoints(self) -> Optional[EndpointsFile]:
+        return self.dir.read_endpoints()
+
+    def job(self):
+        """The scheduler's view of the job (a JobInfo with a normalised JobState)."""
+        from aegis.schedulers.base import get_scheduler
+
+        job_id = self._require_job_id()
+        return get_scheduler(self.site.scheduler).status([job_id], {job_id: str(self.path)})[job_id]
+
+    def wait_ready(self, timeout: float = 3600.0, echo: Optional[Callable[..., None]] = None,
+                   until_finished: bool = False) -> Optional[EndpointsFile]:
+        """Block until every instance is ready (the EndpointsFile); JobEnded or WaitTimeout otherwise.
+
+        With `until_finished` (a --check job) wait for the job to end instead; returns None.
+        """
+        from aegis.schedulers.jobs import wait_for_run
+
+        wait_for_run(self.dir, self.site, timeout, echo=echo or _log_echo, until_finished=until_finished)
+        return None if until_finished else self.endpoints()
+
+    def cancel(self) -> None:
+        from aegis.schedulers.base import get_scheduler
+
+        get_scheduler(self.site.scheduler).cancel(self._require_job_id())
+        log.info("cancelled job %s (%s)", self.job_id, self.path)
+
+    def shutdown(self, timeout: float = 120.0) -> None:
+        """Ask the head to stop every instance; wait until they are stopped (unless timeout is 0)."""
+        self.dir.request_shutdown()
+        if timeout <= 0:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = self.endpoints()
+            if doc is not None and doc.state in (RunState.STOPPED, RunState.FAILED) and not self.head_alive():
+                return
+            time.sleep(0.5)
+        raise AegisError(f"{self.path}: instances still running after {timeout:.0f} s; "
+                         f"see {self.dir.logs} and try again, or cancel the job")
+
+    def head_alive(self) -> bool:
+        """Whether the head recorded in launch.json still runs (only checkable from its own host)."""
+        info = self.dir.read_json(self.dir.head)
+        if not info or info.get("host") != socket.gethostname():
+            return False
+        import psutil
+
+        try:
+            proc = psutil.Process(info["pid"])
+            return proc.create_time() == info["create_time"] and proc.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, KeyError):
+            return False
+
+    def _require_job_id(self) -> str:
+        job_id = self.job_id
+        if not job_id:
+            raise UsageError(f"{self.path} has no job id (was the submission refused?)")
+        return job_id
+
+
+def _log_echo(msg: str, err: bool = False) -> None:
+    log.info("%s", msg)

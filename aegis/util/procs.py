@@ -1,0 +1,54 @@
+"""The one process-group stopper: SIGTERM each group, wait out a grace period, SIGKILL, wait until gone."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import Callable, Optional, Sequence
+
+
+def signal_group(pgid: Optional[int], sig: int) -> bool:
+    """Send `sig` to process group `pgid`; False when the group is gone (or was never there)."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a group we may not signal is still there
+        return True
+
+
+def group_alive(pgid: Optional[int]) -> bool:
+    return signal_group(pgid, 0)
+
+
+def stop_groups(procs: Sequence[subprocess.Popen], grace: float, *, linger: float = 5.0,
+                on_kill: Optional[Callable[[], None]] = None) -> None:
+    """Stop processes that lead their own process group (started with start_new_session=True).
+
+    SIGTERM to every group, wait up to `grace` seconds for the leaders, SIGKILL the groups of those
+    still running (`on_kill` is told first), reap them, SIGKILL whatever the leaders left in their
+    groups (engine workers), then wait up to `linger` seconds until every group is gone, so that
+    "stopped" means nothing is left. Never signals a group it was not given.
+    """
+    live = [p for p in procs if p is not None]
+    for p in live:
+        if p.poll() is None:
+            signal_group(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(p.poll() is None for p in live):
+        time.sleep(0.1)
+    stubborn = [p for p in live if p.poll() is None]
+    if stubborn and on_kill is not None:
+        on_kill()
+    for p in stubborn:
+        signal_group(p.pid, signal.SIGKILL)
+    for p in live:
+        p.wait()
+        signal_group(p.pid, signal.SIGKILL)  # anything the leader left in its group goes too
+    deadline = time.monotonic() + linger
+    while time.monotonic() < deadline and any(group_alive(p.pid) for p in live):
+        time.sleep(0.05)

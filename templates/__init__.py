@@ -1,1 +1,0 @@
-"""Jinja2 templates shipped as package data (job scripts, modulefile)."""
