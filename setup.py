@@ -1,7 +1,5 @@
-"""Packaging for aegis.
+"""Build hook for aegis (metadata, dependencies and package data are in pyproject.toml).
 
-`templates/` and `site_configs/` live at the top of the repository and are
-shipped inside the package as `aegis.templates` and `aegis.site_configs`.
 When an MPI compiler wrapper and CMake are found, the compiled broadcast tool
 (`csrc/`, built with the top-level CMakeLists.txt) is built and shipped as
 `aegis/_bin/aegis-stage`; otherwise aegis falls back to its mpi4py version.
@@ -17,13 +15,6 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _version():
-    ns = {}
-    with open(os.path.join(HERE, "aegis", "_version.py")) as fh:
-        exec(fh.read(), ns)
-    return ns["__version__"]
 
 
 class BuildPyWithStage(build_py):
@@ -58,33 +49,4 @@ class BuildPyWithStage(build_py):
             shutil.rmtree(build_dir, ignore_errors=True)
 
 
-setup(
-    name="aegis-hpc",
-    version=_version(),
-    description="Serve and measure large language models on supercomputers",
-    python_requires=">=3.10",
-    packages=[
-        "aegis", "aegis.schedulers", "aegis.staging", "aegis.bench", "aegis.engines", "aegis.sweep", "aegis.report",
-        "aegis.templates", "aegis.site_configs",
-    ],
-    package_dir={"aegis.templates": "templates", "aegis.site_configs": "site_configs"},
-    package_data={"aegis.templates": ["*.j2"], "aegis.site_configs": ["*.yaml"]},
-    include_package_data=True,
-    install_requires=[
-        "click>=8.1",
-        "jinja2>=3.1",
-        "pyyaml>=6.0",
-        "pydantic>=2.5",
-        "mpi4py>=4.0",
-        "numpy>=1.24",
-        "psutil>=5.9",
-        "aiohttp>=3.9",
-        "prometheus_client>=0.19",
-    ],
-    extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80"],
-        "plots": ["matplotlib>=3.7"],
-    },
-    entry_points={"console_scripts": ["aegis=aegis.cli:main"]},
-    cmdclass={"build_py": BuildPyWithStage},
-)
+setup(cmdclass={"build_py": BuildPyWithStage})

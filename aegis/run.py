@@ -18,8 +18,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from aegis.config.resolve import Resolved, check_paths
 from aegis.config.schema import Config
@@ -31,14 +31,14 @@ from aegis.rundir import RunDir
 log = logging.getLogger("aegis")
 
 
-def default_run_dir(cfg: Config, now: Optional[_dt.datetime] = None) -> Path:
+def default_run_dir(cfg: Config, now: _dt.datetime | None = None) -> Path:
     """RUNS_DIR/<time>-<name>, with ~ expanded (a fresh directory for each run)."""
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     return Path(os.path.expanduser(cfg.runs_dir)).absolute() / f"{stamp}-{cfg.job_name}"
 
 
-def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None,
-               launch_args: Sequence[str] = (), payload: Optional[list] = None) -> str:
+def render_job(res: Resolved, run_dir: Path, aegis_command: str | None = None,
+               launch_args: Sequence[str] = (), payload: list | None = None) -> str:
     """The job script of `res` for its site's scheduler, run from `run_dir` (nothing is written)."""
     from aegis.schedulers.base import RenderContext, get_scheduler
 
@@ -49,7 +49,7 @@ def render_job(res: Resolved, run_dir: Path, aegis_command: Optional[str] = None
     return get_scheduler(res.site.scheduler).render(ctx)
 
 
-def submit(res: Resolved, run_dir: Optional[Path] = None, check: bool = False) -> "Run":
+def submit(res: Resolved, run_dir: Path | None = None, check: bool = False) -> Run:
     """Check the paths, write the run directory, submit its job script; the Run to follow."""
     check_paths(res.config)
     path = Path(run_dir).absolute() if run_dir else default_run_dir(res.config)
@@ -63,7 +63,7 @@ def submit(res: Resolved, run_dir: Optional[Path] = None, check: bool = False) -
 class Run:
     """A handle on one run directory: its job, its endpoints, and the verbs that end it."""
 
-    def __init__(self, path: os.PathLike | str, site: Optional[Site] = None):
+    def __init__(self, path: os.PathLike | str, site: Site | None = None):
         self.dir = RunDir(Path(path))
         self._site = site
 
@@ -75,7 +75,7 @@ class Run:
         return self.dir.path
 
     @property
-    def job_id(self) -> Optional[str]:
+    def job_id(self) -> str | None:
         return self.dir.job_id
 
     @property
@@ -86,7 +86,7 @@ class Run:
             self._site = run_site(self.path, name) if name and self.dir.site.exists() else choose_site(name)
         return self._site
 
-    def endpoints(self) -> Optional[EndpointsFile]:
+    def endpoints(self) -> EndpointsFile | None:
         return self.dir.read_endpoints()
 
     def job(self):
@@ -96,8 +96,8 @@ class Run:
         job_id = self._require_job_id()
         return get_scheduler(self.site.scheduler).status([job_id], {job_id: str(self.path)})[job_id]
 
-    def wait_ready(self, timeout: float = 3600.0, echo: Optional[Callable[..., None]] = None,
-                   until_finished: bool = False) -> Optional[EndpointsFile]:
+    def wait_ready(self, timeout: float = 3600.0, echo: Callable[..., None] | None = None,
+                   until_finished: bool = False) -> EndpointsFile | None:
         """Block until every instance is ready (the EndpointsFile); JobEnded or WaitTimeout otherwise.
 
         With `until_finished` (a --check job) wait for the job to end instead; returns None.

@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from aegis.errors import UsageError
 from aegis.util.fs import atomic_write
@@ -151,13 +151,13 @@ class RunDir:
     # -- reading -----------------------------------------------------------------------------
 
     @property
-    def job_id(self) -> Optional[str]:
+    def job_id(self) -> str | None:
         try:
             return self.job_id_file.read_text().strip() or None
         except FileNotFoundError:
             return None
 
-    def site_name(self) -> Optional[str]:
+    def site_name(self) -> str | None:
         from aegis.config.schema import load_yaml
 
         if not self.config.exists():
@@ -165,24 +165,24 @@ class RunDir:
         site = load_yaml(self.config).get("site")
         return site if isinstance(site, str) else None
 
-    def read_endpoints(self) -> Optional["EndpointsFile"]:
+    def read_endpoints(self) -> EndpointsFile | None:
         """The endpoints file, or None while there is none or it cannot be read (it is replaced atomically)."""
         from aegis.launch.endpoints import EndpointsFile
 
         return EndpointsFile.read_optional(self.endpoints)
 
-    def read_plan(self) -> "Plan":
+    def read_plan(self) -> Plan:
         from aegis.plan.placement import Plan
 
         return Plan.read(self.plan)
 
-    def read_api_key(self) -> Optional[str]:
+    def read_api_key(self) -> str | None:
         try:
             return self.api_key.read_text().strip() or None
         except FileNotFoundError:
             return None
 
-    def read_json(self, path: Path) -> Optional[dict]:
+    def read_json(self, path: Path) -> dict | None:
         """A small JSON record of this run, or None when missing or unreadable."""
         try:
             doc = json.loads(path.read_text())
@@ -190,7 +190,7 @@ class RunDir:
             return None
         return doc if isinstance(doc, dict) else None
 
-    def job_log(self) -> Optional[Path]:
+    def job_log(self) -> Path | None:
         """The scheduler's output file of the job (Slurm slurm-<id>.out, PBS pbs.out, local job.out)."""
         job_id = (self.job_id or "").split(".")[0]
         for name in (f"slurm-{job_id}.out", "pbs.out", "job.out", f"job.sh.o{job_id}"):
@@ -200,7 +200,7 @@ class RunDir:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write_inputs(self, res: "Resolved") -> None:
+    def write_inputs(self, res: Resolved) -> None:
         """config.yaml, site.yaml and plan.json: what the head and agents of the run read."""
         from aegis.config.schema import dump_yaml
         from aegis.config.sites import save_site
@@ -215,7 +215,7 @@ class RunDir:
         atomic_write(self.script, script, mode=0o755)
         return self.script
 
-    def write_submission(self, res: "Resolved", script: str) -> str:
+    def write_submission(self, res: Resolved, script: str) -> str:
         """Write config, site, plan and job script, submit the script, record the job id; returns it.
 
         The directory must be new or empty: a run directory holds one run.
@@ -225,7 +225,7 @@ class RunDir:
         self.write_inputs(res)
         return self.submit(self.write_script(script), res.site.scheduler)
 
-    def submit(self, script: Path, scheduler: "str | Scheduler") -> str:
+    def submit(self, script: Path, scheduler: str | Scheduler) -> str:
         """Submit `script` from this directory (scheduler: a name or a Scheduler) and record the job id."""
         from aegis.schedulers.base import get_scheduler
 
@@ -238,7 +238,7 @@ class RunDir:
         atomic_write(self.shutdown, f"{time.time()}\n")
 
 
-def find_run_dir(arg: Optional[str], runs_dir: Optional[str] = None, marker: str = SUBMITTED_MARKER) -> Optional[RunDir]:
+def find_run_dir(arg: str | None, runs_dir: str | None = None, marker: str = SUBMITTED_MARKER) -> RunDir | None:
     """RUN_DIR as given; no argument: the newest run directory under `runs_dir`; a job id: None.
 
     `marker` is the file that makes a directory a run directory for the caller: `job_id` for

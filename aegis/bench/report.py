@@ -21,7 +21,7 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
     titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
               "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
     for key, title in titles.items():
-        lines.append("{:-^60}".format(title))
+        lines.append(f"{title:-^60}")
         for stat in ("mean", "median", "p99"):
             label = f"{stat.capitalize() if stat != 'p99' else 'P99'} {key.upper()} (ms):"
             lines.append(f"{label:<42}{s[f'{stat}_{key}_ms']:>18.2f}")

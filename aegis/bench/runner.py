@@ -21,8 +21,8 @@ from aegis.bench import metrics, workload
 from aegis.bench.arrival import ArrivalSpec, schedule
 from aegis.bench.client import RequestOptions
 from aegis.bench.endpoints import Endpoint, auth_headers
-from aegis.bench.prom import Scraper
 from aegis.bench.progress import Progress
+from aegis.bench.prom import Scraper
 from aegis.bench.worker import WorkerPlan, worker_main
 from aegis.errors import AegisError, UsageError
 
@@ -96,7 +96,7 @@ class BenchConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict, output_dir: str) -> "BenchConfig":
+    def from_json(cls, d: dict, output_dir: str) -> BenchConfig:
         arr = dict(d["arrival"])
         arr["trace"] = tuple(arr["trace"]) if arr.get("trace") else None
         return cls(endpoints=[Endpoint(**e) for e in d["endpoints"]], model=d["model"], output_dir=output_dir,

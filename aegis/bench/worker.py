@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 from aegis.bench.client import RequestOptions, send
-from aegis.bench.http import Pool
 from aegis.bench.endpoints import Endpoint
+from aegis.bench.http import Pool
 from aegis.bench.workload import RequestSpec
 
 perf = time.perf_counter

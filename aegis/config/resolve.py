@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from aegis.config.schema import Config, Overrides, load_yaml, resolve, site_of
 from aegis.config.sites import Site, choose_site
@@ -18,10 +18,10 @@ class Resolved:
     config: Config
     site: Site
     plan: Plan
-    source: Optional[str]
+    source: str | None
 
 
-def resolve_config(config_path: Optional[str] = None, overrides: Optional[Overrides] = None,
+def resolve_config(config_path: str | None = None, overrides: Overrides | None = None,
                    engine_args: Sequence[str] = (), site_files: Sequence[str] = ()) -> Resolved:
     """Load CONFIG (or nothing), apply the overrides and trailing engine args, pick the site, plan.
 
@@ -43,7 +43,7 @@ def resolve_config(config_path: Optional[str] = None, overrides: Optional[Overri
     return resolved(cfg, site, source=config_path)
 
 
-def resolved(cfg: Config, site: Site, nodes: Optional[int] = None, source: Optional[str] = None) -> Resolved:
+def resolved(cfg: Config, site: Site, nodes: int | None = None, source: str | None = None) -> Resolved:
     """A validated config on `site`, checked against it and planned (on `nodes`, default the config's)."""
     from aegis.engines import check_engine_site
 

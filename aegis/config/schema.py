@@ -12,11 +12,20 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
-from pydantic import field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from aegis.engines.options import EngineOptions, problem
 from aegis.errors import ConfigError
@@ -81,7 +90,7 @@ def _no_control(value: str) -> str:
     return value
 
 
-def check_name(value: Optional[str], what: str) -> Optional[str]:
+def check_name(value: str | None, what: str) -> str | None:
     """Model and job names go into file names, job names and URLs."""
     if value is not None and not MODEL_NAME_RE.match(value):
         raise ValueError(f"{value!r} is not a valid {what}: use lowercase letters, digits, '.', '_' and '-'")
@@ -114,12 +123,12 @@ class ModelSpec(_Strict, EngineOptions):
     """
 
     model: StrictStr
-    name: Optional[StrictStr] = None
+    name: StrictStr | None = None
     instances: StrictInt = Field(1, gt=0)
     tensor_parallel_size: StrictInt = Field(1, gt=0)
     pipeline_parallel_size: StrictInt = Field(1, gt=0)
-    port_start: Optional[StrictInt] = Field(None, ge=1024, le=65535)
-    model_source: Optional[StrictStr] = None
+    port_start: StrictInt | None = Field(None, ge=1024, le=65535)
+    model_source: StrictStr | None = None
     extra_vllm_args: list[StrictStr] = Field(default_factory=list)
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     engine: Literal["vllm", "sglang", "trtllm"] = "vllm"
@@ -202,22 +211,22 @@ def _check_env(v):
 class Config(_Strict):
     """A whole run: global settings plus one or more models."""
 
-    site: Optional[StrictStr] = None
-    name: Optional[StrictStr] = None
+    site: StrictStr | None = None
+    name: StrictStr | None = None
     walltime: StrictStr = "01:00:00"
-    account: Optional[StrictStr] = None
-    queue: Optional[StrictStr] = None
-    filesystems: Optional[StrictStr] = None
+    account: StrictStr | None = None
+    queue: StrictStr | None = None
+    filesystems: StrictStr | None = None
     directives: list[StrictStr] = Field(default_factory=list)
-    nodes: Optional[StrictInt] = Field(None, gt=0)
-    hf_home: Optional[StrictStr] = None
-    hf_token_file: Optional[StrictStr] = None
+    nodes: StrictInt | None = Field(None, gt=0)
+    hf_home: StrictStr | None = None
+    hf_token_file: StrictStr | None = None
     pass_env: list[StrictStr] = Field(default_factory=list)
     port_start: StrictInt = Field(8000, ge=1024, le=65535)
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     pack_models: StrictBool = False
     runs_dir: StrictStr = "runs"
-    engine_python: Optional[StrictStr] = None  # the Python that has the engine (default: python3 on PATH)
+    engine_python: StrictStr | None = None  # the Python that has the engine (default: python3 on PATH)
     startup_timeout: StrictInt = Field(1800, gt=0)  # seconds an instance may take to become healthy
     max_restarts: StrictInt = Field(3, ge=0)  # restarts of a dead instance before it is marked failed
     shutdown_grace: StrictInt = Field(30, ge=0)  # seconds between SIGTERM and SIGKILL
@@ -378,7 +387,7 @@ class Overrides:
 
     globals: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
-    for_model: Optional[str] = None
+    for_model: str | None = None
     flag_names: dict = field(default_factory=dict)  # key -> "--flag" (for error messages)
 
 
@@ -525,7 +534,7 @@ def _check_token_file(cfg: Config, source: str) -> None:
                           f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
 
 
-def site_of(raw: dict | None, overrides: Overrides | None) -> Optional[str]:
+def site_of(raw: dict | None, overrides: Overrides | None) -> str | None:
     """The site the user asked for (flag first, then the config), or None."""
     ov = overrides or Overrides()
     if ov.globals.get("site"):

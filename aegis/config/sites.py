@@ -12,10 +12,18 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
-from pydantic import field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from aegis.config.schema import Config, check_env_names, load_yaml, suggest
 from aegis.errors import ConfigError, SiteError
@@ -73,8 +81,8 @@ class ServeAddress(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["hostname", "template", "interface", "loopback"] = "hostname"
-    template: Optional[StrictStr] = None  # e.g. "{short}-hsn0" ({hostname}, {short})
-    interface: Optional[StrictStr] = None  # e.g. "hsn0": the IPv4 address of that interface
+    template: StrictStr | None = None  # e.g. "{short}-hsn0" ({hostname}, {short})
+    interface: StrictStr | None = None  # e.g. "hsn0": the IPv4 address of that interface
 
     @model_validator(mode="after")
     def _needs(self):
@@ -101,16 +109,16 @@ class Site(BaseModel):
     description: StrictStr = ""
     scheduler: Literal["slurm", "pbs", "local"]
     hostname_patterns: list[StrictStr] = Field(default_factory=list)
-    devices_per_node: Union[StrictInt, Literal["auto"]]
+    devices_per_node: StrictInt | Literal["auto"]
     device_kind: Literal["gpu", "xpu", "cpu"] = "gpu"
-    device_names: Optional[list[StrictStr]] = None
+    device_names: list[StrictStr] | None = None
     cores_per_device: StrictInt = Field(1, gt=0)  # cpu sites: cores that make one "device"
-    device_memory_gb: Optional[float] = Field(None, gt=0)  # memory of one device (cpu sites: RAM / devices)
+    device_memory_gb: float | None = Field(None, gt=0)  # memory of one device (cpu sites: RAM / devices)
     visibility_env: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # VAR -> separator
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     domains: list[Domain] = Field(default_factory=list)
     device_cpus: dict[StrictStr, StrictStr] = Field(default_factory=dict)
-    max_nodes: Optional[StrictInt] = Field(None, gt=0)
+    max_nodes: StrictInt | None = Field(None, gt=0)
     gpus_directive: bool = False  # slurm: emit --gpus-per-node
     select_suffix: StrictStr = ""  # pbs: appended to -l select=N, e.g. ":system=polaris"
     directives: list[StrictStr] = Field(default_factory=list)
@@ -119,7 +127,7 @@ class Site(BaseModel):
     launcher: Literal["srun", "mpiexec", "local"] = "srun"
     launcher_args: list[StrictStr] = Field(default_factory=list)
     serve_address: ServeAddress = Field(default_factory=ServeAddress)
-    aegis_command: Optional[StrictStr] = None
+    aegis_command: StrictStr | None = None
     defaults: dict = Field(default_factory=dict)
     source: StrictStr = "<built-in>"
 
@@ -173,7 +181,7 @@ class Site(BaseModel):
 
     # -- derived facts used by the placement engine ---------------------------------
 
-    def resolved(self) -> "Site":
+    def resolved(self) -> Site:
         """Fill in 'auto' values from this machine (only the local site uses them)."""
         if self.devices_per_node != "auto":
             return self
@@ -297,7 +305,7 @@ def all_sites(site_files=(), site_path: str | None = None) -> list[Site]:
     return [_build(n, profiles) for n in sorted(profiles)]
 
 
-def detect_site(hostname: str | None = None, site_files=(), site_path: str | None = None) -> Optional[str]:
+def detect_site(hostname: str | None = None, site_files=(), site_path: str | None = None) -> str | None:
     """The site whose hostname_patterns match this host (user profiles win), or None."""
     names = [hostname] if hostname else list({socket.gethostname(), socket.getfqdn()})
     profiles = raw_profiles(site_files, site_path)

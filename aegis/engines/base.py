@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from aegis.engines.options import EngineOptions
 
@@ -32,8 +31,8 @@ class EngineLaunch:
     python: str = "python3"
     nnodes: int = 1
     node_rank: int = 0
-    master_addr: Optional[str] = None
-    master_port: Optional[int] = None
+    master_addr: str | None = None
+    master_port: int | None = None
     options: EngineOptions = field(default_factory=EngineOptions)
     lora_adapters: dict = field(default_factory=dict)  # name -> path, resolved from options.lora
     instance: str = "instance"  # the instance's name (names per-instance config files)
@@ -64,7 +63,7 @@ class Engine:
     vendors: tuple = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                       "ZE_AFFINITY_MASK", "VLLM_CPU_OMP_THREADS_BIND")  # visibility variables it runs with
 
-    def command(self, launch: EngineLaunch) -> Optional[list[str]]:
+    def command(self, launch: EngineLaunch) -> list[str] | None:
         """The argv of this rank, or None when this node runs no process (another rank starts it)."""
         raise NotImplementedError
 
@@ -89,11 +88,11 @@ class Engine:
         """Environment that hands the engine its API key (never the command line)."""
         return {self.api_key_env: api_key} if self.api_key_env else {}
 
-    def files(self, launch: EngineLaunch, api_key: Optional[str]) -> dict[str, str]:
+    def files(self, launch: EngineLaunch, api_key: str | None) -> dict[str, str]:
         """path -> text of per-instance config files the agent writes (mode 0600) before starting."""
         return {}
 
-    def check_site(self, visibility_vars: list[str]) -> Optional[str]:
+    def check_site(self, visibility_vars: list[str]) -> str | None:
         """Why this engine cannot run on a site with these device-visibility variables, or None."""
         if visibility_vars and not set(visibility_vars) & set(self.vendors):
             return (f"engine {self.name!r} does not run on devices selected with "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
@@ -52,10 +51,10 @@ class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     adapters: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # name -> path
-    adapters_dir: Optional[StrictStr] = None  # one adapter per subdirectory (named after it)
-    max_loras: Optional[StrictInt] = Field(None, gt=0)  # resident on the device
-    max_cpu_loras: Optional[StrictInt] = Field(None, gt=0)  # cached in host memory
-    max_lora_rank: Optional[StrictInt] = Field(None, gt=0)
+    adapters_dir: StrictStr | None = None  # one adapter per subdirectory (named after it)
+    max_loras: StrictInt | None = Field(None, gt=0)  # resident on the device
+    max_cpu_loras: StrictInt | None = Field(None, gt=0)  # cached in host memory
+    max_lora_rank: StrictInt | None = Field(None, gt=0)
 
     @field_validator("adapters")
     @classmethod
@@ -90,25 +89,25 @@ class EngineOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora: Optional[LoraOptions] = None
-    enable_prefix_caching: Optional[StrictBool] = None
-    kv_cache_dtype: Optional[StrictStr] = None
+    lora: LoraOptions | None = None
+    enable_prefix_caching: StrictBool | None = None
+    kv_cache_dtype: StrictStr | None = None
     enable_expert_parallel: StrictBool = False
-    all2all_backend: Optional[StrictStr] = None
+    all2all_backend: StrictStr | None = None
     enable_eplb: StrictBool = False
-    num_redundant_experts: Optional[StrictInt] = Field(None, ge=0)
-    engine_version: Optional[StrictStr] = None  # e.g. "0.10.1": selects flag spellings where they changed
+    num_redundant_experts: StrictInt | None = Field(None, ge=0)
+    engine_version: StrictStr | None = None  # e.g. "0.10.1": selects flag spellings where they changed
 
     def set_keys(self) -> list[str]:
         """The feature keys this model sets (in SUPPORT order)."""
         return [k for k in SUPPORT if getattr(self, k) not in (None, False)]
 
-    def engine_options(self) -> "EngineOptions":
+    def engine_options(self) -> EngineOptions:
         """Just the feature keys (of a ModelSpec, which has more)."""
         return EngineOptions(**{k: getattr(self, k) for k in EngineOptions.model_fields})
 
 
-def problem(engine: str, opts: EngineOptions) -> Optional[str]:
+def problem(engine: str, opts: EngineOptions) -> str | None:
     """One line naming the first option `engine` does not have or a value it refuses, or None."""
     for key in opts.set_keys():
         if engine not in SUPPORT[key]:
@@ -141,7 +140,7 @@ def problem(engine: str, opts: EngineOptions) -> Optional[str]:
     return None
 
 
-def version_tuple(version: Optional[str]) -> tuple[int, ...]:
+def version_tuple(version: str | None) -> tuple[int, ...]:
     """'0.10.1.1' -> (0, 10, 1, 1); None -> a version newer than any (the current flags)."""
     if not version:
         return (10 ** 6,)

@@ -7,7 +7,6 @@ run directory and passes `--config`, so the key is on no command line.
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 from aegis.engines.base import Engine, EngineLaunch, flag_value
 
@@ -60,7 +59,7 @@ class SGLangEngine(Engine):
     def key_env(self, api_key: str) -> dict[str, str]:
         return {}
 
-    def files(self, launch: EngineLaunch, api_key: Optional[str]) -> dict[str, str]:
+    def files(self, launch: EngineLaunch, api_key: str | None) -> dict[str, str]:
         if not (launch.api_key and api_key):
             return {}
         # YAML of one string: JSON quoting is valid YAML and escapes anything in the key.

@@ -11,7 +11,6 @@ Prefix reuse and the KV-cache type go into a per-instance
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 from aegis.engines.base import Engine, EngineLaunch, flag_value
 
@@ -23,7 +22,7 @@ class TRTLLMEngine(Engine):
     supports_api_key = False
     vendors = ("CUDA_VISIBLE_DEVICES",)  # NVIDIA GPUs only
 
-    def command(self, launch: EngineLaunch) -> Optional[list[str]]:
+    def command(self, launch: EngineLaunch) -> list[str] | None:
         if launch.nnodes > 1 and launch.node_rank > 0:
             return None  # started by the head's mpirun
         serve = [launch.script("trtllm-serve"), launch.model, "--host", launch.host, "--port", str(launch.port),
@@ -58,7 +57,7 @@ class TRTLLMEngine(Engine):
             kv["dtype"] = opts.kv_cache_dtype
         return {"kv_cache_config": kv} if kv else {}
 
-    def files(self, launch: EngineLaunch, api_key: Optional[str]) -> dict[str, str]:
+    def files(self, launch: EngineLaunch, api_key: str | None) -> dict[str, str]:
         data = self._llm_api_options(launch)
         if not data:
             return {}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 from aegis.engines.base import Engine, EngineLaunch, flag_value
 from aegis.engines.options import version_tuple
@@ -22,12 +21,12 @@ METRICS = {
 }
 
 
-def spelling(table: dict, key: str, version: Optional[str]) -> str:
+def spelling(table: dict, key: str, version: str | None) -> str:
     first, old, new = table[key]
     return new if version_tuple(version) >= first else old
 
 
-def metric_name(key: str, version: Optional[str] = None) -> str:
+def metric_name(key: str, version: str | None = None) -> str:
     """The Prometheus name of a vLLM metric in `version` (None: current releases)."""
     return spelling(METRICS, key, version)
 

@@ -5,7 +5,6 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import aiohttp
 import click
@@ -77,7 +76,7 @@ def read_prefixes(path: str | Path) -> list[str]:
     return prefixes
 
 
-async def _send(session: aiohttp.ClientSession, url: str, headers: dict, model: str, prefix: str) -> Optional[str]:
+async def _send(session: aiohttp.ClientSession, url: str, headers: dict, model: str, prefix: str) -> str | None:
     """One completion of one token for `prefix`; None when it worked, else the error."""
     payload = {"model": model, "prompt": prefix, "max_tokens": 1, "temperature": 0}
     try:
@@ -90,7 +89,7 @@ async def _send(session: aiohttp.ClientSession, url: str, headers: dict, model: 
         return type(exc).__name__ + (f": {exc}" if str(exc) else "")
 
 
-async def warm(instances: list[InstanceEndpoint], prefixes: list[str], key: Optional[str], *, adapters: bool = False,
+async def warm(instances: list[InstanceEndpoint], prefixes: list[str], key: str | None, *, adapters: bool = False,
                concurrency: int = 64, timeout: float = 300.0) -> list[dict]:
     """Send every prefix to every instance (and, with `adapters`, to each of its LoRA adapters) concurrently."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}

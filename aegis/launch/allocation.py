@@ -6,9 +6,9 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
 
 from aegis.errors import AegisError
 from aegis.schedulers.base import run_command
@@ -20,7 +20,7 @@ class Allocation:
     """The nodes of a job (allocation.json once the head has chosen the site and serving addresses)."""
 
     scheduler: str  # slurm, pbs or local
-    job_id: Optional[str]
+    job_id: str | None
     hosts: list[str]
     site: str = ""
     addresses: list[str] = field(default_factory=list)  # per host: where engines listen and clients connect
@@ -32,7 +32,7 @@ class Allocation:
         atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def read(cls, path: Path) -> "Allocation":
+    def read(cls, path: Path) -> Allocation:
         try:
             doc = json.loads(path.read_text())
             return cls(scheduler=doc["scheduler"], job_id=doc.get("job_id"), hosts=list(doc["hosts"]),

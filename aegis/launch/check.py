@@ -6,7 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
-from typing import Callable
+from collections.abc import Callable
 
 from aegis.config.sites import Site, format_ranges, run_site
 from aegis.errors import AegisError

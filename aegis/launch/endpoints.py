@@ -17,7 +17,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -63,7 +62,7 @@ class InstanceEndpoint(BaseModel):
     model: str
     url: str
     host: str = ""
-    port: Optional[int] = None
+    port: int | None = None
     hostname: str = ""
     node: int = 0
     lora_adapters: list[str] = []
@@ -71,11 +70,11 @@ class InstanceEndpoint(BaseModel):
     nodes: list[str] = []
     engine: str = "vllm"
     status: InstanceState = InstanceState.STARTING
-    pid: Optional[int] = None
+    pid: int | None = None
     restarts: int = 0
-    ready_seconds: Optional[float] = None
-    log: Optional[str] = None
-    error: Optional[str] = None
+    ready_seconds: float | None = None
+    log: str | None = None
+    error: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -88,12 +87,12 @@ class EndpointsFile(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     version: int = VERSION
-    job_id: Optional[str] = None
+    job_id: str | None = None
     run_dir: str = ""
     site: str = ""
     scheduler: str = "local"
     state: RunState = RunState.STARTING
-    api_key_file: Optional[str] = None
+    api_key_file: str | None = None
     updated: float = 0.0
     instances: list[InstanceEndpoint] = []
 
@@ -104,7 +103,7 @@ class EndpointsFile(BaseModel):
         atomic_write(path, self.model_dump_json(indent=1) + "\n", mode=0o600)
 
     @classmethod
-    def parse(cls, text: str, path: Path) -> "EndpointsFile":
+    def parse(cls, text: str, path: Path) -> EndpointsFile:
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -123,7 +122,7 @@ class EndpointsFile(BaseModel):
             raise AegisError(f"{path}: invalid endpoints file at {where}: {err['msg']}") from None
 
     @classmethod
-    def read(cls, target: str | os.PathLike) -> "EndpointsFile":
+    def read(cls, target: str | os.PathLike) -> EndpointsFile:
         """An endpoints file, or the one in a run directory; a clear error when there is none."""
         path = Path(target)
         if path.is_dir():
@@ -137,7 +136,7 @@ class EndpointsFile(BaseModel):
         return cls.parse(text, path)
 
     @classmethod
-    def read_optional(cls, path: Path) -> Optional["EndpointsFile"]:
+    def read_optional(cls, path: Path) -> EndpointsFile | None:
         """The file, or None while there is none or it cannot be read."""
         try:
             return cls.parse(path.read_text(), path)
@@ -162,7 +161,7 @@ class EndpointsFile(BaseModel):
             out.setdefault(inst.model, []).append(inst.url)
         return out
 
-    def api_key(self) -> Optional[str]:
+    def api_key(self) -> str | None:
         """The run's key: AEGIS_API_KEY / OPENAI_API_KEY, else the (0600) file this file names."""
         from aegis.bench.endpoints import Fleet, resolve_api_key
 

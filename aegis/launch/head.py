@@ -19,8 +19,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import click
 import psutil
@@ -40,8 +40,8 @@ from aegis.util.procs import stop_groups
 S = InstanceState
 
 
-def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Optional[Probe], since: float, now: float,
-               startup_timeout: float) -> tuple[InstanceState, Optional[str]]:
+def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | None, since: float, now: float,
+               startup_timeout: float) -> tuple[InstanceState, str | None]:
     """The new state of one instance (and its error) from its ranks' reports and its health probe.
 
     failed stays failed; a failed rank fails the instance; a replaced, restarting or vanished
@@ -86,7 +86,7 @@ def overall_state(states: list[InstanceState], previous: RunState) -> RunState:
 
 class Head:
     def __init__(self, run: RunDir, site: Site, cfg: Config, plan: Plan, alloc: Allocation,
-                 echo: Optional[Callable[[str], None]] = None):
+                 echo: Callable[[str], None] | None = None):
         self.run = run
         self.site = site
         self.cfg = cfg
@@ -94,8 +94,8 @@ class Head:
         self.alloc = alloc
         self.echo = echo or (lambda msg: click.echo(msg, err=True))
         self.stop_requested = False
-        self.step: Optional[subprocess.Popen] = None
-        self.key: Optional[str] = None
+        self.step: subprocess.Popen | None = None
+        self.key: str | None = None
         self.t0 = time.monotonic()
         self.since: dict[str, float] = {}
         self.exit_code = 0
@@ -152,7 +152,7 @@ class Head:
                 out.setdefault(rank.instance, []).append(rank)
         return out
 
-    def _update(self, inst: InstanceEndpoint, ranks: list[RankStatus], probe: Optional[Probe]) -> bool:
+    def _update(self, inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | None) -> bool:
         """Apply next_state to one instance, tell the user what changed; True when something did."""
         before = (inst.status, inst.pid, inst.restarts)
         now = time.monotonic()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import aiohttp
 
@@ -18,12 +18,12 @@ class Probe:
     """The answer of one instance to one health probe."""
 
     ok: bool
-    error: Optional[str] = None
-    latency_ms: Optional[float] = None
+    error: str | None = None
+    latency_ms: float | None = None
     models: list[str] = field(default_factory=list)
 
 
-async def probe(session: aiohttp.ClientSession, url: str, served: str, key: Optional[str]) -> Probe:
+async def probe(session: aiohttp.ClientSession, url: str, served: str, key: str | None) -> Probe:
     """GET /health then /v1/models: ready when `served` is listed."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     start = time.monotonic()
@@ -43,7 +43,7 @@ async def probe(session: aiohttp.ClientSession, url: str, served: str, key: Opti
         return Probe(False, type(exc).__name__ + (f": {exc}" if str(exc) else ""))
 
 
-async def probe_all(instances: Sequence[InstanceEndpoint], key: Optional[str], concurrency: int = 256,
+async def probe_all(instances: Sequence[InstanceEndpoint], key: str | None, concurrency: int = 256,
                     timeout: float = HEALTH_TIMEOUT) -> list[Probe]:
     """Check every instance concurrently (at most `concurrency` at a time), in the order given."""
     sem = asyncio.Semaphore(concurrency)

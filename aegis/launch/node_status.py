@@ -4,7 +4,6 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
-from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -32,12 +31,12 @@ class RankStatus(BaseModel):
     instance: str
     rank: int
     state: RankState
-    pid: Optional[int] = None
+    pid: int | None = None
     restarts: int = 0
-    exit_code: Optional[int] = None
+    exit_code: int | None = None
     log: str = ""
     log_tail: str = ""
-    started_at: Optional[float] = None
+    started_at: float | None = None
 
 
 class NodeStatus(BaseModel):
@@ -57,7 +56,7 @@ class NodeStatus(BaseModel):
         atomic_write(path, self.model_dump_json() + "\n")
 
     @classmethod
-    def read(cls, path: Path) -> Optional["NodeStatus"]:
+    def read(cls, path: Path) -> NodeStatus | None:
         """The record, or None when missing, being replaced, or written by a newer aegis."""
         try:
             data = json.loads(path.read_text())

@@ -6,7 +6,6 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
@@ -18,7 +17,8 @@ from aegis.plan.placement import Plan
 from aegis.rundir import RunDir
 from aegis.util.fs import atomic_write
 
-def interface_address(name: str) -> Optional[str]:
+
+def interface_address(name: str) -> str | None:
     for addr in psutil.net_if_addrs().get(name, []):
         if addr.family == socket.AF_INET:
             return addr.address
@@ -35,7 +35,7 @@ def node_address(site: Site, host: str) -> str:
     return site.serve_address.address(host)
 
 
-def interface_of(address: str) -> tuple[Optional[str], Optional[str]]:
+def interface_of(address: str) -> tuple[str | None, str | None]:
     """(interface name, IPv4) that carries `address` on this node, for the engines' collectives."""
     try:
         ip = socket.gethostbyname(address)
@@ -62,12 +62,12 @@ class Rank:
     env: dict[str, str]
     cpus: list[int]
     log: Path
-    proc: Optional[subprocess.Popen] = None
+    proc: subprocess.Popen | None = None
     state: RankState = RankState.PENDING
     restarts: int = 0
-    exit_code: Optional[int] = None
+    exit_code: int | None = None
     next_start: float = 0.0
-    started_at: Optional[float] = None
+    started_at: float | None = None
     tail: str = ""
 
     @property
@@ -87,7 +87,7 @@ class Rank:
 
 
 def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, addresses: list[str],
-                api_key: Optional[str]) -> list[Rank]:
+                api_key: str | None) -> list[Rank]:
     """The engine processes this node runs, from the plan."""
     specs = {m.short_name: m for m in cfg.models}
     run.logs.mkdir(exist_ok=True)

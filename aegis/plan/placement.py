@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Optional
 
 from aegis.config.schema import Config, ModelSpec
-from aegis.errors import AegisError, PlacementError
 from aegis.config.sites import Site, format_ranges
-
+from aegis.errors import AegisError, PlacementError
 
 PLAN_VERSION = 1
 
@@ -74,7 +72,7 @@ class Plan:
     scheduler: str
     devices_per_node: int
     nodes_required: int
-    nodes_allocated: Optional[int]
+    nodes_allocated: int | None
     instances: list[Instance]
 
     def to_dict(self) -> dict:
@@ -98,7 +96,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "Plan":
+    def from_dict(cls, doc: dict) -> Plan:
         """The inverse of to_dict (device indices are not kept in plan.json)."""
         version = doc.get("version", PLAN_VERSION)
         if version != PLAN_VERSION:
@@ -111,7 +109,7 @@ class Plan:
                    instances=instances)
 
     @classmethod
-    def read(cls, path) -> "Plan":
+    def read(cls, path) -> Plan:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except PlanFileError as exc:
@@ -120,7 +118,7 @@ class Plan:
             raise PlanFileError(f"{path}: cannot read the plan ({type(exc).__name__}: {exc})") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _slots(n: int, k: int, domains: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
     """Fixed device slots of size k on an n-device node, domain-aligned when that loses nothing."""
     best = n // k
@@ -152,7 +150,7 @@ class _Packer:
         self.nodes.append(_Node(self.n))
         return len(self.nodes) - 1
 
-    def find(self, node: _Node, k: int) -> Optional[tuple[int, ...]]:
+    def find(self, node: _Node, k: int) -> tuple[int, ...] | None:
         for slot in _slots(self.n, k, self.domains):
             if node.free.issuperset(slot):
                 return slot
@@ -185,7 +183,7 @@ def check_fits(site: Site, spec: ModelSpec) -> None:
             f"evenly over nodes of {n} devices (site {site.name}); use at most {n} or a multiple of {n}")
 
 
-def make_plan(site: Site, cfg: Config, nodes: Optional[int] = None) -> Plan:
+def make_plan(site: Site, cfg: Config, nodes: int | None = None) -> Plan:
     """Place every instance of every model; `nodes` is the allocation size, or None for 'as needed'."""
     site = site.resolved()
     for spec in cfg.models:

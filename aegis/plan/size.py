@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 from aegis.errors import UsageError
 
@@ -77,7 +76,7 @@ def _throughput_from_file(path: Path, metric: str) -> float:
     return float(s[metric]) / max(1, len(s.get("endpoints") or [None]))
 
 
-def model_shape(params: float, layers: Optional[int], kv_heads: Optional[int], head_dim: Optional[int]):
+def model_shape(params: float, layers: int | None, kv_heads: int | None, head_dim: int | None):
     """(layers, kv_heads, head_dim): given values, else the rule of thumb in the module docstring."""
     if layers is None:
         hidden = (params * 128.0 / 12.0) ** (1.0 / 3.0)
@@ -115,7 +114,7 @@ def fit_tp(params: float, dtype: str, max_model_len: int, device_gb: float, devi
                      f"in {MAX_PP} nodes of {devices_per_node} x {device_gb:g} GB; use a smaller dtype or context")
 
 
-def site_facts(site_name: Optional[str], device_gb: Optional[float]) -> tuple[Optional[int], Optional[float], str]:
+def site_facts(site_name: str | None, device_gb: float | None) -> tuple[int | None, float | None, str]:
     if site_name is None:
         return None, device_gb, ""
     from aegis.config.sites import load_site

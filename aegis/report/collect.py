@@ -8,7 +8,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from aegis.errors import UsageError
 
@@ -26,25 +25,25 @@ class Run:
     kind: str  # "bench" or "probe"
     path: str
     metrics: dict = field(default_factory=dict)
-    rate: Optional[float] = None
-    devices: Optional[int] = None
-    config_hash: Optional[str] = None
+    rate: float | None = None
+    devices: int | None = None
+    config_hash: str | None = None
     notes: list = field(default_factory=list)  # failures other than the SLO (errors, OOM, not run)
-    prom_csv: Optional[str] = None
+    prom_csv: str | None = None
 
     @property
     def name(self) -> str:
         return self.config if self.rate is None else f"{self.config}@{self.rate:g}"
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _point_info(path: Path, stop: Path) -> Optional[tuple[Path, dict]]:
+def _point_info(path: Path, stop: Path) -> tuple[Path, dict] | None:
     """The nearest sweep point (a directory with point.json) at or above `path`, up to `stop`."""
     for d in [path, *path.parents]:
         info = _read_json(d / "point.json")
@@ -55,7 +54,7 @@ def _point_info(path: Path, stop: Path) -> Optional[tuple[Path, dict]]:
     return None
 
 
-def _lora_changes(prom_csv: Path) -> Optional[int]:
+def _lora_changes(prom_csv: Path) -> int | None:
     """Changes of the set of running adapters between scrapes (a proxy for adapter swaps)."""
     try:
         with open(prom_csv, newline="") as fh:
@@ -74,7 +73,7 @@ def _lora_changes(prom_csv: Path) -> Optional[int]:
     return changes
 
 
-def summary_metrics(s: dict, devices: Optional[int]) -> dict:
+def summary_metrics(s: dict, devices: int | None) -> dict:
     """The numbers of one summary.json (vLLM's keys) plus derived ones."""
     m = {k: float(v) for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     total = s.get("completed", 0) + s.get("failed", 0)
@@ -108,7 +107,7 @@ def _notes(s: dict) -> list[str]:
     return notes
 
 
-def oom_log(point_dir: Path) -> Optional[Path]:
+def oom_log(point_dir: Path) -> Path | None:
     """The first log of a sweep point (*.log, *.out, logs/*) that reports running out of memory."""
     logs = sorted(point_dir.glob("*.log")) + sorted(point_dir.glob("*.out")) + sorted(point_dir.glob("logs/*"))
     for log in logs:
@@ -122,8 +121,8 @@ def oom_log(point_dir: Path) -> Optional[Path]:
     return None
 
 
-def _bench_run(d: Path, root: Path, kind: str, config_name: str, default_devices: Optional[int],
-               rate: Optional[float] = None) -> Optional[Run]:
+def _bench_run(d: Path, root: Path, kind: str, config_name: str, default_devices: int | None,
+               rate: float | None = None) -> Run | None:
     s = _read_json(d / "summary.json")
     if s is None:
         return None
@@ -156,7 +155,7 @@ def _name_for(d: Path, root: Path) -> str:
     return d.name if d != root or not d.name.startswith("bench") else d.parent.name + "/" + d.name
 
 
-def collect(paths, devices: Optional[int] = None) -> list[Run]:
+def collect(paths, devices: int | None = None) -> list[Run]:
     """Every bench run, probe rate and unfinished sweep point found under `paths` (searched recursively)."""
     runs: list[Run] = []
     for given in paths:

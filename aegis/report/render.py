@@ -6,8 +6,8 @@ import html
 import io
 from pathlib import Path
 
-from aegis.util.fs import atomic_write
 from aegis.report.analyze import Verdict
+from aegis.util.fs import atomic_write
 
 LONG_COLUMNS = ("config", "config_hash", "kind", "rate", "path", "metric", "value")
 ID_COLUMNS = ("rank", "config", "config_hash", "kind", "rate", "passed", "reasons", "path")

@@ -11,16 +11,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import jinja2
 
 from aegis._version import __version__
 from aegis.config.schema import DIRECTIVE_VALUE_RE, Config
+from aegis.config.sites import Site
 from aegis.errors import ConfigError, SchedulerError
 from aegis.plan.placement import Plan
 from aegis.templates import environment
-from aegis.config.sites import Site
 
 
 class JobState(str, enum.Enum):
@@ -49,7 +48,7 @@ class JobInfo:
     raw_state: str = ""
     reason: str = ""
     nodes: str = ""
-    exit_code: Optional[str] = None
+    exit_code: str | None = None
 
     def to_dict(self) -> dict:
         return {"job_id": self.job_id, "state": self.state.value, "raw_state": self.raw_state,
@@ -65,9 +64,9 @@ class RenderContext:
     plan: Plan
     run_dir: str  # absolute
     config_path: str  # absolute path of the resolved config inside run_dir
-    aegis_command: Optional[str] = None  # default: this Python's `-m aegis`
+    aegis_command: str | None = None  # default: this Python's `-m aegis`
     launch_args: list = field(default_factory=list)  # extra `aegis launch` flags, e.g. --check
-    payload: Optional[list] = None  # run `aegis PAYLOAD...` instead of `aegis launch` (a sweep point)
+    payload: list | None = None  # run `aegis PAYLOAD...` instead of `aegis launch` (a sweep point)
 
     @property
     def nodes(self) -> int:
@@ -117,7 +116,7 @@ class Scheduler:
     def submit(self, script_path: str, run_dir: str) -> str:
         raise NotImplementedError
 
-    def status(self, job_ids: list[str], run_dirs: Optional[dict] = None) -> dict[str, "JobInfo"]:
+    def status(self, job_ids: list[str], run_dirs: dict | None = None) -> dict[str, JobInfo]:
         """One call for all `job_ids`; a job the scheduler does not know is UNKNOWN."""
         raise NotImplementedError
 
@@ -125,8 +124,8 @@ class Scheduler:
         raise NotImplementedError
 
 
-def run_command(argv: list[str], timeout: float = 60, cwd: Optional[str] = None,
-                what: Optional[str] = None) -> subprocess.CompletedProcess:
+def run_command(argv: list[str], timeout: float = 60, cwd: str | None = None,
+                what: str | None = None) -> subprocess.CompletedProcess:
     """Run a scheduler command; a missing binary, a hang or a failure is one clear SchedulerError."""
     what = what or argv[0]
     try:
@@ -147,7 +146,7 @@ class Poller:
     """Polls several jobs with one scheduler call per round, backing off while nothing changes."""
 
     def __init__(self, scheduler: Scheduler, first: float = 1.0, factor: float = 1.5, longest: float = 30.0,
-                 sleep=time.sleep, run_dirs: Optional[dict] = None):
+                 sleep=time.sleep, run_dirs: dict | None = None):
         self.scheduler = scheduler
         self.first, self.factor, self.longest = first, factor, longest
         self.interval = first

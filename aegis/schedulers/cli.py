@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 
 from aegis.config.flags import config_options, resolve_from_cli
 from aegis.config.sites import Site, choose_site
-from aegis.rundir import find_run_dir
 from aegis.run import Run, default_run_dir, render_job, submit
+from aegis.rundir import find_run_dir
 
 
 @click.command("submit")
@@ -43,7 +42,7 @@ def submit_cmd(dry_run, run_dir, as_json, wait, timeout, check, **kw):
         sys.exit(wait_for_run(run.dir, res.site, timeout, echo=click.echo, until_finished=check))
 
 
-def _target(arg: Optional[str], site_opt: Optional[str]) -> tuple[str, Site, Optional[Run]]:
+def _target(arg: str | None, site_opt: str | None) -> tuple[str, Site, Run | None]:
     """RUN_DIR (its own site profile) or a bare JOB_ID (the --site, else the detected one)."""
     found = find_run_dir(arg)
     if found is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from aegis.errors import AegisError
 from aegis.launch.endpoints import EndpointsFile
@@ -14,11 +14,11 @@ from aegis.schedulers.base import JobInfo, JobState, Poller, get_scheduler
 EXIT_READY, EXIT_JOB_FAILED, EXIT_WAIT_TIMEOUT = 0, 3, 4
 
 
-def endpoints_ready(doc: Optional[EndpointsFile]) -> bool:
+def endpoints_ready(doc: EndpointsFile | None) -> bool:
     return doc is not None and doc.all_ready
 
 
-def describe(info: JobInfo, run: Optional[RunDir], site_name: str) -> list[str]:
+def describe(info: JobInfo, run: RunDir | None, site_name: str) -> list[str]:
     lines = [f"job {info.job_id} ({site_name}): {info.state.value}"
              + (f" [{info.raw_state}]" if info.raw_state and info.raw_state.lower() != info.state.value else "")
              + (f" on {info.nodes}" if info.nodes else "")
@@ -40,7 +40,7 @@ def _log(msg: str, err: bool = False) -> None:
     logging.getLogger("aegis").info("%s", msg)
 
 
-def wait_for_run(run: RunDir, site, timeout: float, echo: Callable[..., None] = _log, poller: Optional[Poller] = None,
+def wait_for_run(run: RunDir, site, timeout: float, echo: Callable[..., None] = _log, poller: Poller | None = None,
                  until_finished: bool = False) -> int:
     """Block until the endpoints are ready (0), the job ends first (3) or `timeout` passes (4).
 

@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from aegis.errors import StageError
 

@@ -21,8 +21,8 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from aegis.errors import StageError
 
@@ -53,7 +53,7 @@ class Manifest:
     stream: list[int] = field(default_factory=list)
     _starts: list[int] = field(default_factory=list)
 
-    def index(self) -> "Manifest":
+    def index(self) -> Manifest:
         """Compute stream offsets; call after building or parsing."""
         self.total = self.nfiles = 0
         self.stream = []
@@ -94,7 +94,7 @@ class Manifest:
         return b"".join(out)
 
     @classmethod
-    def parse(cls, data: bytes) -> "Manifest":
+    def parse(cls, data: bytes) -> Manifest:
         """Inverse of serialize()."""
         if not data.startswith(HEADER):
             raise StageError("internal: the broadcast manifest has an unknown format")

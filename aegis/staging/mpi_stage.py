@@ -139,7 +139,7 @@ class _Node:
             self.fail(f"cannot create directory {exc.filename}: {exc.strerror}")
 
     # ------------------------------------------------------------ I/O jobs
-    def do_read(self, slot: "_Slot") -> None:
+    def do_read(self, slot: _Slot) -> None:
         k, n = slot.k, self.chunk_len(slot.k)
         mv, flags = slot.mv, 0
         t0 = _now()
@@ -158,7 +158,7 @@ class _Node:
             mv[n // 2] ^= 0x5A  # test hook: damage the data after the checksum was taken
         mv[n:n + TRAILER] = k.to_bytes(8, "little") + crc.to_bytes(4, "little") + flags.to_bytes(4, "little")
 
-    def do_write(self, slot: "_Slot") -> None:
+    def do_write(self, slot: _Slot) -> None:
         k, n = slot.k, self.chunk_len(slot.k)
         tr = bytes(slot.mv[n:n + TRAILER])
         got_k, crc, flags = int.from_bytes(tr[:8], "little"), int.from_bytes(tr[8:12], "little"), \

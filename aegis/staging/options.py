@@ -38,7 +38,7 @@ class StageOptions:
     json: bool = False
     per_rank: bool = False
 
-    def validate(self) -> "StageOptions":
+    def validate(self) -> StageOptions:
         """Raise UsageError for values both implementations reject."""
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
             raise UsageError(f"--chunk-size {self.chunk_size} is not between 64K and 1G (e.g. 16M)")

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from aegis.errors import UsageError
-from aegis.util.fs import atomic_write
 from aegis.rundir import RunDir
 from aegis.sweep.expand import INLINE_JOB, SPEC_COPY, SWEEP_FILE, Point, run_steps, sweep_document, write_point
 from aegis.sweep.runner import FINISHED, Interrupted, PointRunner, read_status, write_status
 from aegis.sweep.spec import SweepSpec
+from aegis.util.fs import atomic_write
 
 ACTIVE = ("submitted", "running")
 
@@ -108,7 +108,7 @@ def run_inline(spec: SweepSpec, todo: list[Point], sweep_dir: Path, echo: Callab
 
 
 def submit_inline(spec: SweepSpec, points: list[Point], sweep_dir: Path, todo: list[Point],
-                  walltime: Optional[str], echo: Callable[[str], None]) -> str:
+                  walltime: str | None, echo: Callable[[str], None]) -> str:
     """Submit ONE job, as large as the biggest point, that runs the points inline (`--mode inline --submit`)."""
     import shutil
 
@@ -291,7 +291,7 @@ def summary_lines(points: list[Point], sweep_dir: Path) -> list[str]:
     return ["  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5] for r in rows]
 
 
-def _summary(point_dir: Path) -> Optional[dict]:
+def _summary(point_dir: Path) -> dict | None:
     try:
         s = json.loads((point_dir / "bench" / "summary.json").read_text())
     except (OSError, ValueError):

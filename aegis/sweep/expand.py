@@ -8,13 +8,13 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from aegis.config.schema import Config, ModelSpec, Overrides, resolve, slugify
+from aegis.config.sites import Site, choose_site
 from aegis.engines.options import LoraOptions
 from aegis.errors import AegisError, ConfigError
 from aegis.plan.placement import Plan, make_plan
-from aegis.config.sites import Site, choose_site
 from aegis.rundir import RunDir
 from aegis.sweep.spec import SweepSpec, bench_options, probe_options
 
@@ -186,7 +186,7 @@ def spec_hash(spec: SweepSpec) -> str:
 # --------------------------------------------------------------------------- expansion
 
 
-def settings_list(spec: SweepSpec) -> list[tuple[str, dict, Optional[str]]]:
+def settings_list(spec: SweepSpec) -> list[tuple[str, dict, str | None]]:
     """(origin, settings, name) per point: the axes' cartesian product, then the include entries."""
     out = []
     if spec.axes:
@@ -209,7 +209,7 @@ def _resolve(raw: dict, source: str, site: Site) -> tuple[Config, Plan]:
     return cfg, plan
 
 
-def expand(spec: SweepSpec, site_name: Optional[str] = None, site_files=()) -> list[Point]:
+def expand(spec: SweepSpec, site_name: str | None = None, site_files=()) -> list[Point]:
     """Every configuration of the sweep, resolved against the site, in spec order."""
     base = dict(spec.base)
     requested = site_name or spec.site or (base.get("site") if isinstance(base.get("site"), str) else None)
@@ -287,8 +287,8 @@ def sweep_document(spec: SweepSpec, points: list[Point]) -> dict:
             "points": [p.to_dict() for p in points]}
 
 
-def write_point(spec: SweepSpec, p: Point, out_dir: Path, payload: Optional[list] = None,
-                steps: Optional[list] = None) -> Path:
+def write_point(spec: SweepSpec, p: Point, out_dir: Path, payload: list | None = None,
+                steps: list | None = None) -> Path:
     """Write one point's run directory: config, site, plan, point.json (with its steps) and job script.
 
     The job script runs `aegis PAYLOAD` (default `aegis sweep-point DIR`: launch, gate, steps, shutdown).

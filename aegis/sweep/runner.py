@@ -30,8 +30,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from aegis.errors import AegisError
 from aegis.rundir import RunDir
@@ -53,7 +53,7 @@ class Interrupted(AegisError):
     exit_code = 130
 
 
-def read_status(point_dir: Path) -> Optional[dict]:
+def read_status(point_dir: Path) -> dict | None:
     try:
         return json.loads((Path(point_dir) / STATUS).read_text())
     except (OSError, ValueError):
@@ -78,7 +78,7 @@ def _last_line(path: Path, limit: int = 200) -> str:
     return lines[-1][:limit] if lines else ""
 
 
-def move_previous_attempt(point_dir: Path, step_dirs: list[str]) -> Optional[Path]:
+def move_previous_attempt(point_dir: Path, step_dirs: list[str]) -> Path | None:
     """Move what an earlier attempt left (results, logs, status) to attempts/N/; returns where."""
     names = [n for n in (*step_dirs, *ATTEMPT_FILES) if (point_dir / n).exists()]
     if not names:
@@ -93,7 +93,7 @@ def move_previous_attempt(point_dir: Path, step_dirs: list[str]) -> Optional[Pat
     return dest
 
 
-def reset_prefix_cache(doc: dict, key: Optional[str], tries: int = 5) -> str:
+def reset_prefix_cache(doc: dict, key: str | None, tries: int = 5) -> str:
     """POST /reset_prefix_cache to every ready instance: 'reset', or why not ('unavailable ...')."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     results = []
@@ -138,9 +138,9 @@ class PointRunner:
         self.run_opts: dict = info.get("run") or {}
         self.echo = echo
         self.prefix = prefix or f"{info.get('label', self.dir.name)} ({info.get('hash', '?')})"
-        self.launcher: Optional[subprocess.Popen] = None
-        self.child: Optional[subprocess.Popen] = None
-        self.stop_signal: Optional[int] = None
+        self.launcher: subprocess.Popen | None = None
+        self.child: subprocess.Popen | None = None
+        self.stop_signal: int | None = None
         self.status: dict = {}
 
     # -- helpers -----------------------------------------------------------------------
@@ -160,7 +160,7 @@ class PointRunner:
             except ProcessLookupError:
                 pass
 
-    def _endpoints(self) -> Optional[dict]:
+    def _endpoints(self) -> dict | None:
         try:
             return json.loads((self.dir / "endpoints.json").read_text())
         except (OSError, ValueError):
@@ -184,7 +184,7 @@ class PointRunner:
                                              start_new_session=True, cwd=str(self.dir),
                                              env={**os.environ, "AEGIS_RUN_DIR": str(self.dir)})
 
-    def _gate(self) -> Optional[str]:
+    def _gate(self) -> str | None:
         """Wait until every instance is ready; None, or why the point cannot be measured."""
         timeout = self._health_timeout()
         t0 = time.monotonic()
@@ -207,7 +207,7 @@ class PointRunner:
             time.sleep(POLL)
         return None
 
-    def _run_step(self, step: dict) -> Optional[str]:
+    def _run_step(self, step: dict) -> str | None:
         out = self.dir / step["subdir"]
         log_path = self.dir / "logs" / f"{step['step']}.log"
         cmd = _aegis() + list(step["args"]) + ["--endpoints", str(self.dir), "--output-dir", str(out)]

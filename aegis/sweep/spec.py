@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from aegis.config.schema import check_name, load_yaml, slugify, suggest
 from aegis.errors import ConfigError
@@ -45,12 +45,12 @@ class SweepSpec:
 
     path: str
     name: str
-    site: Optional[str]
+    site: str | None
     base: dict
     axes: dict[str, list]
     include: list[dict]
-    bench: Optional[dict]
-    probe: Optional[dict]
+    bench: dict | None
+    probe: dict | None
     warmup: dict
     slo: dict[str, float]
     run: dict

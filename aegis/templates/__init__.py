@@ -1,7 +1,8 @@
 """Jinja2 templates shipped as package data (job scripts, modulefile), and the one environment that renders them."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jinja2
 

@@ -252,7 +252,7 @@ class Engine:
 class _Collector:
     """vLLM-named metrics of the simulated engine."""
 
-    def __init__(self, server: "SimServer"):
+    def __init__(self, server: SimServer):
         self.s = server
 
     def collect(self):
@@ -555,7 +555,7 @@ class SimProcess:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def __enter__(self) -> "SimProcess":
+    def __enter__(self) -> SimProcess:
         env = dict(os.environ if self.env is None else self.env)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

@@ -83,8 +83,7 @@ def write_tokenizer(out: Path, seed: int) -> None:
 def write_model(out: Path, seed: int) -> None:
     """Save a randomly initialised bfloat16 LlamaForCausalLM with safetensors."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers import PreTrainedTokenizerFast
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(out))
     config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,

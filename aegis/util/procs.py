@@ -5,10 +5,10 @@ import os
 import signal
 import subprocess
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 
-def signal_group(pgid: Optional[int], sig: int) -> bool:
+def signal_group(pgid: int | None, sig: int) -> bool:
     """Send `sig` to process group `pgid`; False when the group is gone (or was never there)."""
     if not pgid:
         return False
@@ -21,12 +21,12 @@ def signal_group(pgid: Optional[int], sig: int) -> bool:
         return True
 
 
-def group_alive(pgid: Optional[int]) -> bool:
+def group_alive(pgid: int | None) -> bool:
     return signal_group(pgid, 0)
 
 
 def stop_groups(procs: Sequence[subprocess.Popen], grace: float, *, linger: float = 5.0,
-                on_kill: Optional[Callable[[], None]] = None) -> None:
+                on_kill: Callable[[], None] | None = None) -> None:
     """Stop processes that lead their own process group (started with start_new_session=True).
 
     SIGTERM to every group, wait up to `grace` seconds for the leaders, SIGKILL the groups of those

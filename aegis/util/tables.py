@@ -1,7 +1,8 @@
 """The one plain-text table printer: left-aligned columns two spaces apart, the last one unpadded."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:

@@ -2,7 +2,6 @@
 import asyncio
 import json
 
-
 from aegis.bench.client import RequestOptions, send
 from aegis.bench.http import Pool
 

@@ -1,11 +1,11 @@
 """The engine command lines and environments the agent builds from a plan (no engine is started)."""
 import json
 
-from aegis.launch.ranks import build_ranks, master_port
-from aegis.rundir import RunDir
 from aegis.config.schema import resolve
-from aegis.plan.placement import make_plan
 from aegis.config.sites import load_site
+from aegis.launch.ranks import build_ranks, master_port
+from aegis.plan.placement import make_plan
+from aegis.rundir import RunDir
 
 
 def ranks_for(tmp_path, site_name, raw, index, hosts, key="k3y"):

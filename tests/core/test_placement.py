@@ -2,9 +2,9 @@
 import pytest
 
 from aegis.config.schema import resolve
+from aegis.config.sites import load_site
 from aegis.errors import PlacementError
 from aegis.plan.placement import make_plan
-from aegis.config.sites import load_site
 
 
 def plan_for(site, instances=1, tp=1, pp=1, nodes=None, **extra):

@@ -5,9 +5,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aegis.config.schema import resolve
+from aegis.config.sites import load_site
 from aegis.errors import PlacementError
 from aegis.plan.placement import make_plan
-from aegis.config.sites import load_site
 
 SITES = {name: load_site(name).resolved() for name in ("aurora", "frontier", "h200", "polaris", "local")}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from aegis.remote import split_remote
 from aegis.errors import UsageError
+from aegis.remote import split_remote
 
 SSHD = "/usr/sbin/sshd"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from aegis.config.flags import resolve_from_cli
-from aegis.run import render_job
 from aegis.errors import ConfigError
+from aegis.run import render_job
 from tests.core.helpers import write
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from aegis.launch.allocation import discover, expand_hostlist, node_index
+from aegis.config.sites import load_site
 from aegis.errors import SchedulerError
-from aegis.schedulers.jobs import EXIT_JOB_FAILED, JobEnded, wait_for_run
+from aegis.launch.allocation import discover, expand_hostlist, node_index
 from aegis.rundir import RunDir
 from aegis.schedulers import pbs, slurm
 from aegis.schedulers.base import JobInfo, JobState, Poller, run_command
+from aegis.schedulers.jobs import EXIT_JOB_FAILED, JobEnded, wait_for_run
 from aegis.schedulers.local import LocalScheduler
-from aegis.config.sites import load_site
 from tests.core.helpers import run_cli
 
 FIX = Path(__file__).parent / "fixtures" / "pbs"

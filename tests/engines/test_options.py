@@ -6,15 +6,15 @@ import re
 
 import pytest
 
-from aegis.launch.allocation import Allocation
 from aegis.config.schema import resolve
+from aegis.config.sites import load_site
 from aegis.engines import EngineLaunch, get_engine
 from aegis.engines.options import SUPPORT, EngineOptions, LoraOptions
 from aegis.engines.vllm import metric_name
 from aegis.errors import ConfigError
-from aegis.plan.placement import make_plan
-from aegis.config.sites import load_site
+from aegis.launch.allocation import Allocation
 from aegis.launch.head import Head
+from aegis.plan.placement import make_plan
 from aegis.rundir import RunDir
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from aegis.launch.ranks import build_ranks
-from aegis.rundir import RunDir
 from aegis.config.schema import resolve
-from aegis.errors import ConfigError
-from aegis.plan.placement import make_plan
 from aegis.config.sites import load_site
+from aegis.errors import ConfigError
+from aegis.launch.ranks import build_ranks
+from aegis.plan.placement import make_plan
+from aegis.rundir import RunDir
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("AEGIS_UPDATE_GOLDEN") == "1"

@@ -14,8 +14,15 @@ from aegis.config.schema import resolve
 from aegis.engines import EngineLaunch, get_engine
 from aegis.engines.vllm import metric_name
 from aegis.engines.warm import warm_cmd
-from tests.fixtures.vllm import BASE_ARGS, BASE_ENV, START_TIMEOUT, VllmServer, _wait_healthy, free_port
-from tests.fixtures.vllm import stop_vllm_server
+from tests.fixtures.vllm import (
+    BASE_ARGS,
+    BASE_ENV,
+    START_TIMEOUT,
+    VllmServer,
+    _wait_healthy,
+    free_port,
+    stop_vllm_server,
+)
 
 pytestmark = pytest.mark.slow
 SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")

@@ -6,8 +6,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from aegis.errors import AegisError, UsageError
 from aegis.engines.warm import read_prefixes, warm_cmd
+from aegis.errors import AegisError, UsageError
 
 
 def test_prefix_file_formats(tmp_path):

@@ -1,12 +1,11 @@
 """Fixtures for the scheduler integration tests: the real 3-node Slurm cluster and the CPU vLLM."""
-from tests.fixtures.slurm import slurm_cluster  # noqa: F401
-from tests.fixtures.vllm import vllm_env  # noqa: F401
-
-
 import os
 import subprocess
 
 import pytest
+
+from tests.fixtures.slurm import slurm_cluster  # noqa: F401
+from tests.fixtures.vllm import vllm_env  # noqa: F401
 
 
 def _job_ids(env):

@@ -4,4 +4,4 @@ if [ ! -x "$AEGIS_TEST_VENV/bin/python" ]; then
     python3 -m venv "$AEGIS_TEST_VENV"
     "$AEGIS_TEST_VENV/bin/pip" install -q --upgrade pip
 fi
-"$AEGIS_TEST_VENV/bin/pip" install -q -e ".[test,plots]"
+"$AEGIS_TEST_VENV/bin/pip" install -q -e ".[test,plots,dev]"

@@ -12,7 +12,7 @@ import pytest
 
 from aegis.errors import StageError
 from aegis.staging import stage
-from tests.stage.conftest import leftovers, mpirun_prefix, mpi_env, ok, run_stage, summary, tree_digest
+from tests.stage.conftest import leftovers, mpi_env, mpirun_prefix, ok, run_stage, summary, tree_digest
 
 CHUNK = ["--chunk-size", "64K", "--window", "4", "--threads", "2"]
 

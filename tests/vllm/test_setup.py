@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from aegis.testing import cpu_vllm
 from aegis.errors import VllmSetupError
+from aegis.testing import cpu_vllm
 
 
 def tree_digest(root: Path) -> dict:
