@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -78,6 +79,10 @@ def cli(ctx, debug, remote):
     """Serve and measure large language models on supercomputers."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if debug:  # every scheduler and launcher-step call, and the library's progress, on stderr
+        logging.basicConfig(level=logging.DEBUG, format="aegis: %(message)s", stream=sys.stderr)
+        for noisy in ("asyncio", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv=None):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -15,6 +17,8 @@ from aegis.launch.steps import per_node_step
 from aegis.rundir import RunDir
 from aegis.util.fs import atomic_write
 
+log = logging.getLogger("aegis")
+
 
 def check_allocation(run: RunDir, site: Site, alloc: Allocation, agent_argv: list[str], step_timeout: float,
                      echo: Callable[[str], None]) -> None:
@@ -23,6 +27,7 @@ def check_allocation(run: RunDir, site: Site, alloc: Allocation, agent_argv: lis
     run.nodes.mkdir()
     cmd = per_node_step(site, len(alloc.hosts), agent_argv)
     echo(f"{alloc.scheduler} allocation {alloc.job_id or '-'}: {len(alloc.hosts)} node(s): {', '.join(alloc.hosts)}")
+    log.debug("$ %s", shlex.join(cmd))
     try:
         proc = subprocess.run(cmd, timeout=step_timeout, capture_output=True, text=True)
     except FileNotFoundError:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -38,6 +40,7 @@ from aegis.util.fs import atomic_write
 from aegis.util.procs import stop_groups
 
 S = InstanceState
+log = logging.getLogger("aegis")
 
 
 def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | None, since: float, now: float,
@@ -267,8 +270,9 @@ class Head:
             signal.signal(sig, lambda *a: setattr(self, "stop_requested", True))
         self.echo(f"aegis: starting {len(self.instances)} instance(s) on {len(self.alloc.hosts)} node(s) "
                   f"({self.alloc.scheduler} {self.alloc.job_id or ''}); logs: {self.run.logs}")
-        with open(self.run.log("agents"), "ab") as log:
-            self.step = subprocess.Popen(step_argv, stdout=log, stderr=subprocess.STDOUT,
+        log.debug("$ %s", shlex.join(step_argv))
+        with open(self.run.log("agents"), "ab") as out:
+            self.step = subprocess.Popen(step_argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             asyncio.run(self._loop())

@@ -6,6 +6,7 @@ real Slurm (or a recorded fixture); rendering is pure.
 from __future__ import annotations
 
 import enum
+import logging
 import shlex
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from aegis.config.sites import Site
 from aegis.errors import ConfigError, SchedulerError
 from aegis.plan.placement import Plan
 from aegis.templates import environment
+
+log = logging.getLogger("aegis")
 
 
 class JobState(str, enum.Enum):
@@ -128,6 +131,7 @@ def run_command(argv: list[str], timeout: float = 60, cwd: str | None = None,
                 what: str | None = None) -> subprocess.CompletedProcess:
     """Run a scheduler command; a missing binary, a hang or a failure is one clear SchedulerError."""
     what = what or argv[0]
+    log.debug("$ %s%s", shlex.join(argv), f"  (in {cwd})" if cwd else "")
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except FileNotFoundError:
@@ -136,6 +140,7 @@ def run_command(argv: list[str], timeout: float = 60, cwd: str | None = None,
     except subprocess.TimeoutExpired:
         raise SchedulerError(f"{what} did not answer within {timeout:.0f} s; the scheduler may be "
                              "overloaded, try again") from None
+    log.debug("exit %d: %s", proc.returncode, " ".join((proc.stdout or proc.stderr or "").split())[:300])
     if proc.returncode != 0:
         detail = " ".join((proc.stderr or proc.stdout or "").split()) or f"exit status {proc.returncode}"
         raise SchedulerError(f"{what} failed: {detail}")
