@@ -15,31 +15,53 @@ import click
 from aegis._version import __version__
 from aegis.errors import AegisError
 
-# name -> ("module:attribute", one-line help, or None for a hidden command). Modules are imported only when their command runs, so
-# `aegis --help` imports no command module and one area's missing dependency cannot break another's.
+# name -> ("module:attribute", one-line help, or None for a hidden command). Modules are imported only when
+# their command runs, so `aegis --help` imports no command module and one area's missing dependency cannot
+# break another's.
 # tests/core/test_cli.py checks that each help line is the first line of the command's own docstring.
 COMMANDS = {
-    "plan": ("aegis.plan.cli:plan_cmd", "Show where every instance of CONFIG will run (nodes, devices, CPU cores, ports)."),
-    "size": ("aegis.plan.cli:size_cmd", "Size a fleet for a token budget and deadline, or find the smallest TP that fits a model."),
-    "sites": ("aegis.config.cli:sites_cmd", "List the site profiles (shipped, AEGIS_SITE_PATH, --site-file)."),
-    "modulefile": ("aegis.config.cli:modulefile_cmd", "Print an Lmod (Lua) modulefile that puts this aegis on PATH."),
-    "submit": ("aegis.schedulers.cli:submit_cmd", "Render the job script for CONFIG and submit it (sbatch, qsub, or locally)."),
-    "status": ("aegis.schedulers.cli:status_cmd", "Show the state of a submitted job, its nodes and its instances (default: the newest run in the runs directory)."),
-    "cancel": ("aegis.schedulers.cli:cancel_cmd", "Cancel a submitted job (scancel, qdel, or SIGTERM to a local run's process group)."),
-    "launch": ("aegis.launch.cli:launch_cmd", "Start the instances of CONFIG on the nodes of this allocation (batch or interactive)."),
+    "plan": ("aegis.plan.cli:plan_cmd",
+               "Show where every instance of CONFIG will run (nodes, devices, CPU cores, ports)."),
+    "size": ("aegis.plan.cli:size_cmd",
+               "Size a fleet for a token budget and deadline, or find the smallest TP that fits a model."),
+    "sites": ("aegis.config.cli:sites_cmd",
+               "List the site profiles (shipped, AEGIS_SITE_PATH, --site-file)."),
+    "modulefile": ("aegis.config.cli:modulefile_cmd",
+               "Print an Lmod (Lua) modulefile that puts this aegis on PATH."),
+    "submit": ("aegis.schedulers.cli:submit_cmd",
+               "Render the job script for CONFIG and submit it (sbatch, qsub, or locally)."),
+    "status": ("aegis.schedulers.cli:status_cmd",
+               "Show the state of a submitted job, its nodes and its instances (default: the newest run)."),
+    "cancel": ("aegis.schedulers.cli:cancel_cmd",
+               "Cancel a submitted job (scancel, qdel, or SIGTERM to a local run's process group)."),
+    "launch": ("aegis.launch.cli:launch_cmd",
+               "Start the instances of CONFIG on the nodes of this allocation (batch or interactive)."),
     "agent": ("aegis.launch.cli:agent_cmd", None),
-    "shutdown": ("aegis.launch.cli:shutdown_cmd", "Stop every instance of a run cleanly (the launcher stops its agents, which stop the engines)."),
-    "endpoints": ("aegis.launch.cli:endpoints_cmd", "Print the endpoints of a run."),
-    "health": ("aegis.launch.cli:health_cmd", "Check every endpoint (GET /health and /v1/models) concurrently; exit 1 unless all are healthy."),
-    "demo": ("aegis.testing.demo:demo_cmd", "Serve a tiny model with real vLLM instances on this machine's CPU cores, query them, shut down."),
-    "warm": ("aegis.engines.warm:warm_cmd", "Send each shared prefix once to every ready instance so the first real requests hit the prefix cache."),
-    "sweep": ("aegis.sweep.cli:sweep_cmd", "Run a server-configuration sweep: SPEC.yaml's base config x axes (+ named configurations)."),
+    "shutdown": ("aegis.launch.cli:shutdown_cmd",
+               "Stop every instance of a run cleanly (the launcher stops its agents, which stop the engines)."),
+    "endpoints": ("aegis.launch.cli:endpoints_cmd",
+               "Print the endpoints of a run."),
+    "health": ("aegis.launch.cli:health_cmd",
+               "Check every endpoint (GET /health and /v1/models) concurrently; exit 1 unless all are healthy."),
+    "demo": ("aegis.testing.demo:demo_cmd",
+               "Serve a tiny model with real vLLM instances on this machine's CPU cores, query them, shut down."),
+    "warm": ("aegis.engines.warm:warm_cmd",
+               "Send each shared prefix once to every ready instance so the first real requests hit the prefix "
+               "cache."),
+    "sweep": ("aegis.sweep.cli:sweep_cmd",
+               "Run a server-configuration sweep: SPEC.yaml's base config x axes (+ named configurations)."),
     "sweep-point": ("aegis.sweep.cli:sweep_point_cmd", None),
-    "report": ("aegis.report.cli:report_cmd", "Aggregate RUN_DIRS (bench, probe or sweep directories, searched recursively) into a ranked report."),
-    "stage": ("aegis.staging.cli:stage_cmd", "Copy SRC (a directory or a file) to DEST on every node, once, verified."),
-    "bench": ("aegis.bench.cli:bench_cmd", "Send load to OpenAI-compatible endpoints and measure it (vLLM's metrics)."),
-    "probe": ("aegis.bench.cli:probe_cmd", "Find the highest arrival rate the fleet serves well (one run per rate)."),
-    "smoke": ("aegis.bench.cli:smoke_cmd", "Send one request per endpoint and per LoRA adapter, and check the answers."),
+    "report": ("aegis.report.cli:report_cmd",
+               "Aggregate RUN_DIRS (bench, probe or sweep directories, searched recursively) into a ranked "
+               "report."),
+    "stage": ("aegis.staging.cli:stage_cmd",
+               "Copy SRC (a directory or a file) to DEST on every node, once, verified."),
+    "bench": ("aegis.bench.cli:bench_cmd",
+               "Send load to OpenAI-compatible endpoints and measure it (vLLM's metrics)."),
+    "probe": ("aegis.bench.cli:probe_cmd",
+               "Find the highest arrival rate the fleet serves well (one run per rate)."),
+    "smoke": ("aegis.bench.cli:smoke_cmd",
+               "Send one request per endpoint and per LoRA adapter, and check the answers."),
 }
 
 

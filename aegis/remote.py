@@ -49,7 +49,8 @@ class Remote:
             raise UsageError(f"--remote {target!r}: expected user@login-node[:port]")
         self.host = host
         self.port = port
-        control_dir = Path(os.environ.get("AEGIS_SSH_CONTROL_DIR", Path(tempfile.gettempdir()) / f"aegis-ssh-{os.getuid()}"))
+        control_dir = Path(os.environ.get("AEGIS_SSH_CONTROL_DIR",
+                                          Path(tempfile.gettempdir()) / f"aegis-ssh-{os.getuid()}"))
         control_dir.mkdir(mode=0o700, exist_ok=True)
         os.chmod(control_dir, 0o700)
         self.ssh = ["ssh", "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir}/%C",

@@ -104,7 +104,7 @@ class Run:
         """
         from aegis.schedulers.jobs import wait_for_run
 
-        wait_for_run(self.dir, self.site, timeout, echo=echo or _log_echo, until_finished=until_finished)
+        wait_for_run(self.dir, self.site, timeout, echo=echo, until_finished=until_finished)
         return None if until_finished else self.endpoints()
 
     def cancel(self) -> None:
@@ -145,7 +145,3 @@ class Run:
         if not job_id:
             raise UsageError(f"{self.path} has no job id (was the submission refused?)")
         return job_id
-
-
-def _log_echo(msg: str, err: bool = False) -> None:
-    log.info("%s", msg)

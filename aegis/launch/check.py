@@ -1,4 +1,4 @@
-"""The allocation check (`aegis launch --check`): one step runs an agent on every node, each reports its host, devices and storage."""
+"""The allocation check (`aegis launch --check`): one agent per node reports its host, devices and storage."""
 from __future__ import annotations
 
 import json

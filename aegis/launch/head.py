@@ -133,7 +133,8 @@ class Head:
             spec = specs[inst.model_name]
             addr = addresses[inst.head.node]
             self.instances.append(InstanceEndpoint(
-                name=inst.name, model=get_engine(spec.engine).served_name(spec.model, spec.engine_args, spec.short_name),
+                name=inst.name,
+                model=get_engine(spec.engine).served_name(spec.model, spec.engine_args, spec.short_name),
                 lora_adapters=adapters[spec.short_name], url=f"http://{addr}:{inst.port}", host=addr,
                 hostname=self.alloc.hosts[inst.head.node], port=inst.port, node=inst.head.node,
                 devices=[d for p in inst.placement for d in p.devices],

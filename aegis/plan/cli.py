@@ -96,6 +96,7 @@ def size_cmd(tokens, deadline, throughput, metric, site, tp, pp, model_params, d
         return
     click.echo(f"TP {res['tensor_parallel_size']} x PP {res['pipeline_parallel_size']} "
                f"({res['devices']} devices, {res['nodes']} node(s)): {res['per_device_gb']:.1f} GB per device of "
-               f"{res['usable_gb']:.1f} usable (weights {res['weights_gb']:.1f} GB, KV cache {res['kv_cache_gb']:.1f} GB "
-               f"for {num_seqs} x {max_model_len} tokens at {res['kv_bytes_per_token']} B/token: {res['layers']} layers, "
-               f"{res['kv_heads']} KV heads x {res['head_dim']}); room for {res['extra_sequences']} more full sequences")
+               f"{res['usable_gb']:.1f} usable (weights {res['weights_gb']:.1f} GB, "
+               f"KV cache {res['kv_cache_gb']:.1f} GB for {num_seqs} x {max_model_len} tokens at "
+               f"{res['kv_bytes_per_token']} B/token: {res['layers']} layers, {res['kv_heads']} KV heads x "
+               f"{res['head_dim']}); room for {res['extra_sequences']} more full sequences")

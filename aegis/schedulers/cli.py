@@ -56,7 +56,10 @@ def _target(arg: str | None, site_opt: str | None) -> tuple[str, Site, Run | Non
 @click.option("--site", help="Site of a bare JOB_ID (default: detected).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status_cmd(target, site, as_json):
-    """Show the state of a submitted job, its nodes and its instances (default: the newest run in the runs directory)."""
+    """Show the state of a submitted job, its nodes and its instances (default: the newest run).
+
+    Without RUN_DIR or JOB_ID: the newest run under $AEGIS_RUNS_DIR, the site's runs_dir, or ./runs.
+    """
     from aegis.schedulers.base import get_scheduler
     from aegis.schedulers.jobs import describe
 

@@ -40,13 +40,14 @@ def _log(msg: str, err: bool = False) -> None:
     logging.getLogger("aegis").info("%s", msg)
 
 
-def wait_for_run(run: RunDir, site, timeout: float, echo: Callable[..., None] = _log, poller: Poller | None = None,
-                 until_finished: bool = False) -> int:
+def wait_for_run(run: RunDir, site, timeout: float, echo: Callable[..., None] | None = None,
+                 poller: Poller | None = None, until_finished: bool = False) -> int:
     """Block until the endpoints are ready (0), the job ends first (3) or `timeout` passes (4).
 
     With `until_finished` (a --check job, which starts no engines) wait for the job to end:
     completed is 0, any other end 3.
     """
+    echo = echo or _log
     job_id = run.job_id
     sched = get_scheduler(site.scheduler)
     poller = poller or Poller(sched, run_dirs={job_id: str(run.path)})

@@ -120,7 +120,8 @@ class _Node:
                         os.mkdir(p, 0o700)
                     except FileExistsError:
                         if not os.path.isdir(p):
-                            raise StageError(f"cannot create directory {os.fsdecode(p)}: something else is in the way")
+                            raise StageError(f"cannot create directory {os.fsdecode(p)}: "
+                                             "something else is in the way") from None
                     os.chmod(p, os.stat(p).st_mode | 0o700)
             probe = os.path.join(self.root, f".aegis-part.{self.digest[:8]}.probe")
             try:

@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aegis.testing.cpu_vllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     setup = sub.add_parser("setup", help="install the CPU vLLM venv and the tiny model (cached)")
-    setup.add_argument("--cache", type=Path, default=None, help="cache directory (default $AEGIS_CACHE or ~/.cache/aegis)")
+    setup.add_argument("--cache", type=Path, default=None,
+                       help="cache directory (default $AEGIS_CACHE or ~/.cache/aegis)")
     setup.add_argument("--loras", type=int, default=DEFAULT_LORAS, help="LoRA adapters to write")
     setup.add_argument("--json", action="store_true", help="print the paths as JSON")
     args = parser.parse_args(argv)
