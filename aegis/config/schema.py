@@ -284,11 +284,15 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _models(self):
         if self.api_key:
+            from aegis.engines import ENGINES, get_engine
+
+            keyed = ", ".join(n for n in ENGINES if get_engine(n).supports_api_key)
             for spec in self.models:
-                if spec.engine == "trtllm":
-                    raise ValueError(f"model {spec.short_name!r}: trtllm-serve cannot require an API key; "
+                if spec.engine in ENGINES and not get_engine(spec.engine).supports_api_key:
+                    raise ValueError(f"model {spec.short_name!r}: {get_engine(spec.engine).server} cannot require "
+                                     "an API key; "
                                      "set api_key: false (its port is then open to anyone on the serving "
-                                     "network) or choose engine vllm or sglang")
+                                     f"network) or choose engine {keyed}")
         names = [m.short_name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -54,12 +54,12 @@ class EngineLaunch:
 
 class Engine:
     name = "base"
-    health_path = "/health"
-    models_path = "/v1/models"
-    metrics_path = "/metrics"
+    server = "the engine's server"  # its program, as users know it (messages)
+    health_path = "/health"  # the health gate's first probe (aegis.launch.health)
+    models_path = "/v1/models"  # ... and its second: the served name must be listed
     api_key_env = ""  # the variable the engine reads its API key from ("" if it has none)
     served_name_flag = "--served-model-name"
-    supports_api_key = True
+    supports_api_key = True  # False: the config must say api_key: false (aegis.config.schema)
     vendors: tuple = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                       "ZE_AFFINITY_MASK", "VLLM_CPU_OMP_THREADS_BIND")  # visibility variables it runs with
 

@@ -20,6 +20,7 @@ class TRTLLMEngine(Engine):
     api_key_env = ""
     served_name_flag = "--served_model_name"
     supports_api_key = False
+    server = "trtllm-serve"
     vendors = ("CUDA_VISIBLE_DEVICES",)  # NVIDIA GPUs only
 
     def command(self, launch: EngineLaunch) -> list[str] | None:

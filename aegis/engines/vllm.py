@@ -33,6 +33,7 @@ def metric_name(key: str, version: str | None = None) -> str:
 
 class VLLMEngine(Engine):
     name = "vllm"
+    server = "vllm serve"
     api_key_env = "VLLM_API_KEY"  # read by vLLM's server: the key never appears on a command line
 
     def command(self, launch: EngineLaunch) -> list[str]:

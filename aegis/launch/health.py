@@ -23,17 +23,21 @@ class Probe:
     models: list[str] = field(default_factory=list)
 
 
-async def probe(session: aiohttp.ClientSession, url: str, served: str, key: str | None) -> Probe:
-    """GET /health then /v1/models: ready when `served` is listed."""
+async def probe(session: aiohttp.ClientSession, url: str, served: str, key: str | None,
+                engine: str = "vllm") -> Probe:
+    """GET the engine's health path, then its models path: ready when `served` is listed."""
+    from aegis.engines import ENGINES, get_engine
+
+    eng = get_engine(engine if engine in ENGINES else "vllm")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     start = time.monotonic()
     try:
-        async with session.get(url + "/health") as resp:
+        async with session.get(url + eng.health_path) as resp:
             if resp.status != 200:
-                return Probe(False, f"/health answered {resp.status}")
-        async with session.get(url + "/v1/models", headers=headers) as resp:
+                return Probe(False, f"{eng.health_path} answered {resp.status}")
+        async with session.get(url + eng.models_path, headers=headers) as resp:
             if resp.status != 200:
-                return Probe(False, f"/v1/models answered {resp.status}")
+                return Probe(False, f"{eng.models_path} answered {resp.status}")
             body = await resp.json(content_type=None)
         models = [m.get("id") for m in body.get("data", [])]
         if served not in models:
@@ -51,5 +55,5 @@ async def probe_all(instances: Sequence[InstanceEndpoint], key: str | None, conc
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         async def one(inst: InstanceEndpoint) -> Probe:
             async with sem:
-                return await probe(session, inst.url, inst.model, key)
+                return await probe(session, inst.url, inst.model, key, inst.engine)
         return await asyncio.gather(*(one(i) for i in instances))
