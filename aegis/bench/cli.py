@@ -12,7 +12,7 @@ from aegis.bench import workload
 from aegis.bench.arrival import PROCESSES, ArrivalSpec, load_trace
 from aegis.bench.client import RequestOptions
 from aegis.bench.endpoints import Fleet, auth_headers, fleet_from_urls, load_endpoints, resolve_api_key
-from aegis.bench.metrics import parse_slo
+from aegis.bench.slo import parse_goodput
 from aegis.errors import AegisError, UsageError
 
 
@@ -34,7 +34,8 @@ def _load_options(f):
         click.option("--workload", "kind", type=click.Choice(workload.WORKLOADS), default="random", show_default=True),
         click.option("--api", type=click.Choice(workload.APIS), default="completions", show_default=True),
         click.option("--input-len", type=int, default=512, show_default=True, help="Prompt tokens (random)."),
-        click.option("--output-len", type=int, default=None, help="Generated tokens [default: 128; ShareGPT: the dataset's]."),
+        click.option("--output-len", type=int, default=None,
+                     help="Generated tokens [default: 128; ShareGPT: the dataset's]."),
         click.option("--range-ratio", type=float, default=0.0, show_default=True,
                      help="Random lengths uniform in [L(1-r), L(1+r)]."),
         click.option("--num-groups", type=int, default=4, show_default=True, help="Shared-prefix groups."),
@@ -62,7 +63,8 @@ def _load_options(f):
                      help="Ask for usage in every chunk (vLLM's continuous_usage_stats)."),
         click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True),
         click.option("--extra-body", default=None, help="JSON object merged into every request body."),
-        click.option("--slo", default=None, help="Goodput SLOs in ms: ttft=500,tpot=50,e2el=10000."),
+        click.option("--slo", default=None,
+                     help="Goodput: per-request limits in ms, ttft=500,tpot=50,e2el=10000 (= max_ttft_ms=500,...)."),
         click.option("--scrape/--no-scrape", default=True, show_default=True, help="Scrape /metrics every interval."),
         click.option("--scrape-interval", type=float, default=1.0, show_default=True),
         click.option("--output-dir", type=click.Path(), default=None, help="Results directory."),
@@ -132,7 +134,7 @@ def _build_config(p: dict, eps, model, output_dir, rate, num_requests, duration)
                                ignore_eos=p["ignore_eos"], timeout=p["timeout"], extra_body=extra),
         arrival=ArrivalSpec(process=process, rate=rate, burstiness=p["burstiness"], trace=trace, seed=p["seed"]),
         num_requests=num_requests, duration=duration, concurrency=p["concurrency"], routing=p["routing"],
-        workers=p["workers"], slo=parse_slo(p["slo"]), scrape=p["scrape"], scrape_interval=p["scrape_interval"],
+        workers=p["workers"], slo=parse_goodput(p["slo"]), scrape=p["scrape"], scrape_interval=p["scrape_interval"],
         label=p["label"])
     cfg.validate()
     return cfg

@@ -9,8 +9,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from aegis.errors import UsageError
+from aegis.rundir import RunDir
 
-ENDPOINTS_FILENAME = "endpoints.json"
+ENDPOINTS_FILENAME = RunDir(Path("/")).endpoints.name  # the launcher's file in a run directory
 API_KEY_ENV_VARS = ("AEGIS_API_KEY", "OPENAI_API_KEY")
 
 

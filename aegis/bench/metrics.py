@@ -5,31 +5,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from aegis.errors import UsageError
-
 PERCENTILES = (50, 90, 95, 99)
-SLO_KEYS = ("ttft", "tpot", "e2el")
 CLIENT_BOUND_LAG_MS = 5.0
-
-
-def parse_slo(text: str | None) -> dict[str, float]:
-    """`ttft=500,tpot=50,e2el=10000` (milliseconds) -> dict."""
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip().lower()
-        if not sep or key not in SLO_KEYS:
-            raise UsageError(f"bad --slo entry {part!r}; use ttft=MS,tpot=MS,e2el=MS")
-        try:
-            v = value.strip()
-            out[key] = float(v[:-2] if v.endswith("ms") else v)
-        except ValueError:
-            raise UsageError(f"bad --slo value {value!r} for {key}; give milliseconds") from None
-        if out[key] <= 0:
-            raise UsageError(f"--slo {key} must be positive")
-    return out
 
 
 def _stats(name: str, values_ms: list[float], out: dict) -> None:
@@ -65,7 +42,10 @@ def segment_duration(records: list[dict]) -> float:
 
 def compute(records: list[dict], duration: float | None = None,
             slo: dict[str, float] | None = None) -> dict:
-    """vLLM's benchmark metrics (same keys) plus error kinds and dispatch lag."""
+    """vLLM's benchmark metrics (same keys) plus error kinds and dispatch lag.
+
+    `slo`: the goodput limits, {"ttft"|"tpot"|"e2el": ms} (aegis.bench.slo.parse_goodput).
+    """
     if duration is None:
         duration = segment_duration(records)
     duration = max(duration, 1e-9)

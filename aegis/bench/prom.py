@@ -9,20 +9,21 @@ from dataclasses import dataclass, field
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-# field -> sample names in order of preference (newest vLLM first, then older names)
+from aegis.engines.vllm import metric_name, metric_names
+
+# field (a CSV column) -> sample names in order of preference (newest vLLM first, then older names);
+# the names are vLLM's fact: aegis.engines.vllm.METRICS
 SERIES = {
-    "running": ("vllm:num_requests_running",),
-    "waiting": ("vllm:num_requests_waiting",),
-    "kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-    "num_preemptions_total": ("vllm:num_preemptions_total", "vllm:num_preemptions"),
-    "prefix_cache_queries_total": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total",
-                                   "vllm:gpu_prefix_cache_queries"),
-    "prefix_cache_hits_total": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total",
-                                "vllm:gpu_prefix_cache_hits"),
-    "prompt_tokens_total": ("vllm:prompt_tokens_total",),
-    "generation_tokens_total": ("vllm:generation_tokens_total",),
+    "running": metric_names("num_requests_running"),
+    "waiting": metric_names("num_requests_waiting"),
+    "kv_cache_usage_perc": metric_names("kv_cache_usage"),
+    "num_preemptions_total": metric_names("num_preemptions"),
+    "prefix_cache_queries_total": metric_names("prefix_cache_queries"),
+    "prefix_cache_hits_total": metric_names("prefix_cache_hits"),
+    "prompt_tokens_total": metric_names("prompt_tokens"),
+    "generation_tokens_total": metric_names("generation_tokens"),
 }
-LORA_INFO = "vllm:lora_requests_info"
+LORA_INFO = metric_name("lora_requests_info")
 COUNTERS = ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
             "prompt_tokens_total", "generation_tokens_total")
 GAUGES = ("running", "waiting", "kv_cache_usage_perc", "lora_running", "lora_waiting")

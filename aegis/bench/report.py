@@ -1,9 +1,17 @@
 """Human-readable tables: the bench summary and the probe table."""
 from __future__ import annotations
 
+from aegis.util.tables import format_row, format_table
+
+RESULT_WIDTHS = (42, 18)  # the label and value columns of vLLM's `bench serve` result block
+
 
 def _ms(x) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def _line(label: str, value) -> str:
+    return format_row((label, value), RESULT_WIDTHS, right=(1,), sep="")
 
 
 def format_summary(s: dict, out_dir: str | None = None) -> str:
@@ -17,18 +25,18 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
     rows += [("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
              ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]
     lines = ["{:=^60}".format(" Serving Benchmark Result ")]
-    lines += [f"{k + ':':<42}{v:>18}" for k, v in rows]
+    lines += [_line(k + ":", v) for k, v in rows]
     titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
               "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
     for key, title in titles.items():
         lines.append(f"{title:-^60}")
         for stat in ("mean", "median", "p99"):
             label = f"{stat.capitalize() if stat != 'p99' else 'P99'} {key.upper()} (ms):"
-            lines.append(f"{label:<42}{s[f'{stat}_{key}_ms']:>18.2f}")
+            lines.append(_line(label, f"{s[f'{stat}_{key}_ms']:.2f}"))
     lines.append("{:-^60}".format("Client"))
     lag = s["dispatch_lag_ms"]
-    lines.append(f"{'Dispatch lag median / p99 (ms):':<42}{lag['median']:>8.2f} / {lag['p99']:>7.2f}")
-    lines.append(f"{'Worker processes:':<42}{s.get('num_workers', 0):>18}")
+    lines.append(_line("Dispatch lag median / p99 (ms):", f"{lag['median']:>8.2f} / {lag['p99']:>7.2f}"))
+    lines.append(_line("Worker processes:", s.get("num_workers", 0)))
     if s.get("errors_by_kind"):
         lines.append("Errors: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_kind"].items())))
     prom = (s.get("prometheus") or {}).get("total") or {}
@@ -41,17 +49,13 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
             if prom.get(key) is not None:
                 v = prom[key]
                 text = f"{100 * v:.1f}%" if key in ("kv_cache_usage_perc_max", "prefix_cache_hit_rate") else f"{v:g}"
-                lines.append(f"{label + ':':<42}{text:>18}")
+                lines.append(_line(label + ":", text))
     if len(s.get("per_endpoint") or {}) > 1:
         lines.append("{:-^60}".format("Per endpoint"))
-        for name, m in s["per_endpoint"].items():
-            lines.append(f"{name:<24}{m['completed']:>6} ok {m['failed']:>4} failed  "
-                         f"TTFT med {m['median_ttft_ms']:8.2f} ms")
+        lines.append(_breakdown("Endpoint", s["per_endpoint"]))
     if s.get("per_adapter"):
         lines.append("{:-^60}".format("Per adapter"))
-        for name, m in s["per_adapter"].items():
-            lines.append(f"{name:<24}{m['completed']:>6} ok {m['failed']:>4} failed  "
-                         f"TTFT med {m['median_ttft_ms']:8.2f} ms")
+        lines.append(_breakdown("Adapter", s["per_adapter"]))
     lines.append("=" * 60)
     if s.get("status") == "interrupted":
         lines.append("INTERRUPTED: the summary covers the requests that finished; continue with --resume")
@@ -63,8 +67,23 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
     return "\n".join(lines)
 
 
-PROBE_HEADER = (f"{'Rate':>8} | {'Success%':>8} | {'Tokens':>8} | {'TTFT Med':>10} | {'TTFT P99':>10} | "
-                f"{'Lat Med':>10} | {'Status':>8}")
+def _breakdown(what: str, groups: dict) -> str:
+    rows = [(name, m["completed"], m["failed"], f"{m['median_ttft_ms']:.2f}") for name, m in groups.items()]
+    return format_table((what, "OK", "Failed", "TTFT med (ms)"), rows, right=(1, 2, 3))
+
+
+# The probe table is printed a row at a time as each rate finishes: its column widths are fixed.
+PROBE_COLUMNS = (("Rate", 8), ("Success%", 8), ("Tokens", 8), ("TTFT Med", 10), ("TTFT P99", 10), ("Lat Med", 10),
+                 ("Status", 8))
+_PROBE_WIDTHS = tuple(w for _, w in PROBE_COLUMNS)
+_PROBE_RIGHT = range(len(PROBE_COLUMNS))
+
+
+def _probe_line(cells) -> str:
+    return format_row(cells, _PROBE_WIDTHS, right=_PROBE_RIGHT, sep=" | ")
+
+
+PROBE_HEADER = _probe_line([h for h, _ in PROBE_COLUMNS])
 
 
 def _fmt_ms(ms: float | None) -> str:
@@ -75,6 +94,5 @@ def _fmt_ms(ms: float | None) -> str:
 
 def probe_row(r: dict) -> str:
     mark = "*" if r.get("client_bound") else ""
-    return (f"{r['rate']:>8g} | {r['success_pct']:>7.1f}% | {r['output_tokens']:>8} | "
-            f"{_fmt_ms(r['ttft_median_ms']):>10} | {_fmt_ms(r['ttft_p99_ms']):>10} | "
-            f"{_fmt_ms(r['latency_median_ms']):>10} | {r['status'] + mark:>8}")
+    return _probe_line((f"{r['rate']:g}", f"{r['success_pct']:.1f}%", r["output_tokens"], _fmt_ms(r["ttft_median_ms"]),
+                        _fmt_ms(r["ttft_p99_ms"]), _fmt_ms(r["latency_median_ms"]), r["status"] + mark))

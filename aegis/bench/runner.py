@@ -289,7 +289,7 @@ class Run:
                 ready += 1
             except queue.Empty:
                 if not all(p.is_alive() for p in procs) or time.monotonic() > deadline:
-                    raise AegisError("a load-generating worker failed to start; re-run with --debug")
+                    raise AegisError("a load-generating worker failed to start; re-run with --debug") from None
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._interrupt, procs, stop)

@@ -9,6 +9,7 @@ import aiohttp
 from aegis.bench.client import RequestOptions, send
 from aegis.bench.endpoints import Endpoint
 from aegis.bench.http import Pool
+from aegis.util.tables import format_table
 
 
 async def _models(session: aiohttp.ClientSession, ep: Endpoint, headers: dict) -> tuple[list[str], list[str]]:
@@ -74,10 +75,7 @@ async def smoke(endpoints: list[Endpoint], headers: dict[str, str], prompt: str 
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'Endpoint':<16} {'Model':<24} {'Status':<8} {'Latency':>10} {'Tokens':>6}  Detail"]
-    for r in rows:
-        lat = f"{r['latency_ms']:.0f}ms" if r.get("latency_ms") is not None else "-"
-        detail = r["detail"] or repr(r["text"])
-        lines.append(f"{r['endpoint']:<16} {str(r['model']):<24} {r['status']:<8} {lat:>10} "
-                     f"{r['output_tokens']:>6}  {detail}")
-    return "\n".join(lines)
+    table = [(r["endpoint"], str(r["model"]), r["status"],
+              f"{r['latency_ms']:.0f}ms" if r.get("latency_ms") is not None else "-", r["output_tokens"],
+              r["detail"] or repr(r["text"])) for r in rows]
+    return format_table(("Endpoint", "Model", "Status", "Latency", "Tokens", "Detail"), table, right=(3, 4))

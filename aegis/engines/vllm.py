@@ -12,12 +12,24 @@ VERSIONS = {
     "all2all_backend": ((0, 11), "env:VLLM_ALL2ALL_BACKEND", "--all2all-backend"),
     "num_redundant_experts": ((0, 11), "--num-redundant-experts", "--eplb-config"),
 }
-# Metric names that changed (V1 engine before 0.11 used "gpu_" names).
+# The one table of vLLM's Prometheus metric names aegis reads (the bench's scraper, tests):
+# key -> (first version with the new name, old, new); the V1 engine before 0.11 used "gpu_" names.
 METRICS = {
+    "num_requests_running": ((0, 0), "vllm:num_requests_running", "vllm:num_requests_running"),
+    "num_requests_waiting": ((0, 0), "vllm:num_requests_waiting", "vllm:num_requests_waiting"),
+    "kv_cache_usage": ((0, 11), "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    "num_preemptions": ((0, 0), "vllm:num_preemptions_total", "vllm:num_preemptions_total"),
     "prefix_cache_queries": ((0, 11), "vllm:gpu_prefix_cache_queries_total", "vllm:prefix_cache_queries_total"),
     "prefix_cache_hits": ((0, 11), "vllm:gpu_prefix_cache_hits_total", "vllm:prefix_cache_hits_total"),
-    "kv_cache_usage": ((0, 11), "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    "prompt_tokens": ((0, 0), "vllm:prompt_tokens_total", "vllm:prompt_tokens_total"),
+    "generation_tokens": ((0, 0), "vllm:generation_tokens_total", "vllm:generation_tokens_total"),
     "lora_requests_info": ((0, 0), "vllm:lora_requests_info", "vllm:lora_requests_info"),
+}
+# Older spellings still seen from some servers (counters exposed without "_total"), tried last.
+METRIC_ALIASES = {
+    "num_preemptions": ("vllm:num_preemptions",),
+    "prefix_cache_queries": ("vllm:gpu_prefix_cache_queries",),
+    "prefix_cache_hits": ("vllm:gpu_prefix_cache_hits",),
 }
 
 
@@ -29,6 +41,12 @@ def spelling(table: dict, key: str, version: str | None) -> str:
 def metric_name(key: str, version: str | None = None) -> str:
     """The Prometheus name of a vLLM metric in `version` (None: current releases)."""
     return spelling(METRICS, key, version)
+
+
+def metric_names(key: str) -> tuple[str, ...]:
+    """Every spelling of a vLLM metric, newest first: what a scraper of servers of any version looks for."""
+    _, old, new = METRICS[key]
+    return tuple(dict.fromkeys((new, old, *METRIC_ALIASES.get(key, ()))))
 
 
 class VLLMEngine(Engine):

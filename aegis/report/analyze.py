@@ -3,25 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aegis.errors import UsageError
+from aegis.bench.slo import violations
 from aegis.report.collect import Run
-from aegis.sweep.spec import SLO_RE
 
 RANK_METRIC = "output_throughput"
-
-
-def parse_slo(text: str) -> dict[str, float]:
-    """'max_p95_ttft_ms=2000,min_success_pct=99' -> {...}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in (text or "").split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or not SLO_RE.match(key.strip()):
-            raise UsageError(f"--slo {part!r}: use max_METRIC=VALUE or min_METRIC=VALUE, e.g. max_p95_ttft_ms=2000")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f"--slo {part!r}: {value!r} is not a number") from None
-    return out
 
 
 @dataclass
@@ -37,15 +22,7 @@ def judge(run: Run, slo: dict[str, float]) -> Verdict:
     reasons = list(run.notes) if run.kind == "missing" or any("failed requests" in n for n in run.notes) else []
     if run.kind == "missing":
         return Verdict(run, False, reasons)
-    for key, limit in slo.items():
-        bound, metric = SLO_RE.match(key).groups()
-        value = run.metrics.get(metric)
-        if value is None:
-            reasons.append(f"SLO {metric}: not measured")
-        elif bound == "max" and value > limit:
-            reasons.append(f"SLO {metric} {value:.4g} > {limit:g}")
-        elif bound == "min" and value < limit:
-            reasons.append(f"SLO {metric} {value:.4g} < {limit:g}")
+    reasons += violations(slo, run.metrics)
     preempt = run.metrics.get("prom_num_preemptions_delta")
     if preempt and reasons:  # explains a failure; alone it is not one
         reasons.append(f"{preempt:g} preemptions (KV cache ran out)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aegis.errors import UsageError
+from aegis.rundir import RunDir
 
 OOM_RE = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|UR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY",
                     re.IGNORECASE)
@@ -46,7 +47,7 @@ def _read_json(path: Path) -> dict | None:
 def _point_info(path: Path, stop: Path) -> tuple[Path, dict] | None:
     """The nearest sweep point (a directory with point.json) at or above `path`, up to `stop`."""
     for d in [path, *path.parents]:
-        info = _read_json(d / "point.json")
+        info = _read_json(RunDir(d).point)
         if info is not None:
             return d, info
         if d == stop:
@@ -109,7 +110,8 @@ def _notes(s: dict) -> list[str]:
 
 def oom_log(point_dir: Path) -> Path | None:
     """The first log of a sweep point (*.log, *.out, logs/*) that reports running out of memory."""
-    logs = sorted(point_dir.glob("*.log")) + sorted(point_dir.glob("*.out")) + sorted(point_dir.glob("logs/*"))
+    logs = [*sorted(point_dir.glob("*.log")), *sorted(point_dir.glob("*.out")),
+            *sorted(RunDir(point_dir).logs.glob("*"))]
     for log in logs:
         try:
             with open(log, "rb") as fh:
@@ -135,7 +137,7 @@ def _bench_run(d: Path, root: Path, kind: str, config_name: str, default_devices
         devices = len(s.get("endpoints") or []) or None  # one device per endpoint unless told
     run = Run(config=config_name, kind=kind, path=str(d), rate=rate, devices=devices, config_hash=digest,
               metrics=summary_metrics(s, devices), notes=_notes(s))
-    status = _read_json(point[0] / "status.json") if point else None
+    status = _read_json(RunDir(point[0]).point_status) if point else None
     if status and status.get("state") in ("failed", "interrupted"):
         run.notes.append(f"point {status['state']}: {status.get('reason') or 'no reason recorded'}")
     if rate is not None:
@@ -184,13 +186,13 @@ def collect(paths, devices: int | None = None) -> list[Run]:
                     runs.append(run)
                     found = True
                 dirnames[:] = []
-            elif "point.json" in filenames:
+            elif (point := RunDir(d)).point.name in filenames:
                 # A point's warm-up and earlier attempts are not results.
                 dirnames[:] = [n for n in dirnames if n not in POINT_SKIP]
                 if any(_has_results(d / n) for n in dirnames):
                     continue
-                info = _read_json(d / "point.json") or {}
-                status = _read_json(d / "status.json") or {}
+                info = _read_json(point.point) or {}
+                status = _read_json(point.point_status) or {}
                 why = status.get("reason") or ("out of memory (found in the logs)" if oom_log(d)
                                                 else "no results (not run yet, or the servers never became healthy)")
                 runs.append(Run(config=info.get("label", d.name), kind="missing", path=str(d),

@@ -6,6 +6,7 @@ import html
 import io
 from pathlib import Path
 
+from aegis.bench.slo import describe
 from aegis.report.analyze import Verdict
 from aegis.util.fs import atomic_write
 
@@ -63,9 +64,7 @@ def _best_text(verdicts: list[Verdict], slo: dict) -> str:
 
 
 def _slo_text(slo: dict) -> str:
-    if not slo:
-        return "none"
-    return ", ".join(f"{k[4:]} {'<=' if k.startswith('max_') else '>='} {v:g}" for k, v in slo.items())
+    return describe(slo) or "none"
 
 
 def markdown(verdicts: list[Verdict], slo: dict, plots: list[Path], title: str) -> str:
@@ -107,7 +106,8 @@ def html_report(verdicts: list[Verdict], slo: dict, plots: list[Path], title: st
 
 def write_all(verdicts: list[Verdict], slo: dict, plots: list[Path], out: Path, title: str) -> list[Path]:
     files = {"results_long.csv": long_csv(verdicts), "summary.csv": wide_csv(verdicts),
-             "report.md": markdown(verdicts, slo, plots, title), "report.html": html_report(verdicts, slo, plots, title)}
+             "report.md": markdown(verdicts, slo, plots, title),
+             "report.html": html_report(verdicts, slo, plots, title)}
     for name, text in files.items():
         atomic_write(out / name, text)
     return [out / n for n in files]

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
+from aegis.bench.slo import describe
 from aegis.errors import AegisError, UsageError
 from aegis.sweep.expand import SWEEP_FILE, Point, expand, render_points, run_steps, spec_hash, sweep_document
 from aegis.sweep.spec import SweepSpec, load_spec
+from aegis.util.tables import format_table
 
 
 def _settings_text(point: Point) -> str:
@@ -25,21 +27,18 @@ def format_dry_run(spec: SweepSpec, points: list[Point]) -> str:
     lines = [f"sweep {spec.name} ({spec.path}): {len(points)} configurations "
              f"({n_axes} from axes, {len(points) - n_axes} included) on site {site.name} "
              f"({site.scheduler}); spec hash {spec_hash(spec)}"]
-    rows = [("#", "HASH", "NAME", "DEVICES", "NODES", "SETTINGS")]
+    rows = []
     for i, p in enumerate(points, 1):
         m = p.config.models[0]
         dev = f"{m.instances}x{m.devices_per_instance}={p.devices}"
-        rows.append((str(i), p.hash, p.label, dev, str(p.plan.nodes_required), _settings_text(p)))
-    widths = [max(len(r[c]) for r in rows) for c in range(5)]
-    for r in rows:
-        lines.append("  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5])
+        rows.append((i, p.hash, p.label, dev, p.plan.nodes_required, _settings_text(p)))
+    lines.append(format_table(("#", "HASH", "NAME", "DEVICES", "NODES", "SETTINGS"), rows))
     lines.append("each configuration: start the servers and wait until healthy, then")
     for step in run_steps(spec):
         args = " ".join(shlex.quote(a) for a in step["args"])
         lines.append(f"  {step['step']}: aegis {args} --endpoints RUN_DIR --output-dir RUN_DIR/{step['subdir']}")
     if spec.slo:
-        lines.append("SLO: " + ", ".join(f"{k[4:]} {'<=' if k.startswith('max_') else '>='} {v:g}"
-                                         for k, v in spec.slo.items()))
+        lines.append("SLO: " + describe(spec.slo))
     return "\n".join(lines)
 
 
@@ -141,15 +140,16 @@ class SomeFailed(AegisError):
 
 
 def _report(target: Path, echo) -> None:
-    from aegis.report.cli import report_cmd
+    from aegis.report.build import make_report
 
     try:
         import matplotlib  # noqa: F401
-        plots = ["--plots"]
+        plots = True
     except ImportError:
-        plots = ["--no-plots"]
+        plots = False
         echo("matplotlib is not installed: the report has no plots (pip install 'aegis[plots]')")
-    report_cmd.main([str(target), "--output-dir", str(target / "report"), *plots], standalone_mode=False)
+    report = make_report([target], target / "report", plots=plots)  # the SLO: the sweep's (sweep.json)
+    click.echo("\n".join(report.lines()))
 
 
 @click.command("sweep-point", hidden=True)

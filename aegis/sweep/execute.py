@@ -19,6 +19,7 @@ from aegis.sweep.expand import INLINE_JOB, SPEC_COPY, SWEEP_FILE, Point, run_ste
 from aegis.sweep.runner import FINISHED, Interrupted, PointRunner, read_status, write_status
 from aegis.sweep.spec import SweepSpec
 from aegis.util.fs import atomic_write
+from aegis.util.tables import format_table
 
 ACTIVE = ("submitted", "running")
 
@@ -280,20 +281,20 @@ def cancel_jobs(points: list[Point], sweep_dir: Path, echo, sched=None) -> int:
 
 
 def summary_lines(points: list[Point], sweep_dir: Path) -> list[str]:
-    rows = [("CONFIG", "HASH", "STATE", "OUT TOK/S", "P95 TTFT MS", "NOTE")]
+    rows = []
     for p in points:
         st = read_status(sweep_dir / p.dirname) or {}
         s = _summary(sweep_dir / p.dirname)
         rows.append((p.label, p.hash, st.get("state", "not run"),
                      f"{s['output_throughput']:.1f}" if s else "-", f"{s['p95_ttft_ms']:.0f}" if s else "-",
                      (st.get("reason") or "")[:100]))
-    widths = [max(len(r[c]) for r in rows) for c in range(5)]
-    return ["  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5] for r in rows]
+    return format_table(("CONFIG", "HASH", "STATE", "OUT TOK/S", "P95 TTFT MS", "NOTE"), rows).splitlines()
 
 
 def _summary(point_dir: Path) -> dict | None:
     try:
-        s = json.loads((point_dir / "bench" / "summary.json").read_text())
+        s = json.loads((RunDir(point_dir).bench / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return {"output_throughput": float(s.get("output_throughput", 0.0)), "p95_ttft_ms": float(s.get("p95_ttft_ms", 0.0))}
+    return {"output_throughput": float(s.get("output_throughput", 0.0)),
+            "p95_ttft_ms": float(s.get("p95_ttft_ms", 0.0))}

@@ -20,6 +20,7 @@ A finished point (done or failed) is never run again unless asked (`--rerun`,
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -28,21 +29,24 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
+
 from aegis.errors import AegisError
+from aegis.launch.endpoints import EndpointsFile, RunState
 from aegis.rundir import RunDir
 from aegis.util.fs import atomic_write
+from aegis.util.procs import stop_groups
 
-STATUS = "status.json"
-POINT = "point.json"
 FINISHED = ("done", "failed")
 ATTEMPTS = "attempts"
 # What one attempt leaves in a point directory besides its step directories (moved aside on a re-run).
-ATTEMPT_FILES = ("status.json", "endpoints.json", "launch.log", "logs", "nodes", "staged.json")
+_NAMES = RunDir(Path("/"))  # only the file names are used
+ATTEMPT_FILES = tuple(f.name for f in (_NAMES.point_status, _NAMES.endpoints, _NAMES.launch_log, _NAMES.logs,
+                                       _NAMES.nodes, _NAMES.staged))
+RESET_TIMEOUT = 30.0  # seconds per POST /reset_prefix_cache
 DEFAULT_HEALTH_MARGIN = 120.0  # seconds past the config's startup_timeout before the gate gives up
 POLL = 1.0
 
@@ -54,14 +58,12 @@ class Interrupted(AegisError):
 
 
 def read_status(point_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(point_dir) / STATUS).read_text())
-    except (OSError, ValueError):
-        return None
+    run = RunDir(point_dir)
+    return run.read_json(run.point_status)
 
 
 def write_status(point_dir: Path, doc: dict) -> None:
-    atomic_write(Path(point_dir) / STATUS, json.dumps(doc, indent=2) + "\n")
+    atomic_write(RunDir(point_dir).point_status, json.dumps(doc, indent=2) + "\n")
 
 
 def _aegis() -> list[str]:
@@ -93,36 +95,38 @@ def move_previous_attempt(point_dir: Path, step_dirs: list[str]) -> Path | None:
     return dest
 
 
-def reset_prefix_cache(doc: dict, key: str | None, tries: int = 5) -> str:
+def reset_prefix_cache(doc: EndpointsFile, key: str | None, tries: int = 5) -> str:
     """POST /reset_prefix_cache to every ready instance: 'reset', or why not ('unavailable ...')."""
+    return asyncio.run(_reset_prefix_cache(doc, key, tries))
+
+
+async def _reset_prefix_cache(doc: EndpointsFile, key: str | None, tries: int) -> str:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     results = []
-    for inst in doc.get("instances", []):
-        if inst.get("status") != "ready":
-            continue
-        for attempt in range(tries):
-            req = urllib.request.Request(inst["url"] + "/reset_prefix_cache", data=b"", headers=headers,
-                                         method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    body = resp.read().decode(errors="replace")
-            except urllib.error.HTTPError as exc:
-                if exc.code in (404, 405):
-                    return (f"unavailable (HTTP {exc.code}): vLLM serves /reset_prefix_cache only with "
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RESET_TIMEOUT)) as session:
+        for inst in doc.ready_instances():
+            for _attempt in range(tries):
+                try:
+                    async with session.post(inst.url + "/reset_prefix_cache", data=b"", headers=headers) as resp:
+                        status = resp.status
+                        body = await resp.text(errors="replace")
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                    return f"failed on {inst.name}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+                if status in (404, 405):
+                    return (f"unavailable (HTTP {status}): vLLM serves /reset_prefix_cache only with "
                             "VLLM_SERVER_DEV_MODE=1 in the config's env")
-                return f"failed on {inst['name']}: HTTP {exc.code}"
-            except (OSError, ValueError) as exc:
-                return f"failed on {inst['name']}: {exc}"
-            try:
-                ok = json.loads(body).get("success", True) if body.strip() else True
-            except ValueError:
-                ok = True
-            if ok:
-                results.append(inst["name"])
-                break
-            time.sleep(1.0)  # blocks still held by finishing requests: try again
-        else:
-            return f"failed on {inst['name']}: the server kept answering success=false"
+                if status >= 400:
+                    return f"failed on {inst.name}: HTTP {status}"
+                try:
+                    answer = json.loads(body) if body.strip() else {}
+                except ValueError:
+                    answer = {}
+                if not isinstance(answer, dict) or answer.get("success", True):
+                    results.append(inst.name)
+                    break
+                await asyncio.sleep(1.0)  # blocks still held by finishing requests: try again
+            else:
+                return f"failed on {inst.name}: the server kept answering success=false"
     return "reset" if results else "no ready instance"
 
 
@@ -132,7 +136,7 @@ class PointRunner:
     def __init__(self, point_dir: Path, echo: Callable[[str], None] = print, prefix: str = ""):
         self.dir = Path(point_dir).absolute()
         self.rundir = RunDir(self.dir)
-        info = json.loads((self.dir / POINT).read_text())
+        info = json.loads(self.rundir.point.read_text())
         self.info = info
         self.steps: list[dict] = info.get("steps") or []
         self.run_opts: dict = info.get("run") or {}
@@ -160,26 +164,23 @@ class PointRunner:
             except ProcessLookupError:
                 pass
 
-    def _endpoints(self) -> dict | None:
-        try:
-            return json.loads((self.dir / "endpoints.json").read_text())
-        except (OSError, ValueError):
-            return None
+    def _endpoints(self) -> EndpointsFile | None:
+        return self.rundir.read_endpoints()
 
     def _health_timeout(self) -> float:
         if self.run_opts.get("health_timeout"):
             return float(self.run_opts["health_timeout"])
         from aegis.config.schema import load_yaml
 
-        startup = load_yaml(self.dir / "config.yaml").get("startup_timeout", 1800)
+        startup = load_yaml(self.rundir.config).get("startup_timeout", 1800)
         return float(startup) + DEFAULT_HEALTH_MARGIN
 
     # -- phases ------------------------------------------------------------------------
 
     def _launch(self) -> None:
-        cmd = _aegis() + ["launch", "--run-dir", str(self.dir), "--site-file", str(self.dir / "site.yaml"),
-                          str(self.dir / "config.yaml")]
-        with open(self.dir / "launch.log", "ab") as log:
+        cmd = _aegis() + ["launch", "--run-dir", str(self.dir), "--site-file", str(self.rundir.site),
+                          str(self.rundir.config)]
+        with open(self.rundir.launch_log, "ab") as log:
             self.launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                              start_new_session=True, cwd=str(self.dir),
                                              env={**os.environ, "AEGIS_RUN_DIR": str(self.dir)})
@@ -189,27 +190,27 @@ class PointRunner:
         timeout = self._health_timeout()
         t0 = time.monotonic()
         while self.stop_signal is None:
-            doc = self._endpoints() or {}
-            state = doc.get("state")
-            if state == "ready":
-                ready = [i.get("ready_seconds") or 0 for i in doc.get("instances", [])]
+            doc = self._endpoints()
+            state = doc.state if doc is not None else None
+            if state == RunState.READY:
+                ready = [i.ready_seconds or 0 for i in doc.instances]
                 self.status["ready_seconds"] = max(ready, default=None)
                 return None
-            if state in ("failed", "degraded", "stopped"):
-                errors = [f"{i['name']}: {i['error']}" for i in doc.get("instances", []) if i.get("error")]
-                return "not healthy: " + ("; ".join(errors)[:600] or state)
+            if state in (RunState.FAILED, RunState.DEGRADED, RunState.STOPPED):
+                errors = [f"{i.name}: {i.error}" for i in doc.instances if i.error]
+                return "not healthy: " + ("; ".join(errors)[:600] or state.value)
             code = self.launcher.poll()
             if code is not None:
                 return f"the launcher exited ({code}) before the instances were ready: " \
-                       f"{_last_line(self.dir / 'launch.log')}"
+                       f"{_last_line(self.rundir.launch_log)}"
             if time.monotonic() - t0 > timeout:
-                return f"not healthy after {timeout:.0f} s (run.health_timeout); logs: {self.dir / 'logs'}"
+                return f"not healthy after {timeout:.0f} s (run.health_timeout); logs: {self.rundir.logs}"
             time.sleep(POLL)
         return None
 
     def _run_step(self, step: dict) -> str | None:
         out = self.dir / step["subdir"]
-        log_path = self.dir / "logs" / f"{step['step']}.log"
+        log_path = self.rundir.log(step["step"])
         cmd = _aegis() + list(step["args"]) + ["--endpoints", str(self.dir), "--output-dir", str(out)]
         t0 = time.monotonic()
         with open(log_path, "ab") as log:
@@ -241,43 +242,35 @@ class PointRunner:
         """Stop the launcher: the `shutdown` file and SIGTERM (it stops its agents and engines), then force."""
         if self.launcher is None or self.launcher.poll() is not None:
             return
-        import psutil
-
-        atomic_write(self.dir / "shutdown", f"{time.time()}\n")
-        try:  # also reaches a launcher still staging, before it reads the shutdown file
-            os.killpg(self.launcher.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        self.rundir.request_shutdown()
         grace = float(self.run_opts.get("shutdown_timeout") or 180)
-        try:
-            self.launcher.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
+
+        def kill_tree() -> None:  # the agents run in their own sessions: the launcher's group does not reach them
+            import psutil
+
             self._say(f"servers still up {grace:.0f} s after the shutdown request; killing them")
-        try:  # the agents run in their own session: kill the whole tree, not only the launcher's group
-            tree = psutil.Process(self.launcher.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            tree = []
-        for proc in [*tree]:
             try:
-                proc.kill()
+                tree = psutil.Process(self.launcher.pid).children(recursive=True)
             except psutil.NoSuchProcess:
-                pass
-        try:
-            os.killpg(self.launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.launcher.wait(30)
+                tree = []
+            for proc in tree:
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+        # SIGTERM also reaches a launcher still staging, before it reads the shutdown file
+        stop_groups([self.launcher], grace, on_kill=kill_tree)
 
     # -- the whole point ---------------------------------------------------------------
 
     def run(self) -> dict:
         if (read_status(self.dir) or {}).get("state") == "submitted":  # this job's own submission record
-            (self.dir / STATUS).unlink()
+            self.rundir.point_status.unlink()
         moved = move_previous_attempt(self.dir, [s["subdir"] for s in self.steps])
         if moved is not None:
             self._say(f"earlier attempt moved to {moved}")
-        (self.dir / "logs").mkdir(exist_ok=True)
+        self.rundir.logs.mkdir(exist_ok=True)
         self.status = {"state": "running", "hash": self.info.get("hash"), "label": self.info.get("label"),
                        "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID"),
@@ -298,7 +291,7 @@ class PointRunner:
                         break
                     if i > 0 and reset:
                         doc = self.rundir.read_endpoints()
-                        result = reset_prefix_cache(doc.to_json(), doc.api_key()) if doc else "no endpoints file"
+                        result = reset_prefix_cache(doc, doc.api_key()) if doc else "no endpoints file"
                         self.status["prefix_cache_reset"].append({"before": step["step"], "result": result})
                         if result != "reset" and len(self.status["prefix_cache_reset"]) == 1:
                             self._say(f"prefix cache not reset: {result}")

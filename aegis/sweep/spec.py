@@ -20,11 +20,11 @@ Every problem is a ConfigError of one line naming the file and the key.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aegis.bench import slo
 from aegis.config.schema import check_name, load_yaml, slugify, suggest
 from aegis.errors import ConfigError
 
@@ -35,7 +35,6 @@ WARMUP_KEYS = ("num_requests", "input_len", "output_len")
 RUN_KEYS = ("health_timeout", "reset_prefix_cache", "max_parallel", "shutdown_timeout")
 RUN_TYPES = {"health_timeout": "seconds", "shutdown_timeout": "seconds", "max_parallel": "count",
              "reset_prefix_cache": "bool"}
-SLO_RE = re.compile(r"^(max|min)_([a-z0-9_]+)$")
 INCLUDE_KEYS = ("name", "set")
 
 
@@ -111,6 +110,11 @@ def _check_options(path: str, section: str, data, allowed: dict) -> dict:
             _fail(path, f"{section}.{key}", "must be a single value")
         if name == "rates":
             value = _rates(path, f"{section}.{key}", value)
+        if name == "slo":  # the goodput limits of each run (aegis bench --slo)
+            try:
+                slo.goodput(slo.parse_limits(str(value), slo.GOODPUT_GRAMMAR))
+            except slo.SLOError as exc:
+                _fail(path, f"{section}.{key}", str(exc))
         out[name] = value
     return out
 
@@ -131,15 +135,10 @@ def _check_slo(path: str, data) -> dict[str, float]:
         return {}
     if not isinstance(data, dict):
         _fail(path, "slo", "must be a mapping like {max_p95_ttft_ms: 2000, min_success_pct: 99}")
-    out = {}
-    for key, value in data.items():
-        if not isinstance(key, str) or not SLO_RE.match(key):
-            _fail(path, f"slo.{key}", "must be max_<metric> or min_<metric>, e.g. max_p95_ttft_ms, "
-                  "min_success_pct (metrics: the keys of summary.json and the report's derived metrics)")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(path, f"slo.{key}", f"must be a number (got {value!r})")
-        out[key] = float(value)
-    return out
+    try:
+        return slo.run_level(slo.from_mapping(data))
+    except slo.SLOError as exc:
+        _fail(path, f"slo.{exc.key}", exc.msg)
 
 
 def _check_axes(path: str, data) -> dict[str, list]:

@@ -3,6 +3,7 @@ import pytest
 
 from aegis.bench import metrics
 from aegis.bench.probe import classify
+from aegis.bench.slo import parse_goodput
 from aegis.errors import UsageError
 
 
@@ -40,7 +41,7 @@ def test_vllm_definitions_and_key_names():
 
 def test_goodput_counts_requests_meeting_every_slo():
     rs = [rec(0, 100.0, 500.0, 5), rec(1, 300.0, 700.0, 3), rec(2, 50.0, 50.0, 1)]
-    s = metrics.compute(rs, duration=1.0, slo=metrics.parse_slo("ttft=200,tpot=150ms"))
+    s = metrics.compute(rs, duration=1.0, slo=parse_goodput("ttft=200,tpot=150ms"))
     assert s["request_goodput"] == 2.0   # the second has TTFT 300 > 200; tpot 0 counts for 1 token
 
 
@@ -62,7 +63,7 @@ def test_breakdown_per_endpoint_and_adapter():
 @pytest.mark.parametrize("text", ["ttft", "foo=1", "ttft=abc", "tpot=-3"])
 def test_bad_slo(text):
     with pytest.raises(UsageError):
-        metrics.parse_slo(text)
+        parse_goodput(text)
 
 
 @pytest.mark.parametrize("completed,failed,med,p99,status", [

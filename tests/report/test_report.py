@@ -7,8 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from aegis.bench.slo import parse_run_slo
 from aegis.errors import UsageError
-from aegis.report.analyze import pareto_front, parse_slo
+from aegis.report.analyze import pareto_front
 from aegis.report.cli import report_cmd
 
 
@@ -68,7 +69,7 @@ def test_errors(tmp_path):
     r = CliRunner().invoke(report_cmd, [str(tmp_path), "-o", str(tmp_path / "o")])
     assert r.exit_code != 0 and "no results found" in str(r.exception)
     with pytest.raises(UsageError, match="max_METRIC=VALUE"):
-        parse_slo("p95=3")
+        parse_run_slo("p95=3")
 
 
 def test_pareto_front():
