@@ -1,7 +1,6 @@
 """Reads the launcher's endpoints file (or --url flags) and resolves the API key."""
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -83,37 +82,13 @@ def normalize_url(url: str) -> str:
 
 
 def load_endpoints(path: str | os.PathLike) -> Fleet:
-    """Read an endpoints file, or `endpoints.json` inside a run directory."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / ENDPOINTS_FILENAME
-    if not p.exists():
-        raise UsageError(f"endpoints file {str(p)!r} does not exist; pass the launcher's "
-                         f"run directory or its {ENDPOINTS_FILENAME}")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read endpoints file {str(p)!r}: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
-        raise UsageError(f"endpoints file {str(p)!r} has no 'instances' list")
-    endpoints = []
-    for i, inst in enumerate(data["instances"]):
-        if not isinstance(inst, dict):
-            raise UsageError(f"endpoints file {str(p)!r}: instance {i} is not an object")
-        url = inst.get("url")
-        if not url and inst.get("host") and inst.get("port"):
-            url = f"http://{inst['host']}:{inst['port']}"
-        if not url:
-            raise UsageError(f"endpoints file {str(p)!r}: instance {i} has no url or host/port")
-        endpoints.append(Endpoint(
-            name=str(inst.get("name") or f"instance-{i}"), url=normalize_url(url),
-            model=inst.get("model"), status=str(inst.get("status", "ready")),
-            lora_adapters=[str(a) if not isinstance(a, dict) else str(a.get("name"))
-                           for a in (inst.get("lora_adapters") or [])]))
-    key_file = data.get("api_key_file")
-    if key_file and not os.path.isabs(key_file):
-        key_file = str(p.parent / key_file)
-    return Fleet(endpoints=endpoints, api_key_file=key_file, source=str(p))
+    """Read an endpoints file, or `endpoints.json` inside a run directory (through the one reader)."""
+    from aegis.launch.endpoints import EndpointsFile
+
+    doc = EndpointsFile.read(path)
+    endpoints = [Endpoint(name=i.name, url=normalize_url(i.url), model=i.model or None, status=i.status.value,
+                          lora_adapters=list(i.lora_adapters)) for i in doc.instances]
+    return Fleet(endpoints=endpoints, api_key_file=doc.api_key_file, source=str(EndpointsFile.path_of(path)))
 
 
 def fleet_from_urls(urls: list[str], model: str | None = None) -> Fleet:

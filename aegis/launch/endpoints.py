@@ -2,7 +2,10 @@
 
 The head of `aegis launch` is its only writer; `aegis endpoints`, `health`,
 `status`, `submit --wait`, bench, warm and sweeps read it through
-`EndpointsFile.read`. Shape (version 1):
+`EndpointsFile.read`. A hand-written file for endpoints aegis did not start is
+read too: an instance needs only `url` (or `host` and `port`); without a
+`status` it is taken as ready, without a `name` it is `instance-N`. Shape
+(version 1):
 
     {"version": 1, "job_id", "run_dir", "site", "scheduler", "state": RunState,
      "api_key_file": "<run_dir>/api_key" or null, "updated": <unix time>,
@@ -17,8 +20,9 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from aegis.errors import AegisError, UsageError
 from aegis.rundir import RunDir
@@ -59,7 +63,7 @@ class InstanceEndpoint(BaseModel):
     model_config = ConfigDict(extra="ignore", use_enum_values=False)
 
     name: str
-    model: str
+    model: str = ""  # the served name ("" in a hand-written file that does not say)
     url: str
     host: str = ""
     port: int | None = None
@@ -69,12 +73,30 @@ class InstanceEndpoint(BaseModel):
     devices: list[str] = []
     nodes: list[str] = []
     engine: str = "vllm"
-    status: InstanceState = InstanceState.STARTING
+    status: InstanceState = InstanceState.READY  # the head always sets it; a hand-written entry is serving
     pid: int | None = None
     restarts: int = 0
     ready_seconds: float | None = None
     log: str | None = None
     error: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hand_written(cls, data: Any) -> Any:
+        """Accept what people write by hand: host+port for url, adapters given as {"name": ...}."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if not data.get("url") and data.get("host") and data.get("port"):
+                data["url"] = f"http://{data['host']}:{data['port']}"
+            adapters = data.get("lora_adapters")
+            if isinstance(adapters, list):
+                data["lora_adapters"] = [a.get("name") if isinstance(a, dict) else a for a in adapters]
+            if data.get("model") is None:
+                data.pop("model", None)
+            for key in ("devices", "nodes"):
+                if isinstance(data.get(key), list):
+                    data[key] = [str(x) for x in data[key]]
+        return data
 
     @property
     def ready(self) -> bool:
@@ -107,9 +129,14 @@ class EndpointsFile(BaseModel):
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise AegisError(f"{path}: cannot read the endpoints file: {exc}") from None
-        if not isinstance(data, dict):
-            raise AegisError(f"{path}: not an endpoints file (expected a JSON object)")
+            raise UsageError(f"{path}: cannot read the endpoints file: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("instances"), list):
+            raise UsageError(f"{path}: not an endpoints file (expected a JSON object with an 'instances' list)")
+        data["instances"] = [dict({"name": f"instance-{i}"}, **inst) if isinstance(inst, dict) else inst
+                             for i, inst in enumerate(data["instances"])]
+        key_file = data.get("api_key_file")
+        if isinstance(key_file, str) and key_file and not os.path.isabs(key_file):
+            data["api_key_file"] = str(path.parent / key_file)  # relative to the file
         version = data.get("version", VERSION)
         if not isinstance(version, int) or version > VERSION:
             raise AegisError(f"{path}: endpoints file version {version} is newer than this aegis understands "
@@ -119,21 +146,26 @@ class EndpointsFile(BaseModel):
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
-            raise AegisError(f"{path}: invalid endpoints file at {where}: {err['msg']}") from None
+            raise UsageError(f"{path}: invalid endpoints file at {where}: {err['msg']}") from None
 
     @classmethod
     def read(cls, target: str | os.PathLike) -> EndpointsFile:
         """An endpoints file, or the one in a run directory; a clear error when there is none."""
-        path = Path(target)
-        if path.is_dir():
-            path = RunDir(path).endpoints
+        path = cls.path_of(target)
         try:
             text = path.read_text()
         except FileNotFoundError:
-            raise UsageError(f"{path}: no endpoints file (has the launcher started?)") from None
+            raise UsageError(f"{path}: the endpoints file does not exist (has the launcher started?); pass the "
+                             "run directory or its endpoints.json") from None
         except OSError as exc:
             raise AegisError(f"{path}: cannot read the endpoints file: {exc.strerror}") from None
         return cls.parse(text, path)
+
+    @staticmethod
+    def path_of(target: str | os.PathLike) -> Path:
+        """The endpoints file named, or the one of the run directory named."""
+        path = Path(target)
+        return RunDir(path).endpoints if path.is_dir() else path
 
     @classmethod
     def read_optional(cls, path: Path) -> EndpointsFile | None:

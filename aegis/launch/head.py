@@ -139,7 +139,7 @@ class Head:
                 hostname=self.alloc.hosts[inst.head.node], port=inst.port, node=inst.head.node,
                 devices=[d for p in inst.placement for d in p.devices],
                 nodes=[self.alloc.hosts[p.node] for p in inst.placement], engine=spec.engine,
-                log=str(run.log(inst.name))))
+                status=S.STARTING, log=str(run.log(inst.name))))
             self.since[inst.name] = self.t0
 
     def _publish(self) -> None:

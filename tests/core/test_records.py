@@ -157,3 +157,21 @@ def test_run_handle_reads_the_directory_and_requests_shutdown(tmp_path):
     assert not run.head_alive()
     with pytest.raises(UsageError, match="has no job id"):
         run.cancel()
+
+
+def test_hand_written_endpoints_file_is_read_by_the_same_reader(tmp_path):
+    """A file for servers aegis did not start: url or host+port, no status (serving), no name."""
+    from aegis.bench.endpoints import load_endpoints
+
+    (tmp_path / "key").write_text("k\n")
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"api_key_file": "key", "instances": [
+        {"host": "10.0.0.1", "port": 8000, "model": "m", "devices": [0, 1]},
+        {"url": "http://10.0.0.2:8000/v1/", "lora_adapters": [{"name": "sql"}]}]}))
+    doc = EndpointsFile.read(path)
+    assert [i.name for i in doc.instances] == ["instance-0", "instance-1"]
+    assert doc.instances[0].url == "http://10.0.0.1:8000" and doc.instances[0].devices == ["0", "1"]
+    assert doc.all_ready and doc.api_key_file == str(tmp_path / "key")
+    fleet = load_endpoints(path)
+    assert [e.url for e in fleet.endpoints] == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    assert fleet.endpoints[1].model is None and fleet.endpoints[1].lora_adapters == ["sql"]
