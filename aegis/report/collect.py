@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aegis.errors import UsageError
 from aegis.rundir import RunDir
+from aegis.sweep.status import PointState
 
 OOM_RE = re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|UR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY",
                     re.IGNORECASE)
@@ -138,7 +139,7 @@ def _bench_run(d: Path, root: Path, kind: str, config_name: str, default_devices
     run = Run(config=config_name, kind=kind, path=str(d), rate=rate, devices=devices, config_hash=digest,
               metrics=summary_metrics(s, devices), notes=_notes(s))
     status = _read_json(RunDir(point[0]).point_status) if point else None
-    if status and status.get("state") in ("failed", "interrupted"):
+    if status and status.get("state") in (PointState.FAILED, PointState.INTERRUPTED):
         run.notes.append(f"point {status['state']}: {status.get('reason') or 'no reason recorded'}")
     if rate is not None:
         run.metrics["rate"] = rate

@@ -11,6 +11,7 @@ from aegis.bench.slo import describe
 from aegis.errors import AegisError, UsageError
 from aegis.sweep.expand import SWEEP_FILE, Point, expand, render_points, run_steps, spec_hash, sweep_document
 from aegis.sweep.spec import SweepSpec, load_spec
+from aegis.sweep.status import FINISHED, PointState
 from aegis.util.tables import format_table
 
 
@@ -127,10 +128,10 @@ def sweep_cmd(spec_path, dry_run, render_dir, site, site_file, as_json, mode, sw
         execute.run_jobs(spec, points, target, rerun, retry_failed, wait, echo)
     states = [(execute.read_status(target / p.dirname) or {}).get("state") for p in points]
     click.echo("\n".join(execute.summary_lines(points, target)))
-    if all(s in execute.FINISHED for s in states):
+    if all(s in FINISHED for s in states):
         if make_report:
             _report(target, echo)
-        if "failed" in states:
+        if PointState.FAILED in states:
             raise SomeFailed(f"{states.count('failed')} of {len(points)} configuration(s) failed; "
                              f"see {target}/*/status.json (--retry-failed runs them again)")
 
@@ -159,7 +160,7 @@ def sweep_point_cmd(point_dir):
     from aegis.sweep.runner import Interrupted, PointRunner
 
     status = PointRunner(Path(point_dir), lambda msg: click.echo(msg, err=True)).run()
-    if status["state"] == "interrupted":
+    if status["state"] == PointState.INTERRUPTED:
         raise Interrupted(f"interrupted: {status.get('reason')}")
-    if status["state"] == "failed":
+    if status["state"] == PointState.FAILED:
         raise SomeFailed(f"configuration failed: {status.get('reason')}")

@@ -16,12 +16,11 @@ from pathlib import Path
 from aegis.errors import UsageError
 from aegis.rundir import RunDir
 from aegis.sweep.expand import INLINE_JOB, SPEC_COPY, SWEEP_FILE, Point, run_steps, sweep_document, write_point
-from aegis.sweep.runner import FINISHED, Interrupted, PointRunner, read_status, write_status
+from aegis.sweep.runner import Interrupted, PointRunner
 from aegis.sweep.spec import SweepSpec
+from aegis.sweep.status import ACTIVE, FINISHED, PointState, read_status, write_status
 from aegis.util.fs import atomic_write
 from aegis.util.tables import format_table
-
-ACTIVE = ("submitted", "running")
 
 
 def default_dir(spec: SweepSpec) -> Path:
@@ -68,7 +67,7 @@ def select(points: list[Point], sweep_dir: Path, rerun: tuple, retry_failed: boo
     for p in points:
         st = read_status(sweep_dir / p.dirname) or {}
         state = st.get("state")
-        if state in FINISHED and not _matches(p, rerun) and not (retry_failed and state == "failed"):
+        if state in FINISHED and not _matches(p, rerun) and not (retry_failed and state == PointState.FAILED):
             echo(f"{p.label} ({p.hash}): {state} earlier; skipped" + (f" ({st.get('reason')})" if st.get("reason")
                                                                      else ""))
             continue
@@ -102,7 +101,7 @@ def run_inline(spec: SweepSpec, todo: list[Point], sweep_dir: Path, echo: Callab
         point_dir = write_point(spec, p, sweep_dir, steps=steps)
         status = PointRunner(point_dir, echo, prefix=f"[{i}/{len(todo)}] {p.label} ({p.hash})").run()
         results.append(status)
-        if status["state"] == "interrupted":
+        if status["state"] == PointState.INTERRUPTED:
             raise Interrupted(f"sweep interrupted during {p.label}; its servers were stopped. Continue with: "
                               f"aegis sweep {spec.path} --resume --dir {sweep_dir}")
     return results
@@ -159,12 +158,12 @@ def submit_inline(spec: SweepSpec, points: list[Point], sweep_dir: Path, todo: l
 def _end_of_job(point_dir: Path, info, echo) -> dict:
     """Settle a point whose job has ended: its own status, or why the job ended first."""
     st = read_status(point_dir) or {}
-    if st.get("state") in FINISHED or st.get("state") == "interrupted":
+    if st.get("state") in (*FINISHED, PointState.INTERRUPTED):
         return st
     run = RunDir(point_dir)
     log = run.job_log()
     cancelled = info.state.value == "cancelled"
-    st.update(state="interrupted" if cancelled else "failed", finished=time.time(),
+    st.update(state=PointState.INTERRUPTED if cancelled else PointState.FAILED, finished=time.time(),
               reason=f"job {info.job_id} ended ({info.state.value}"
                      + (f", exit code {info.exit_code}" if info.exit_code not in (None, "", "0", "0:0") else "")
                      + ") before the point finished" + (f"; log: {log}" if log else ""))
@@ -224,7 +223,7 @@ def run_jobs(spec: SweepSpec, points: list[Point], sweep_dir: Path, rerun: tuple
                 p = queue.pop(0)
                 point_dir = write_point(spec, p, sweep_dir, steps=steps)
                 # The record goes first: a job that starts at once replaces it with its own.
-                write_status(point_dir, {"state": "submitted", "submitted": time.time(), "hash": p.hash,
+                write_status(point_dir, {"state": PointState.SUBMITTED, "submitted": time.time(), "hash": p.hash,
                                          "label": p.label})
                 run = RunDir(point_dir)
                 try:
@@ -269,7 +268,7 @@ def cancel_jobs(points: list[Point], sweep_dir: Path, echo, sched=None) -> int:
         job_id = RunDir(point_dir).job_id
         if st.get("state") in ACTIVE and job_id:
             sched.cancel(job_id)
-            st.update(state="interrupted", reason=f"job {job_id} cancelled by aegis sweep --cancel",
+            st.update(state=PointState.INTERRUPTED, reason=f"job {job_id} cancelled by aegis sweep --cancel",
                       finished=time.time())
             write_status(point_dir, st)
             echo(f"{p.label} ({p.hash}): cancelled job {job_id}")

@@ -37,10 +37,9 @@ import aiohttp
 from aegis.errors import AegisError
 from aegis.launch.endpoints import EndpointsFile, RunState
 from aegis.rundir import RunDir
-from aegis.util.fs import atomic_write
+from aegis.sweep.status import PointState, read_status, write_status
 from aegis.util.procs import stop_groups
 
-FINISHED = ("done", "failed")
 ATTEMPTS = "attempts"
 # What one attempt leaves in a point directory besides its step directories (moved aside on a re-run).
 _NAMES = RunDir(Path("/"))  # only the file names are used
@@ -55,15 +54,6 @@ class Interrupted(AegisError):
     """The sweep was stopped by a signal; the current point was shut down and marked interrupted."""
 
     exit_code = 130
-
-
-def read_status(point_dir: Path) -> dict | None:
-    run = RunDir(point_dir)
-    return run.read_json(run.point_status)
-
-
-def write_status(point_dir: Path, doc: dict) -> None:
-    atomic_write(RunDir(point_dir).point_status, json.dumps(doc, indent=2) + "\n")
 
 
 def _aegis() -> list[str]:
@@ -265,13 +255,13 @@ class PointRunner:
     # -- the whole point ---------------------------------------------------------------
 
     def run(self) -> dict:
-        if (read_status(self.dir) or {}).get("state") == "submitted":  # this job's own submission record
+        if (read_status(self.dir) or {}).get("state") == PointState.SUBMITTED:  # this job's own submission record
             self.rundir.point_status.unlink()
         moved = move_previous_attempt(self.dir, [s["subdir"] for s in self.steps])
         if moved is not None:
             self._say(f"earlier attempt moved to {moved}")
         self.rundir.logs.mkdir(exist_ok=True)
-        self.status = {"state": "running", "hash": self.info.get("hash"), "label": self.info.get("label"),
+        self.status = {"state": PointState.RUNNING, "hash": self.info.get("hash"), "label": self.info.get("label"),
                        "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID"),
                        "steps": {}, "prefix_cache_reset": []}
@@ -309,8 +299,9 @@ class PointRunner:
             oom = oom_log(self.dir)
             if oom:
                 reason = f"out of memory (log: {oom}); {reason}"
-        state = "interrupted" if self.stop_signal is not None else ("failed" if reason else "done")
-        if state == "interrupted":
+        state = PointState.INTERRUPTED if self.stop_signal is not None else (
+            PointState.FAILED if reason else PointState.DONE)
+        if state == PointState.INTERRUPTED:
             reason = f"stopped by signal {signal.Signals(self.stop_signal).name}"
         self._save(state=state, reason=reason, finished=time.time(), seconds=round(time.monotonic() - t0, 1))
         self._say(f"{state} in {self.status['seconds']} s" + (f": {reason}" if reason else ""))
