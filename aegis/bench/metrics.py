@@ -5,6 +5,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from aegis.bench.records import RequestRecord
+
 PERCENTILES = (50, 90, 95, 99)
 CLIENT_BOUND_LAG_MS = 5.0
 
@@ -18,7 +20,7 @@ def _stats(name: str, values_ms: list[float], out: dict) -> None:
         out[f"p{p}_{name}_ms"] = float(np.percentile(arr, p))
 
 
-def _max_concurrency(records: list[dict]) -> int:
+def _max_concurrency(records: list[RequestRecord]) -> int:
     events = []
     for r in records:
         events.append((r["sent_s"], 1))
@@ -31,7 +33,7 @@ def _max_concurrency(records: list[dict]) -> int:
     return peak
 
 
-def segment_duration(records: list[dict]) -> float:
+def segment_duration(records: list[RequestRecord]) -> float:
     """Sum over run segments of (last request end - segment start)."""
     ends: dict[int, float] = defaultdict(float)
     for r in records:
@@ -40,7 +42,7 @@ def segment_duration(records: list[dict]) -> float:
     return float(sum(ends.values()))
 
 
-def compute(records: list[dict], duration: float | None = None,
+def compute(records: list[RequestRecord], duration: float | None = None,
             slo: dict[str, float] | None = None) -> dict:
     """vLLM's benchmark metrics (same keys) plus error kinds and dispatch lag.
 
@@ -89,7 +91,7 @@ def compute(records: list[dict], duration: float | None = None,
     return out
 
 
-def breakdown(records: list[dict], key: str, duration: float, slo: dict | None) -> dict:
+def breakdown(records: list[RequestRecord], key: str, duration: float, slo: dict | None) -> dict:
     """compute() per value of `key` (endpoint, adapter), over the run's duration."""
     groups: dict = defaultdict(list)
     for r in records:

@@ -23,6 +23,7 @@ from aegis.bench.client import RequestOptions
 from aegis.bench.endpoints import Endpoint, auth_headers
 from aegis.bench.progress import Progress
 from aegis.bench.prom import Scraper
+from aegis.bench.records import read_records
 from aegis.bench.worker import WorkerPlan, worker_main
 from aegis.errors import AegisError, UsageError
 
@@ -104,26 +105,6 @@ class BenchConfig:
                    arrival=ArrivalSpec(**arr), num_requests=d["num_requests"], duration=d["duration"],
                    concurrency=d["concurrency"], routing=d["routing"], workers=d["workers"], slo=d["slo"],
                    scrape=d["scrape"], scrape_interval=d["scrape_interval"], label=d.get("label"))
-
-
-def read_records(path: str, repair: bool = False) -> list[dict]:
-    """All complete lines of a requests.jsonl; with `repair`, cut a half-written last line."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as fh:
-        data = fh.read()
-    good_end = data.rfind(b"\n") + 1
-    if repair and good_end < len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(good_end)
-    out = []
-    for line in data[:good_end].splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
 
 
 async def discover_model(url: str, headers: dict[str, str]) -> str:

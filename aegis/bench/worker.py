@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import json
 import math
 import os
 import signal
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from aegis.bench.client import RequestOptions, send
 from aegis.bench.endpoints import Endpoint
 from aegis.bench.http import Pool
+from aegis.bench.records import RequestRecord, write_record
 from aegis.bench.workload import RequestSpec
 
 perf = time.perf_counter
@@ -126,8 +126,8 @@ class Worker:
         self.pool = Pool(spare=SPARE_CONNECTIONS)
         self.t0 = 0.0
 
-    def _write(self, rec: dict) -> None:
-        os.write(self.fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+    def _write(self, rec: RequestRecord) -> None:
+        write_record(self.fd, rec)
 
     async def _one(self, index: int, intended: float, ready: float, waited: float) -> None:
         p = self.plan
@@ -146,7 +146,7 @@ class Worker:
         ttft = (tt[0] - sent) * 1e3 if tt else None
         e2el = (res["t_end"] - sent) * 1e3
         out = res["output_tokens"]
-        rec = {
+        rec: RequestRecord = {
             "index": index, "segment": p.segment, "worker": p.wid,
             "request_id": headers["X-Request-Id"],
             "endpoint": ep.name, "url": ep.url, "model": model, "adapter": spec.adapter, "group": spec.group,
