@@ -452,7 +452,11 @@ def _wait(req, sleep_s: float) -> None:
 
 def run(opts: StageOptions) -> int:
     """Stage under MPI with mpi4py; returns the exit status (the same on every rank)."""
-    import mpi4py
+    try:
+        import mpi4py
+    except ImportError:
+        raise StageError("the mpi4py fallback of aegis stage needs mpi4py: pip install 'aegis-hpc[mpi]' "
+                         "(or install the compiled tool: build aegis with mpicc and cmake on PATH)") from None
 
     mpi4py.rc.thread_level = "funneled"
     from mpi4py import MPI

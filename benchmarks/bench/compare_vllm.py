@@ -144,9 +144,9 @@ def main() -> None:
     have_vllm = not a.skip_vllm and Path(a.vllm_python).exists() and Path(a.tokenizer).exists()
     if not have_vllm and not a.skip_vllm:
         print(f"note: no vLLM venv at {a.vllm_python} or tokenizer at {a.tokenizer}: aegis figures only")
-    report: dict = {"nice": a.nice, "repeat": a.repeat, "rates": rates, "duration_s": a.duration, "lag_limit_ms": LAG_LIMIT_MS,
-                    "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "cpus": os.cpu_count(),
-                    "loadavg_start": os.getloadavg()}
+    report: dict = {"nice": a.nice, "repeat": a.repeat, "rates": rates, "duration_s": a.duration,
+                    "lag_limit_ms": LAG_LIMIT_MS, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
+                    "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     aegis_res: dict[float, dict] = {}
     vllm_res: dict[float, dict] = {}
     vllm_err: list[float] = []

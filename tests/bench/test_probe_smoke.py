@@ -10,8 +10,8 @@ from tests.bench.conftest import aegis
 def test_probe_table_statuses_and_files(make_sim, tmp_path):
     s = make_sim("--max-num-seqs", "1", "--decode-ms", "10")
     out = tmp_path / "probe"
-    p = aegis("probe", "--url", s.url, "--rates", "4,40", "--duration", "1.5", "--arrival", "constant", "--input-len", "16",
-              "--output-len", "6", "--timeout", "0.8", "--no-progress", "--output-dir", str(out))
+    p = aegis("probe", "--url", s.url, "--rates", "4,40", "--duration", "1.5", "--arrival", "constant",
+              "--input-len", "16", "--output-len", "6", "--timeout", "0.8", "--no-progress", "--output-dir", str(out))
     lines = p.stdout.splitlines()
     assert lines[0].split("|")[0].strip() == "Rate" and "Success%" in lines[0] and "Status" in lines[0]
     rows = [json.loads(x) for x in (out / "probe.jsonl").read_text().splitlines()]

@@ -45,7 +45,8 @@ def test_prefix_cache_hits_shorten_prefill(make_sim):
     asyncio.run(post_in_order(s.url, [body, body]))
     t = truth(s.url)
     first, second = t["s0"], t["s1"]
-    assert first["cached_tokens"] == 0 and second["cached_tokens"] == 48   # 3 full blocks of 16 (the last token is recomputed)
+    # 3 full blocks of 16 (the last token is recomputed)
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] == 48
     assert (second["first_token"] - second["arrival"]) < (first["first_token"] - first["arrival"]) - 0.05
     import urllib.request
     m = parse_metrics(urllib.request.urlopen(s.url + "/metrics").read().decode())

@@ -12,6 +12,9 @@ import pytest
 
 from tests.fixtures.slurm import CLUSTER_DIR, SlurmCluster
 
+# Every test here needs the real 3-node Slurm cluster (tests/fixtures/slurm.py) or starts one.
+pytestmark = pytest.mark.slow
+
 ALL_GPUS = ",".join(str(i) for i in range(8))
 
 
@@ -261,7 +264,6 @@ def run_script(name: str, env: dict[str, str], *args: str) -> subprocess.Complet
                           text=True, timeout=300, env=dict(os.environ, **env), check=False)
 
 
-@pytest.mark.slow
 def test_stop_leaves_nothing_after_a_failed_start():
     env = dict(SECOND, AEGIS_SLURM_TMP_SIZE="not-a-size")  # the nodes' /tmp mount fails
     try:
@@ -273,7 +275,6 @@ def test_stop_leaves_nothing_after_a_failed_start():
         run_script("stop.sh", env)
 
 
-@pytest.mark.slow
 def test_stop_leaves_nothing_after_a_full_run_without_accounting():
     env = dict(SECOND, AEGIS_SLURM_ACCOUNTING="0")
     try:

@@ -150,6 +150,7 @@ def test_submit_reports_scheduler_stderr(tmp_path, capsys, monkeypatch):
                            "sbatch: error: Batch job submission failed: Invalid partition name specified")
 
 
+@pytest.mark.slow
 def test_local_submit_runs_the_script(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "submit", "--site", "local", "--model", "m", "--run-dir", run_dir, "--json")

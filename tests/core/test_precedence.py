@@ -89,7 +89,8 @@ def test_site_detected_from_hostname(monkeypatch, capsys):
 
 def test_cli_engine_args_go_where_the_model_keeps_them(tmp_path):
     from aegis.config.flags import resolve_from_cli
-    cfg = write(tmp_path, "site: h200\nmodel: org/m\nengine: sglang\nextra_args: [\"--mem-fraction-static\", \"0.8\"]\n")
+    cfg = write(tmp_path, "site: h200\nmodel: org/m\nengine: sglang\n"
+                          "extra_args: [\"--mem-fraction-static\", \"0.8\"]\n")
     res = resolve_from_cli({"args": (str(cfg), "--chunked-prefill-size", "4096"), "extra_vllm_args": "--a b"})
     spec = res.config.models[0]
     assert spec.extra_args == ["--mem-fraction-static", "0.8", "--a", "b", "--chunked-prefill-size", "4096"]

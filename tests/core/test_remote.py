@@ -101,6 +101,7 @@ def test_remote_submit_status_over_one_connection(sshd, tmp_path):
     assert proc.returncode == 2 and "--instances:" in proc.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_remote_is_one_clear_line(sshd, tmp_path):
     proc = aegis(sshd, "--remote", "nobody@127.0.0.1:1", "status", cwd=tmp_path)
     assert proc.returncode == 255

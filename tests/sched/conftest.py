@@ -1,4 +1,4 @@
-"""Fixtures for the scheduler integration tests: the real 3-node Slurm cluster and the CPU vLLM."""
+"""Fixtures for the scheduler integration tests: the real 3-node Slurm cluster, the CPU vLLM, a stuck engine."""
 import os
 import subprocess
 
@@ -6,6 +6,15 @@ import pytest
 
 from tests.fixtures.slurm import slurm_cluster  # noqa: F401
 from tests.fixtures.vllm import vllm_env  # noqa: F401
+
+
+@pytest.fixture
+def sleeper(tmp_path):
+    """An "engine" that never becomes healthy: keeps a job running until it is cancelled."""
+    path = tmp_path / "sleeper-engine"
+    path.write_text("#!/bin/sh\nexec sleep 600\n")
+    path.chmod(0o755)
+    return path
 
 
 def _job_ids(env):

@@ -29,15 +29,6 @@ def config(tmp_path, name="c.yaml", **raw):
     return path
 
 
-@pytest.fixture
-def sleeper(tmp_path):
-    """An "engine" that never becomes healthy: keeps a job running until it is cancelled."""
-    path = tmp_path / "sleeper-engine"
-    path.write_text("#!/bin/sh\nexec sleep 600\n")
-    path.chmod(0o755)
-    return path
-
-
 def test_check_job_spans_three_nodes(slurm_cluster, tmp_path):
     cfg = config(tmp_path, instances=3, tensor_parallel_size=8)  # one instance per node: 3 nodes
     run = tmp_path / "run"

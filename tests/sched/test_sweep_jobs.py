@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.fixtures.vllm import BASE_ARGS, BASE_ENV
-from tests.sched.test_slurm_jobs import SITES, aegis, sleeper  # noqa: F401 (a fixture)
+from tests.sched.test_slurm_jobs import SITES, aegis
 
 pytestmark = pytest.mark.slow
 SITE = ["--site-file", SITES / "testcluster-cpu.yaml", "--site", "testcluster-cpu"]
@@ -29,7 +29,8 @@ def statuses(d):
 
 
 def test_one_job_per_configuration_submitted_then_collected(slurm_cluster, tmp_path, vllm_env):
-    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny", "engine_python": str(vllm_env.python),
+    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny",
+                                 "engine_python": str(vllm_env.python),
                                  "env": {**BASE_ENV, "VLLM_SERVER_DEV_MODE": "1"}, "extra_vllm_args": list(BASE_ARGS),
                                  "startup_timeout": 900, "directives": ["--exclusive"]},  # a node per point
                       axes={"max_num_seqs": [4, 8]}, warmup={"num_requests": 2})
@@ -86,8 +87,9 @@ def test_cancel_stops_the_sweeps_jobs(slurm_cluster, tmp_path, sleeper):
 
 def test_inline_inside_an_interactive_allocation(slurm_cluster, tmp_path, vllm_env):
     """`salloc` then `aegis sweep`: the default mode is inline, points run in that allocation's nodes."""
-    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny", "engine_python": str(vllm_env.python),
-                                 "env": dict(BASE_ENV), "extra_vllm_args": list(BASE_ARGS), "startup_timeout": 900},
+    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny",
+                                 "engine_python": str(vllm_env.python), "env": dict(BASE_ENV),
+                                 "extra_vllm_args": list(BASE_ARGS), "startup_timeout": 900},
                       axes={"max_num_seqs": [4]}, warmup={"num_requests": 2})
     d = tmp_path / "sweep"
     r = subprocess.run(["salloc", "-N1", "-p", "debug", "--exclusive", sys.executable, "-m", "aegis", "sweep",
@@ -106,8 +108,9 @@ def test_inline_inside_an_interactive_allocation(slurm_cluster, tmp_path, vllm_e
 
 
 def test_inline_submit_runs_every_point_in_one_job(slurm_cluster, tmp_path, vllm_env):
-    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny", "engine_python": str(vllm_env.python),
-                                 "env": dict(BASE_ENV), "extra_vllm_args": list(BASE_ARGS), "startup_timeout": 900,
+    spec = write_spec(tmp_path, {"model": str(vllm_env.model_dir), "name": "tiny",
+                                 "engine_python": str(vllm_env.python), "env": dict(BASE_ENV),
+                                 "extra_vllm_args": list(BASE_ARGS), "startup_timeout": 900,
                                  "walltime": "00:10:00"},
                       axes={"max_num_seqs": [4, 8]})
     d = tmp_path / "sweep"

@@ -17,6 +17,7 @@ from tests.stage.conftest import leftovers, mpi_env, mpirun_prefix, ok, run_stag
 CHUNK = ["--chunk-size", "64K", "--window", "4", "--threads", "2"]
 
 
+@pytest.mark.slow
 def test_identical_copies_skip_and_force(impl, model, tmp_path):
     dest = tmp_path / "node{rank}" / "model"
     s = ok(run_stage(impl, 3, model, dest, *CHUNK))
@@ -39,6 +40,7 @@ def test_identical_copies_skip_and_force(impl, model, tmp_path):
     assert tree_digest(tmp_path / "node2" / "model") == want
 
 
+@pytest.mark.slow
 def test_changed_source_is_resent_never_skipped_on_size(impl, model, tmp_path):
     dest = tmp_path / "node{rank}"
     ok(run_stage(impl, 2, model, dest, *CHUNK))
@@ -49,6 +51,7 @@ def test_changed_source_is_resent_never_skipped_on_size(impl, model, tmp_path):
     assert (tmp_path / "node1" / "config.json").read_text() == '{"hidden_size": 512}'
 
 
+@pytest.mark.slow
 def test_verify_rereads_destination(impl, model, tmp_path):
     dest = tmp_path / "node{rank}"
     ok(run_stage(impl, 2, model, dest, "--verify", *CHUNK))
@@ -65,6 +68,7 @@ def test_verify_rereads_destination(impl, model, tmp_path):
     assert victim.read_bytes() == (model / "model-00001.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_corrupted_chunk_detected_and_repaired(impl, model, tmp_path):
     dest = tmp_path / "node{rank}"
     proc = run_stage(impl, 3, model, dest, *CHUNK, env={"AEGIS_STAGE_TEST_CORRUPT": "5"})
@@ -75,6 +79,7 @@ def test_corrupted_chunk_detected_and_repaired(impl, model, tmp_path):
         assert tree_digest(tmp_path / f"node{r}") == tree_digest(model)
 
 
+@pytest.mark.slow
 def test_unwritable_destination_reported_with_host(impl, model, tmp_path):
     (tmp_path / "node1").write_text("a file where rank 1 needs a directory")
     dest = tmp_path / "node{rank}" / "model"
@@ -89,6 +94,7 @@ def test_unwritable_destination_reported_with_host(impl, model, tmp_path):
         assert tree_digest(tmp_path / f"node{r}" / "model") == tree_digest(model)
 
 
+@pytest.mark.slow
 def test_failure_midway_leaves_no_half_written_files(impl, model, tmp_path):
     """A node that cannot rename a finished file into place fails; no temporary or half-written file stays."""
     (tmp_path / "node1").mkdir()
@@ -106,6 +112,7 @@ def test_failure_midway_leaves_no_half_written_files(impl, model, tmp_path):
     assert tree_digest(tmp_path / "node0") == tree_digest(model)
 
 
+@pytest.mark.slow
 def test_empty_directory(impl, tmp_path):
     src = tmp_path / "empty"
     src.mkdir()
@@ -116,6 +123,7 @@ def test_empty_directory(impl, tmp_path):
     assert ok(run_stage(impl, 2, src, tmp_path / "node{rank}" / "x"))["skipped_nodes"] == 2
 
 
+@pytest.mark.slow
 def test_dangling_symlink_is_one_line_error(impl, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -125,6 +133,7 @@ def test_dangling_symlink_is_one_line_error(impl, tmp_path):
     assert proc.stderr.splitlines()[0] == f"aegis: error: symlink {src}/broken -> /nonexistent/target is dangling"
 
 
+@pytest.mark.slow
 def test_single_file_and_unpack_keyed_by_content(impl, model, tmp_path):
     tar = tmp_path / "env.tar"
     with tarfile.open(tar, "w") as tf:
@@ -150,6 +159,7 @@ def test_single_file_and_unpack_keyed_by_content(impl, model, tmp_path):
     assert not [p for p in (tmp_path / "n0").iterdir() if p.name.startswith(".aegis")]
 
 
+@pytest.mark.slow
 def test_hf_cache_layout(impl, model, tmp_path):
     proc = run_stage(impl, 2, model, tmp_path / "n{rank}" / "hub", "--hf-repo", "org/tiny",
                      "--hf-revision", "main-rev")
@@ -159,12 +169,14 @@ def test_hf_cache_layout(impl, model, tmp_path):
     assert tree_digest(base / "snapshots" / "main-rev") == tree_digest(model)
 
 
+@pytest.mark.slow
 def test_two_ranks_on_one_node_write_once(impl, model, tmp_path):
     s = ok(run_stage(impl, 2, model, tmp_path / "d{rank}", per_rank=False))
     assert (s["nodes"], s["ranks"]) == (1, 2)
     assert tree_digest(tmp_path / "d0") == tree_digest(model) and not (tmp_path / "d1").exists()
 
 
+@pytest.mark.slow
 def test_other_implementation_recognises_the_marker(impl, model, tmp_path):
     other = "mpi4py" if impl == "native" else "native"
     ok(run_stage(impl, 2, model, tmp_path / "d{rank}", *CHUNK))
@@ -199,6 +211,7 @@ def test_file_larger_than_2gib(impl, tmp_path):
         shutil.rmtree(out_root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_launcher_api(model, tmp_path):
     launcher = mpirun_prefix(2)
     env = mpi_env()
@@ -229,6 +242,16 @@ def test_missing_native_tool_is_a_usage_error(tmp_path):
     assert proc.returncode == 2 and "the compiled aegis-stage is not installed" in proc.stderr
 
 
+def test_fallback_without_mpi4py_is_one_line(tmp_path):
+    """mpi4py is an extra (aegis-hpc[mpi]): without it the fallback says how to get it, no traceback."""
+    code = ("import sys; sys.modules['mpi4py'] = None; from aegis.cli import main; "
+            f"main(['stage', '--impl', 'mpi4py', {str(tmp_path)!r}, {str(tmp_path / 'd')!r}])")
+    proc = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "pip install 'aegis-hpc[mpi]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_native_binary_rejects_bad_options():
     from aegis.staging import find_binary
 

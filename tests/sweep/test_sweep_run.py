@@ -58,6 +58,7 @@ def failing_spec(tmp_path):
     return spec
 
 
+@pytest.mark.slow
 def test_failed_points_keep_their_reason_and_are_not_rerun(failing_spec, tmp_path):
     d = tmp_path / "sweep"
     r = aegis("sweep", failing_spec, "--dir", d, cwd=tmp_path, timeout=300)
@@ -102,6 +103,7 @@ def test_inline_mode_outside_an_allocation_is_refused(tmp_path):
     assert not list((tmp_path / "d").glob("*/status.json"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_workload(failing_spec, tmp_path):
     d = tmp_path / "sweep"
     assert aegis("sweep", failing_spec, "--dir", d, "--no-report", cwd=tmp_path, timeout=300).returncode == 3

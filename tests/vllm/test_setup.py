@@ -28,6 +28,7 @@ def safetensors_shapes(path: Path) -> dict:
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
+@pytest.mark.slow
 def test_cached_setup_runs_no_subprocess(vllm_env, monkeypatch):
     def no_subprocess(*args, **kwargs):
         raise AssertionError(f"set-up ran a command although everything is cached: {args}")
@@ -37,6 +38,7 @@ def test_cached_setup_runs_no_subprocess(vllm_env, monkeypatch):
     assert cpu_vllm.ensure_tiny_model(vllm_env.python) == vllm_env.model_dir
 
 
+@pytest.mark.slow
 def test_cli_setup_prints_paths(vllm_env):
     out = subprocess.run([sys.executable, "-m", "aegis.testing.cpu_vllm", "setup", "--json"],
                          capture_output=True, text=True, check=True).stdout
@@ -46,6 +48,7 @@ def test_cli_setup_prints_paths(vllm_env):
     assert sorted(info["loras"]) == ["lora-0", "lora-1", "lora-2"]
 
 
+@pytest.mark.slow
 def test_tiny_model_matches_the_recipe(vllm_env):
     cfg = json.loads((vllm_env.model_dir / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
@@ -58,6 +61,7 @@ def test_tiny_model_matches_the_recipe(vllm_env):
     assert "add_generation_prompt" in template
 
 
+@pytest.mark.slow
 def test_lora_adapters_are_peft_format(vllm_env):
     assert sorted(vllm_env.loras) == ["lora-0", "lora-1", "lora-2"]
     adapter = vllm_env.loras["lora-0"]
@@ -119,6 +123,7 @@ def test_failed_install_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "vllm-venv" / cpu_vllm.MARKER).exists()
 
 
+@pytest.mark.slow
 def test_tiny_model_refuses_to_overwrite_a_foreign_directory(vllm_env, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     monkeypatch.setattr(subprocess, "run", None)  # it must stop before running anything
