@@ -21,12 +21,13 @@ log = logging.getLogger("aegis")
 
 
 def check_allocation(run: RunDir, site: Site, alloc: Allocation, agent_argv: list[str], step_timeout: float,
-                     echo: Callable[[str], None]) -> None:
-    """Run the check step, print each node's report, record check.json; AegisError when a node did not answer."""
+                     echo: Callable[[str], None], note: Callable[[str], None]) -> None:
+    """Run the check step, print each node's report (`echo`), record check.json; AegisError when a node
+    did not answer. `note` gets the progress line (the CLI's stderr)."""
     shutil.rmtree(run.nodes, ignore_errors=True)
     run.nodes.mkdir()
     cmd = per_node_step(site, len(alloc.hosts), agent_argv)
-    echo(f"{alloc.scheduler} allocation {alloc.job_id or '-'}: {len(alloc.hosts)} node(s): {', '.join(alloc.hosts)}")
+    note(f"{alloc.scheduler} allocation {alloc.job_id or '-'}: {len(alloc.hosts)} node(s): {', '.join(alloc.hosts)}")
     log.debug("$ %s", shlex.join(cmd))
     try:
         proc = subprocess.run(cmd, timeout=step_timeout, capture_output=True, text=True)

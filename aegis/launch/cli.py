@@ -53,7 +53,8 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
     if check:
         from aegis.launch.check import check_allocation
 
-        check_allocation(run, site, alloc, agent + ["--check"], step_timeout, lambda m: click.echo(m, err=True))
+        check_allocation(run, site, alloc, agent + ["--check"], step_timeout, echo=click.echo,
+                         note=lambda m: click.echo(m, err=True))
         return
     from aegis.launch.head import Head
     from aegis.launch.steps import per_node_step
