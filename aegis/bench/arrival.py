@@ -40,6 +40,7 @@ class ArrivalSpec:
 
 
 def _gaps(spec: ArrivalSpec, rng: np.random.Generator, n: int) -> np.ndarray:
+    assert spec.rate is not None  # schedule() draws gaps only for a rate
     rate = float(spec.rate)
     if spec.process == "constant":
         return np.full(n, 1.0 / rate)

@@ -204,6 +204,7 @@ class Pool:
         conn = None
         while idle:
             c = idle.pop()
+            assert c.transport is not None  # pooled connections are connected (connection_made ran)
             if not c.closed and not c.transport.is_closing():
                 conn = c
                 break
@@ -254,7 +255,7 @@ class Pool:
         self.idle.clear()
 
 
-def split(url: str) -> tuple[tuple, str]:
+def split(url: str) -> tuple[tuple[str, str | None, int], tuple[str, str]]:
     u = urlsplit(url)
     port = u.port or (443 if u.scheme == "https" else 80)
     return (u.scheme, u.hostname, port), (u.netloc, u.path or "/")
@@ -279,6 +280,7 @@ async def request(pool: Pool, method: str, url: str, body: bytes, headers: dict[
         ex = _Exchange(on_body, on_status)
         conn.exchange = ex
         t_send = perf()
+        assert conn.transport is not None  # acquire() hands out connected connections only
         conn.transport.write(data)
         ok = False
         try:

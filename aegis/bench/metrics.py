@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import cast
 
 import numpy as np
 
@@ -52,11 +53,13 @@ def compute(records: list[RequestRecord], duration: float | None = None,
         duration = segment_duration(records)
     duration = max(duration, 1e-9)
     ok = [r for r in records if r["success"]]
-    ttfts = [r["ttft_ms"] for r in ok]
+    # A successful request streamed at least one token: its ttft_ms, and past one output token its tpot_ms,
+    # are numbers (None only on failures).
+    ttfts = [cast(float, r["ttft_ms"]) for r in ok]
     e2els = [r["e2el_ms"] for r in ok]
     itls = [x for r in ok for x in r["itl_ms"]]
-    tpots = [r["tpot_ms"] for r in ok if r["output_tokens"] > 1]
-    total_in = sum(r["prompt_tokens"] if r.get("prompt_tokens") is not None else r["target_prompt_tokens"]
+    tpots = [cast(float, r["tpot_ms"]) for r in ok if r["output_tokens"] > 1]
+    total_in = sum(pt if (pt := r.get("prompt_tokens")) is not None else r["target_prompt_tokens"]
                    for r in ok)
     total_out = sum(r["output_tokens"] for r in ok)
     out: dict = {
@@ -73,13 +76,13 @@ def compute(records: list[RequestRecord], duration: float | None = None,
     if slo:
         good = 0
         for r in ok:
-            vals = {"ttft": r["ttft_ms"], "e2el": r["e2el_ms"],
-                    "tpot": r["tpot_ms"] if r["output_tokens"] > 1 else 0.0}
+            vals = {"ttft": cast(float, r["ttft_ms"]), "e2el": r["e2el_ms"],
+                    "tpot": cast(float, r["tpot_ms"]) if r["output_tokens"] > 1 else 0.0}
             good += all(vals[k] <= v for k, v in slo.items())
         out["request_goodput"] = good / duration
         out["goodput_slo_ms"] = dict(slo)
-    for name, vals in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
-        _stats(name, vals, out)
+    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
+        _stats(name, values, out)
     out["max_concurrent_requests"] = _max_concurrency(ok) if ok else 0
     out["errors_by_kind"] = dict(Counter(r["error_kind"] for r in records if not r["success"]))
     lags = np.asarray([r["dispatch_lag_ms"] for r in records], dtype=float) if records else np.zeros(1)

@@ -5,6 +5,7 @@ import asyncio
 import csv
 import time
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -135,7 +136,8 @@ class Scraper:
         self.t0 = t0 if t0 is not None else time.perf_counter()
         self.tracks = {name: _Track() for name in self.targets.values()}
         self.total = _Track()
-        self._fh = self._writer = None
+        self._fh: TextIO | None = None
+        self._writer: csv.DictWriter[str] | None = None
 
     async def _one(self, session: aiohttp.ClientSession, url: str) -> dict | None:
         try:

@@ -20,7 +20,7 @@ class RequestRecord(TypedDict, total=False):
     url: str
     model: str  # the model or LoRA adapter asked for
     adapter: str | None
-    group: str | None  # the workload's prefix group
+    group: int | None  # the workload's prefix group (shared-prefix workloads; None otherwise)
     api: str  # completions or chat
     intended_s: float  # when the arrival process scheduled it
     sent_s: float  # when it was sent (sent_s - intended_s: the client's own lag)

@@ -23,7 +23,7 @@ from aegis.bench.client import RequestOptions
 from aegis.bench.endpoints import Endpoint, auth_headers
 from aegis.bench.progress import Progress
 from aegis.bench.prom import Scraper
-from aegis.bench.records import read_records
+from aegis.bench.records import RequestRecord, read_records
 from aegis.bench.worker import WorkerPlan, worker_main
 from aegis.errors import AegisError, UsageError
 
@@ -229,22 +229,25 @@ class Run:
                 run_id=run_id, segment=segment, duration=cfg.duration if not self.resume else None,
                 routing=cfg.routing, t0_unix_offset=time.time() - time.perf_counter())
             if cfg.closed_loop:
+                assert cfg.concurrency is not None  # validate(): a closed loop is one with --concurrency
                 plan.closed_indices = mine if cfg.num_requests else None
                 plan.concurrency = cfg.concurrency // nw + (1 if w < cfg.concurrency % nw else 0)
             else:
+                assert offsets is not None  # scheduled above for every open loop
                 plan.items = [(i, float(offsets[i]) - t_shift) for i in mine]
                 if cfg.concurrency:
                     plan.concurrency = max(1, cfg.concurrency // nw + (1 if w < cfg.concurrency % nw else 0))
             plans.append(plan)
         expected = len(remaining) if (cfg.num_requests or not cfg.closed_loop) else None
         if not cfg.closed_loop and cfg.duration:
+            assert offsets is not None  # scheduled above for every open loop
             expected = sum(1 for i in remaining if float(offsets[i]) - t_shift < cfg.duration)
         wstats, t0, scrape = self._launch(plans, segment, expected)
         records = read_records(self.path(REQUESTS_FILE))
         return self._summarize(records, wstats, scrape)
 
     def _launch(self, plans: list[WorkerPlan], segment: int, expected: int | None):
-        ctx = mp.get_context("fork" if threading.active_count() == 1 else "spawn")
+        ctx = mp.get_context("fork") if threading.active_count() == 1 else mp.get_context("spawn")
         ready_q, stats_q = ctx.Queue(), ctx.Queue()
         start_evt, t0_val = ctx.Event(), ctx.Value("d", 0.0)
         procs = [ctx.Process(target=worker_main, args=(p, ready_q, start_evt, t0_val, stats_q),
@@ -310,7 +313,7 @@ class Run:
         stop.set()
 
     # -- results -----------------------------------------------------------
-    def _summarize(self, records: list[dict], wstats: list[dict], scrape: dict | None) -> dict:
+    def _summarize(self, records: list[RequestRecord], wstats: list[dict], scrape: dict | None) -> dict:
         cfg = self.cfg
         s = metrics.compute(records, slo=cfg.slo)
         reasons = client_bound_reasons(s, wstats)

@@ -39,7 +39,9 @@ class SLOError(ValueError):
 
 def split(key: str) -> tuple[str, str]:
     """'max_p95_ttft_ms' -> ('max', 'p95_ttft_ms')."""
-    bound, metric = SLO_RE.match(key).groups()
+    m = SLO_RE.match(key)
+    assert m is not None, key  # limits reach here canonical (parse_limits, from_mapping)
+    bound, metric = m.groups()
     return bound, metric
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import overload
 
 from aegis.bench.client import RequestOptions, send
 from aegis.bench.endpoints import Endpoint
@@ -111,6 +112,10 @@ class _Monitor:
                 "saturated": bool(self.cpu_windows) and busy >= max(1, 0.2 * len(self.cpu_windows))}
 
 
+@overload
+def _r(x: float, nd: int = 3) -> float: ...
+@overload
+def _r(x: None, nd: int = 3) -> None: ...
 def _r(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
@@ -170,6 +175,7 @@ class Worker:
 
     async def _open_loop(self) -> None:
         p, loop = self.plan, asyncio.get_running_loop()
+        assert p.items is not None  # run() takes the open loop only when there are items
         sem = asyncio.Semaphore(p.concurrency) if p.concurrency else None
         tasks = set()
         end = self.t0 + p.duration if p.duration else None

@@ -20,7 +20,7 @@ _SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
 def _vocabulary(size: int = 4096) -> list[str]:
     """Deterministic pseudo-words (2-3 syllables), the same on every machine."""
     rng = np.random.default_rng(20240611)
-    words = set()
+    words: set[str] = set()
     while len(words) < size:
         n = int(rng.integers(2, 4))
         words.add("".join(_SYLLABLES[int(i)] for i in rng.integers(0, len(_SYLLABLES), n)))
@@ -134,7 +134,7 @@ async def fit_text(tok: ServerTokenizer | None, rng: np.random.Generator, target
         body = _words(rng, need) if need > 0 else ""
         return (prefix + (" " if prefix and body else "") + body), False
     text = prefix + (" " if prefix else "") + _words(rng, math.ceil(need / tok.ratio) + 1)
-    best = None
+    best: tuple[str, int] | None = None
     for _ in range(8):
         ids = await tok.tokenize(text)
         n = len(ids)
@@ -146,6 +146,7 @@ async def fit_text(tok: ServerTokenizer | None, rng: np.random.Generator, target
             text = await tok.detokenize(ids[:target])
         else:
             text = text + " " + _words(rng, math.ceil((target - n) / tok.ratio) + 1)
+    assert best is not None  # set on the loop's first pass
     return best[0], False
 
 
@@ -237,18 +238,19 @@ async def build(spec: WorkloadSpec, n: int, tok: ServerTokenizer | None) -> list
             return RequestSpec(i, text, total, out_default, adapters[i], g, exact and p_exact)
         return list(await asyncio.gather(*(one(i) for i in range(n))))
 
-    pairs = load_sharegpt(spec.dataset)
-    order = np.random.default_rng([spec.seed, 8]).permutation(len(pairs))
+    assert spec.dataset is not None  # validate() requires --dataset for sharegpt
+    convs = load_sharegpt(spec.dataset)
+    order = np.random.default_rng([spec.seed, 8]).permutation(len(convs))
 
     async def count(text):
         return len(await tok.tokenize(text)) if tok else len(text.split())
 
-    async def one(i):
-        prompt, answer = pairs[int(order[i % len(pairs)])]
+    async def one_conv(i):
+        prompt, answer = convs[int(order[i % len(convs)])]
         plen = await count(prompt)
         olen = spec.output_len or max(await count(answer), 1)
         return RequestSpec(i, prompt, plen, olen, adapters[i], None, tok is not None)
-    return list(await asyncio.gather(*(one(i) for i in range(n))))
+    return list(await asyncio.gather(*(one_conv(i) for i in range(n))))
 
 
 def save(path: str, requests: list[RequestSpec]) -> None:

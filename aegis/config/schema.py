@@ -12,7 +12,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,6 +29,9 @@ from pydantic import (
 
 from aegis.engines.options import EngineOptions, problem
 from aegis.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 # Keys that belong to one model; at the top level they describe the single model.
 MODEL_KEYS = (
@@ -459,8 +462,8 @@ def _apply_overrides(data: dict, ov: Overrides, source: str) -> None:
     if ov.for_model is None:
         if len(models) > 1:
             flag = ov.flag_names.get(next(iter(per_model)), "--" + next(iter(per_model)).replace("_", "-"))
-            names = ", ".join(_entry_name(m) for m in models)
-            raise ConfigError(f"{flag} applies to one model but {source} has {len(models)} ({names}): "
+            listed = ", ".join(_entry_name(m) for m in models)
+            raise ConfigError(f"{flag} applies to one model but {source} has {len(models)} ({listed}): "
                               "add --for-model NAME")
         target = models[0]
     else:
@@ -474,12 +477,12 @@ def _entry_name(entry: dict) -> str:
     return slugify(entry["model"]) if isinstance(entry.get("model"), str) else "?"
 
 
-def _format_error(err: dict, source: str, single: bool, ov: Overrides) -> str:
+def _format_error(err: ErrorDetails, source: str, single: bool, ov: Overrides) -> str:
     loc = list(err["loc"])
     if single and loc[:2] == ["models", 0]:
         loc = loc[2:]
     key = loc[-1] if loc else None
-    parts = []
+    parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]

@@ -97,6 +97,7 @@ class ServeAddress(BaseModel):
         if self.method == "loopback":
             return "127.0.0.1"
         if self.method == "template":
+            assert self.template is not None  # _needs(): method 'template' requires a template
             return self.template.format(hostname=hostname, short=short)
         return hostname  # "interface" is resolved on the node itself by the launcher
 
@@ -181,6 +182,13 @@ class Site(BaseModel):
 
     # -- derived facts used by the placement engine ---------------------------------
 
+    @property
+    def device_count(self) -> int:
+        """devices_per_node as a number: that of a resolved() site ('auto' is filled in there)."""
+        n = self.devices_per_node
+        assert isinstance(n, int), f"site {self.name}: devices_per_node is 'auto' until resolved()"
+        return n
+
     def resolved(self) -> Site:
         """Fill in 'auto' values from this machine (only the local site uses them)."""
         if self.devices_per_node != "auto":
@@ -203,7 +211,7 @@ class Site(BaseModel):
     def domain_list(self) -> list[list[int]]:
         """Device indices per locality domain, in order; one domain when none are given."""
         if not self.domains:
-            return [list(range(self.devices_per_node))]
+            return [list(range(self.device_count))]
         return [parse_ranges(d.devices) for d in self.domains]
 
     def cpus_of_device(self, index: int) -> list[int]:
@@ -286,7 +294,7 @@ def _build(name: str, profiles: dict[str, dict], chain=()) -> Site:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" + suggest(err["loc"][-1], Site.model_fields) if err["type"] == "extra_forbidden" \
+        msg = "unknown key" + suggest(str(err["loc"][-1]), Site.model_fields) if err["type"] == "extra_forbidden" \
             else err["msg"].removeprefix("Value error, ")
         raise SiteError(f"{data.get('source', name)}: {loc + ': ' if loc else ''}{msg}") from None
 

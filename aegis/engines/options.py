@@ -95,7 +95,7 @@ class EngineOptions(BaseModel):
     enable_expert_parallel: StrictBool = False
     all2all_backend: StrictStr | None = None
     enable_eplb: StrictBool = False
-    num_redundant_experts: StrictInt | None = Field(None, ge=0)
+    num_redundant_experts: StrictInt | None = Field(default=None, ge=0)
     engine_version: StrictStr | None = None  # e.g. "0.10.1": selects flag spellings where they changed
 
     def set_keys(self) -> list[str]:

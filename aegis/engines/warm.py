@@ -61,7 +61,8 @@ def read_prefixes(path: str | Path) -> list[str]:
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{n}: not valid JSON: {exc.msg}") from None
     else:
-        chunks, current = [], []
+        chunks: list[str] = []
+        current: list[str] = []
         for line in text.splitlines():
             if line.strip() == SEPARATOR:
                 chunks.append("\n".join(current))

@@ -28,9 +28,11 @@ def interface_address(name: str) -> str | None:
 def node_address(site: Site, host: str) -> str:
     """The address engines bind to and clients use (the site's serving network)."""
     if site.serve_address.method == "interface":
-        addr = interface_address(site.serve_address.interface)
+        interface = site.serve_address.interface
+        assert interface is not None  # ServeAddress validation: method 'interface' requires one
+        addr = interface_address(interface)
         if addr is None:
-            raise RuntimeError(f"interface {site.serve_address.interface} has no IPv4 address on {host}")
+            raise RuntimeError(f"interface {interface} has no IPv4 address on {host}")
         return addr
     return site.serve_address.address(host)
 

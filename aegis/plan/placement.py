@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from aegis.config.schema import Config, ModelSpec
 from aegis.config.sites import Site, format_ranges
@@ -76,7 +77,7 @@ class Plan:
     instances: list[Instance]
 
     def to_dict(self) -> dict:
-        out = {
+        out: dict[str, Any] = {
             "version": PLAN_VERSION,
             "site": self.site,
             "scheduler": self.scheduler,
@@ -136,13 +137,14 @@ class _Node:
     def next_port(self, spec: ModelSpec) -> int:
         count = self.ports.get(spec.short_name, 0)
         self.ports[spec.short_name] = count + 1
+        assert spec.port_start is not None  # Config's validation gives every model a port_start
         return spec.port_start + count
 
 
 class _Packer:
     def __init__(self, site: Site):
         self.site = site
-        self.n = site.devices_per_node
+        self.n = site.device_count
         self.domains = tuple(tuple(d) for d in site.domain_list())
         self.nodes: list[_Node] = []
 
@@ -175,7 +177,7 @@ class _Packer:
 
 def check_fits(site: Site, spec: ModelSpec) -> None:
     """Reject a model whose TP x PP cannot be laid out on this site's nodes."""
-    n, k = site.devices_per_node, spec.devices_per_instance
+    n, k = site.device_count, spec.devices_per_instance
     if k > n and k % n:
         raise PlacementError(
             f"model {spec.short_name!r}: tensor_parallel_size x pipeline_parallel_size = "
@@ -189,7 +191,7 @@ def make_plan(site: Site, cfg: Config, nodes: int | None = None) -> Plan:
     for spec in cfg.models:
         check_fits(site, spec)
     packer = _Packer(site)
-    n = site.devices_per_node
+    n = site.device_count
     placed: list[tuple[int, int, Instance]] = []  # (model order, index, instance)
 
     def place_spanning(order: int, spec: ModelSpec):

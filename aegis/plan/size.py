@@ -123,5 +123,5 @@ def site_facts(site_name: str | None, device_gb: float | None) -> tuple[int | No
         device_gb = site.device_memory_gb
         if device_gb is None and site.device_kind == "cpu":
             import psutil
-            device_gb = psutil.virtual_memory().total / 1e9 / site.devices_per_node
-    return site.devices_per_node, device_gb, site.name
+            device_gb = psutil.virtual_memory().total / 1e9 / site.device_count
+    return site.device_count, device_gb, site.name

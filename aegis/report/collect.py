@@ -65,7 +65,8 @@ def _lora_changes(prom_csv: Path) -> int | None:
         return None
     if not rows or all(not r.get("lora_running_adapters") for r in rows):
         return None
-    last, changes = {}, 0
+    last: dict[str, frozenset[str]] = {}
+    changes = 0
     for r in rows:
         now = frozenset(filter(None, (r.get("lora_running_adapters") or "").split(",")))
         ep = r["endpoint"]

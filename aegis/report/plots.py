@@ -65,7 +65,7 @@ def ttft_vs_rate(verdicts: list[Verdict], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     styles = (("p50_ttft_ms", ":"), ("p95_ttft_ms", "-"), ("p99_ttft_ms", "--"))
     for i, (name, runs) in enumerate(sorted(probes.items())):
-        runs = sorted(runs, key=lambda r: r.rate)
+        runs = sorted(runs, key=lambda r: r.rate or 0.0)  # a probe's runs all have a rate
         color = f"C{i % 10}"
         for metric, style in styles:
             ax.plot([r.rate for r in runs], [r.metrics.get(metric, float("nan")) for r in runs], style,
@@ -116,8 +116,8 @@ def _series(path: str) -> dict[str, list[float]]:
 
 def prometheus(verdicts: list[Verdict], out: Path) -> Path | None:
     plt = _plt()
-    runs = [v.run for v in verdicts if v.run.prom_csv][:MAX_SERIES]
-    data = [(r, _series(r.prom_csv)) for r in runs]
+    csvs = [(v.run, v.run.prom_csv) for v in verdicts if v.run.prom_csv][:MAX_SERIES]
+    data = [(r, _series(p)) for r, p in csvs]
     data = [(r, s) for r, s in data if s.get("time_s")]
     if not data:
         return None

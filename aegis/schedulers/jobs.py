@@ -49,6 +49,7 @@ def wait_for_run(run: RunDir, site, timeout: float, echo: Callable[..., None] | 
     """
     echo = echo or _log
     job_id = run.job_id
+    assert job_id is not None  # callers wait on a run they submitted
     sched = get_scheduler(site.scheduler)
     poller = poller or Poller(sched, run_dirs={job_id: str(run.path)})
     deadline = time.monotonic() + timeout

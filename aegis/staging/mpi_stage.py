@@ -36,6 +36,17 @@ def _now() -> float:
 class _Node:
     """State of one participating (leader) rank."""
 
+    # Set by _run_leader once the manifest has been broadcast.
+    m: mf.Manifest
+    single: bool
+    digest: str
+    C: int
+    K: int
+    crc: list[int]
+    fs: list[_FileState]
+    src: bytes
+    key: str
+
     def __init__(self, opts: StageOptions, comm, wrank: int, host: str):
         self.o, self.comm, self.wrank, self.host = opts, comm, wrank, host
         self.lrank, self.n = comm.Get_rank(), comm.Get_size()
@@ -483,7 +494,7 @@ def run(opts: StageOptions) -> int:
 def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float) -> int:
     node = _Node(opts, comm, wrank, host)
     # 1. the manifest, walked once and broadcast
-    payload = None
+    payload: tuple[bool, bytes] | str | None = None
     if node.lrank == 0:
         try:
             single = os.path.isfile(opts.src)
@@ -550,7 +561,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             comm.Allreduce(np.array(part, dtype=np.uint32), total, op=MPI.SUM)
             node.crc = [int(c) for c in total]
             node.key = mf.content_key(node.m.total, node.C, node.crc)
-            have = have and mk["content_key"] == node.key
+            have = have and mk is not None and mk["content_key"] == node.key
     node.skip = have
     all_have = all(comm.allgather(have))
 

@@ -188,7 +188,7 @@ def spec_hash(spec: SweepSpec) -> str:
 
 def settings_list(spec: SweepSpec) -> list[tuple[str, dict, str | None]]:
     """(origin, settings, name) per point: the axes' cartesian product, then the include entries."""
-    out = []
+    out: list[tuple[str, dict, str | None]] = []
     if spec.axes:
         keys = list(spec.axes)
         for values in itertools.product(*(spec.axes[k] for k in keys)):

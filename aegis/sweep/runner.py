@@ -181,14 +181,14 @@ class PointRunner:
         t0 = time.monotonic()
         while self.stop_signal is None:
             doc = self._endpoints()
-            state = doc.state if doc is not None else None
-            if state == RunState.READY:
+            if doc is not None and doc.state == RunState.READY:
                 ready = [i.ready_seconds or 0 for i in doc.instances]
                 self.status["ready_seconds"] = max(ready, default=None)
                 return None
-            if state in (RunState.FAILED, RunState.DEGRADED, RunState.STOPPED):
+            if doc is not None and doc.state in (RunState.FAILED, RunState.DEGRADED, RunState.STOPPED):
                 errors = [f"{i.name}: {i.error}" for i in doc.instances if i.error]
-                return "not healthy: " + ("; ".join(errors)[:600] or state.value)
+                return "not healthy: " + ("; ".join(errors)[:600] or doc.state.value)
+            assert self.launcher is not None  # _launch() came first
             code = self.launcher.poll()
             if code is not None:
                 return f"the launcher exited ({code}) before the instances were ready: " \
@@ -230,7 +230,8 @@ class PointRunner:
 
     def _shutdown(self) -> None:
         """Stop the launcher: the `shutdown` file and SIGTERM (it stops its agents and engines), then force."""
-        if self.launcher is None or self.launcher.poll() is not None:
+        launcher = self.launcher
+        if launcher is None or launcher.poll() is not None:
             return
         self.rundir.request_shutdown()
         grace = float(self.run_opts.get("shutdown_timeout") or 180)
@@ -240,7 +241,7 @@ class PointRunner:
 
             self._say(f"servers still up {grace:.0f} s after the shutdown request; killing them")
             try:
-                tree = psutil.Process(self.launcher.pid).children(recursive=True)
+                tree = psutil.Process(launcher.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 tree = []
             for proc in tree:
@@ -250,7 +251,7 @@ class PointRunner:
                     pass
 
         # SIGTERM also reaches a launcher still staging, before it reads the shutdown file
-        stop_groups([self.launcher], grace, on_kill=kill_tree)
+        stop_groups([launcher], grace, on_kill=kill_tree)
 
     # -- the whole point ---------------------------------------------------------------
 
@@ -302,6 +303,7 @@ class PointRunner:
         state = PointState.INTERRUPTED if self.stop_signal is not None else (
             PointState.FAILED if reason else PointState.DONE)
         if state == PointState.INTERRUPTED:
+            assert self.stop_signal is not None  # set once by the signal handler, never cleared
             reason = f"stopped by signal {signal.Signals(self.stop_signal).name}"
         self._save(state=state, reason=reason, finished=time.time(), seconds=round(time.monotonic() - t0, 1))
         self._say(f"{state} in {self.status['seconds']} s" + (f": {reason}" if reason else ""))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aegis.bench import slo
 from aegis.config.schema import check_name, load_yaml, slugify, suggest
@@ -61,7 +61,7 @@ class SweepSpec:
         return {"bench": self.bench, "probe": self.probe, "warmup": self.warmup, "slo": self.slo}
 
 
-def _fail(path: str, key: str, msg: str):
+def _fail(path: str, key: str, msg: str) -> NoReturn:
     raise ConfigError(f"{path}: {key}: {msg}")
 
 

@@ -237,14 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     except VllmSetupError as exc:
         print(f"aegis: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    info = {"python": str(python), "model": str(model),
-            "loras": {k: str(v) for k, v in lora_dirs(model).items()}}
+    loras = {k: str(v) for k, v in lora_dirs(model).items()}
+    info = {"python": str(python), "model": str(model), "loras": loras}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(f"python {info['python']}")
         print(f"model  {info['model']}")
-        for name, path in info["loras"].items():
+        for name, path in loras.items():
             print(f"lora   {name}={path}")
     return 0
 

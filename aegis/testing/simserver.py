@@ -116,7 +116,7 @@ class Engine:
         self.cache: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.resident: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.wake = asyncio.Event()
-        self.counters = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter()
         self.task: asyncio.Task | None = None
 
     def add(self, r: SimRequest) -> None:
@@ -143,7 +143,7 @@ class Engine:
         """Move waiting requests into free slots; returns (prefill tokens, swap ms)."""
         cfg, prefill, swap = self.cfg, 0, 0.0
         running_adapters = {r.adapter for r in self.running if r.adapter}
-        skipped = collections.deque()
+        skipped: collections.deque[SimRequest] = collections.deque()
         while self.waiting and len(self.running) < cfg.max_num_seqs:
             r = self.waiting.popleft()
             if r.adapter and r.adapter not in running_adapters and len(running_adapters) >= cfg.max_loras:
@@ -311,7 +311,7 @@ class SimServer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 30)
-        app.router.add_get("/health", lambda r: web.Response(text=""))
+        app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_post("/v1/chat/completions", self.generate)
@@ -333,6 +333,9 @@ class SimServer:
 
     def _authorized(self, request) -> bool:
         return not self.cfg.api_key or request.headers.get("Authorization") == f"Bearer {self.cfg.api_key}"
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
 
     async def models(self, request):
         if not self._authorized(request):
@@ -426,7 +429,7 @@ class SimServer:
             "preemptions": r.preemptions})
 
     async def _whole(self, r: SimRequest, chat: bool, model: str):
-        text = []
+        text: list[str] = []
         while True:
             n, last = await r.queue.get()
             text.extend(_OUT_PIECES[(len(text) + k) % len(_OUT_PIECES)] for k in range(n))
@@ -532,7 +535,7 @@ async def serve(host: str, port: int, cfg: SimConfig) -> None:
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)
     await site.start()
-    actual = site._server.sockets[0].getsockname()[1]
+    actual = runner.addresses[0][1]  # the bound socket's name: one site, so the first is ours
     print(f"SIMSERVER READY http://{host}:{actual}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -561,6 +564,7 @@ class SimProcess:
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen([self.python, "-m", "aegis.testing.simserver", "--port", "0", *self.args],
                                      stdout=subprocess.PIPE, env=env, text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline()
         if not line.startswith("SIMSERVER READY "):
             self.close()
