@@ -93,7 +93,7 @@ class Run:
         """The scheduler's view of the job (a JobInfo with a normalised JobState)."""
         from aegis.schedulers.base import get_scheduler
 
-        job_id = self._require_job_id()
+        job_id = self.require_job_id()
         return get_scheduler(self.site.scheduler).status([job_id], {job_id: str(self.path)})[job_id]
 
     def wait_ready(self, timeout: float = 3600.0, echo: Callable[..., None] | None = None,
@@ -110,7 +110,7 @@ class Run:
     def cancel(self) -> None:
         from aegis.schedulers.base import get_scheduler
 
-        get_scheduler(self.site.scheduler).cancel(self._require_job_id())
+        get_scheduler(self.site.scheduler).cancel(self.require_job_id())
         log.info("cancelled job %s (%s)", self.job_id, self.path)
 
     def shutdown(self, timeout: float = 120.0) -> None:
@@ -140,7 +140,8 @@ class Run:
         except (psutil.NoSuchProcess, KeyError):
             return False
 
-    def _require_job_id(self) -> str:
+    def require_job_id(self) -> str:
+        """The job id, or a UsageError when the run was never submitted (or its submission was refused)."""
         job_id = self.job_id
         if not job_id:
             raise UsageError(f"{self.path} has no job id (was the submission refused?)")

@@ -48,7 +48,7 @@ def _target(arg: str | None, site_opt: str | None) -> tuple[str, Site, Run | Non
     if found is None:
         return str(arg), choose_site(site_opt), None
     run = Run(found.path, site=choose_site(site_opt) if site_opt else None)
-    return run._require_job_id(), run.site, run
+    return run.require_job_id(), run.site, run
 
 
 @click.command("status")
