@@ -11,9 +11,10 @@ import click
 from aegis.bench import workload
 from aegis.bench.arrival import PROCESSES, ArrivalSpec, load_trace
 from aegis.bench.client import RequestOptions
-from aegis.bench.endpoints import Fleet, auth_headers, fleet_from_urls, load_endpoints, resolve_api_key
+from aegis.bench.endpoints import Fleet, fleet_from_urls, load_endpoints
 from aegis.bench.slo import parse_goodput
 from aegis.errors import AegisError, UsageError
+from aegis.util.apikey import auth_headers, resolve_api_key
 
 
 def _target_options(f):
@@ -90,7 +91,7 @@ def _resolve_target(endpoints_path, urls, model, api_key_file):
     from aegis.bench.runner import discover_model
     fleet = _fleet(endpoints_path, urls, model)
     eps = fleet.for_model(model)
-    key = resolve_api_key(api_key_file, fleet)
+    key = resolve_api_key(api_key_file, fleet.api_key_file)
     if model is None:
         model = eps[0].model or asyncio.run(discover_model(eps[0].url, auth_headers(key)))
     return eps, model, key
@@ -226,7 +227,7 @@ def smoke_cmd(endpoints_path, urls, model, api_key_file, api, prompt, max_tokens
     if max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     fleet = _fleet(endpoints_path, urls, model)
-    key = resolve_api_key(api_key_file, fleet)
+    key = resolve_api_key(api_key_file, fleet.api_key_file)
     rows = asyncio.run(smoke(fleet.endpoints, auth_headers(key), prompt=prompt, max_tokens=max_tokens, api=api,
                              timeout=timeout, expect=expect, model=model))
     click.echo(json.dumps(rows, indent=2) if as_json else format_rows(rows))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -11,7 +10,6 @@ from aegis.errors import UsageError
 from aegis.rundir import RunDir
 
 ENDPOINTS_FILENAME = RunDir(Path("/")).endpoints.name  # the launcher's file in a run directory
-API_KEY_ENV_VARS = ("AEGIS_API_KEY", "OPENAI_API_KEY")
 
 
 @dataclass
@@ -95,34 +93,3 @@ def fleet_from_urls(urls: list[str], model: str | None = None) -> Fleet:
     """A fleet of explicit URLs (names `url-0`, `url-1`, ...)."""
     eps = [Endpoint(name=f"url-{i}", url=normalize_url(u), model=model) for i, u in enumerate(urls)]
     return Fleet(endpoints=eps, source="--url")
-
-
-def read_key_file(path: str) -> str:
-    """The first line of a key file; refuses files readable by others."""
-    try:
-        st = os.stat(path)
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise UsageError(f"API key file {path!r} is readable by others; run: chmod 600 {path}")
-        with open(path) as fh:
-            key = fh.readline().strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read API key file {path!r}: {exc.strerror}") from None
-    if not key:
-        raise UsageError(f"API key file {path!r} is empty")
-    return key
-
-
-def resolve_api_key(key_file: str | None, fleet: Fleet | None = None) -> str | None:
-    """--api-key-file, then AEGIS_API_KEY / OPENAI_API_KEY, then the fleet's api_key_file."""
-    if key_file:
-        return read_key_file(key_file)
-    for var in API_KEY_ENV_VARS:
-        if os.environ.get(var):
-            return os.environ[var].strip()
-    if fleet is not None and fleet.api_key_file:
-        return read_key_file(fleet.api_key_file)
-    return None
-
-
-def auth_headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

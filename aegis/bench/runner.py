@@ -20,12 +20,13 @@ from aegis._version import __version__
 from aegis.bench import metrics, workload
 from aegis.bench.arrival import ArrivalSpec, schedule
 from aegis.bench.client import RequestOptions
-from aegis.bench.endpoints import Endpoint, auth_headers
+from aegis.bench.endpoints import Endpoint
 from aegis.bench.progress import Progress
 from aegis.bench.prom import Scraper
 from aegis.bench.records import RequestRecord, read_records
 from aegis.bench.worker import WorkerPlan, worker_main
 from aegis.errors import AegisError, UsageError
+from aegis.util.apikey import auth_headers
 
 REQUESTS_FILE = "requests.jsonl"
 SUMMARY_FILE = "summary.json"

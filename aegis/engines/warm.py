@@ -11,6 +11,7 @@ import click
 
 from aegis.errors import AegisError, UsageError
 from aegis.launch.endpoints import EndpointsFile, InstanceEndpoint
+from aegis.util.apikey import auth_headers
 from aegis.util.tables import format_table
 
 SEPARATOR = "---"  # in a plain-text prefix file, a line of only this separates prefixes
@@ -93,7 +94,7 @@ async def _send(session: aiohttp.ClientSession, url: str, headers: dict, model: 
 async def warm(instances: list[InstanceEndpoint], prefixes: list[str], key: str | None, *, adapters: bool = False,
                concurrency: int = 64, timeout: float = 300.0) -> list[dict]:
     """Send every prefix to every instance (and, with `adapters`, to each of its LoRA adapters) concurrently."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = auth_headers(key)
     sem = asyncio.Semaphore(concurrency)
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:

@@ -195,9 +195,9 @@ class EndpointsFile(BaseModel):
 
     def api_key(self) -> str | None:
         """The run's key: AEGIS_API_KEY / OPENAI_API_KEY, else the (0600) file this file names."""
-        from aegis.bench.endpoints import Fleet, resolve_api_key
+        from aegis.util.apikey import resolve_api_key
 
-        return resolve_api_key(None, Fleet(endpoints=[], api_key_file=self.api_key_file))
+        return resolve_api_key(None, self.api_key_file)
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")

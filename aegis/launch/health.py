@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from aegis.launch.endpoints import InstanceEndpoint
+from aegis.util.apikey import auth_headers
 
 HEALTH_TIMEOUT = 5.0
 
@@ -29,7 +30,7 @@ async def probe(session: aiohttp.ClientSession, url: str, served: str, key: str 
     from aegis.engines import ENGINES, get_engine
 
     eng = get_engine(engine if engine in ENGINES else "vllm")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = auth_headers(key)
     start = time.monotonic()
     try:
         async with session.get(url + eng.health_path) as resp:

@@ -38,6 +38,7 @@ from aegis.errors import AegisError
 from aegis.launch.endpoints import EndpointsFile, RunState
 from aegis.rundir import RunDir
 from aegis.sweep.status import PointState, read_status, write_status
+from aegis.util.apikey import auth_headers
 from aegis.util.procs import stop_groups
 
 ATTEMPTS = "attempts"
@@ -91,7 +92,7 @@ def reset_prefix_cache(doc: EndpointsFile, key: str | None, tries: int = 5) -> s
 
 
 async def _reset_prefix_cache(doc: EndpointsFile, key: str | None, tries: int) -> str:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = auth_headers(key)
     results = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RESET_TIMEOUT)) as session:
         for inst in doc.ready_instances():

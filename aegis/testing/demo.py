@@ -21,6 +21,7 @@ from aegis.config.sites import load_site
 from aegis.errors import AegisError
 from aegis.launch.endpoints import EndpointsFile
 from aegis.run import Run, submit
+from aegis.util.apikey import auth_headers
 
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
               "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -29,7 +30,7 @@ PROMPTS = ["The cluster said", "Once upon a time", "Tokens per second"]
 
 
 async def _ask(doc: EndpointsFile, key: str | None, n: int) -> list[tuple[str, str, float]]:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = auth_headers(key)
     out = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         for inst in doc.instances:

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from aegis.bench.endpoints import fleet_from_urls, load_endpoints, normalize_url, resolve_api_key
+from aegis.bench.endpoints import fleet_from_urls, load_endpoints, normalize_url
 from aegis.errors import UsageError
+from aegis.util.apikey import resolve_api_key
 
 
 def write(tmp_path, instances, **extra):
@@ -67,15 +68,15 @@ def test_api_key_order_and_private_file(tmp_path, monkeypatch):
     key.write_text("from-fleet\n")
     os.chmod(key, 0o600)
     fleet = load_endpoints(write(tmp_path, [inst("a")], api_key_file="key"))
-    assert resolve_api_key(None, fleet) == "from-fleet"
+    assert resolve_api_key(None, fleet.api_key_file) == "from-fleet"
     monkeypatch.setenv("OPENAI_API_KEY", "from-openai-env")
-    assert resolve_api_key(None, fleet) == "from-openai-env"
+    assert resolve_api_key(None, fleet.api_key_file) == "from-openai-env"
     monkeypatch.setenv("AEGIS_API_KEY", "from-env")
-    assert resolve_api_key(None, fleet) == "from-env"
+    assert resolve_api_key(None, fleet.api_key_file) == "from-env"
     own = tmp_path / "own"
     own.write_text("from-flag")
     os.chmod(own, 0o600)
-    assert resolve_api_key(str(own), fleet) == "from-flag"
+    assert resolve_api_key(str(own), fleet.api_key_file) == "from-flag"
     os.chmod(own, 0o644)
     with pytest.raises(UsageError, match="chmod 600"):
-        resolve_api_key(str(own), fleet)
+        resolve_api_key(str(own), fleet.api_key_file)
