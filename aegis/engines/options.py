@@ -84,7 +84,7 @@ class LoraOptions(BaseModel):
 class EngineOptions(BaseModel):
     """The serving features one model asks for (config keys); None/False means the engine's default.
 
-    `ModelSpec` in aegis/config.py inherits these fields, so the config and the engines share one list.
+    `ModelSpec` in aegis/config/schema.py inherits these fields, so the config and the engines share one list.
     """
 
     model_config = ConfigDict(extra="forbid")
