@@ -66,7 +66,6 @@ DIRECTIVE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:,+@=/%-]+$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-AUTO_PORT_STEP = 100
 
 
 def walltime_seconds(value: str) -> int:
@@ -300,24 +299,7 @@ class Config(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"two models are both named {dupes[0]!r}: give each a distinct 'name'")
-        # Ports: a model without port_start continues after the previous one.
-        next_start = self.port_start
-        ranges = []
-        for spec in self.models:
-            start = spec.port_start if spec.port_start is not None else next_start
-            end = start + spec.instances - 1
-            if end > 65535:
-                raise ValueError(f"model {spec.short_name!r}: ports {start}-{end} go past 65535; "
-                                 "lower port_start")
-            for other, (o_start, o_end) in ranges:
-                if start <= o_end and o_start <= end:
-                    raise ValueError(f"port ranges overlap: {other!r} uses {o_start}-{o_end} and "
-                                     f"{spec.short_name!r} uses {start}-{end}; set a distinct port_start")
-            ranges.append((spec.short_name, (start, end)))
-            if spec.port_start is None:
-                object.__setattr__(spec, "port_start", start)
-            step = AUTO_PORT_STEP * (1 + (spec.instances - 1) // AUTO_PORT_STEP)
-            next_start = max(next_start, start + step)
+        # Port ranges are per host and depend on the site's node size: aegis.plan.placement.assign_ports.
         return self
 
     @property

@@ -66,7 +66,8 @@ def test_config_error_messages(tmp_path, capsys, extra, fragments):
     ("models: a-string\n", ["models: must be a list"]),
     ("model: m\nname: \"Bad Name\"\n", ["name:", "is not a valid job name"]),
     ("model: \"m\\nrm -rf ~\"\n", ["model:", "control characters"]),
-    ("model: m\nport_start: 65500\ninstances: 40\n", ["go past 65535"]),
+    # ports are per host: 40 instances on h200 (8 per node) need 8 ports, 65530-65537
+    ("model: m\nport_start: 65530\ninstances: 40\n", ["ports 65530-65537 go past 65535", "8 instance(s) per node"]),
 ])
 def test_more_config_errors(tmp_path, capsys, text, fragments):
     path = write(tmp_path, text)

@@ -179,3 +179,20 @@ def test_plan_json_shape():
     assert {"name", "model", "port", "tensor_parallel_size", "pipeline_parallel_size", "placement"} <= set(inst)
     assert inst["placement"] == [{"node": 0, "devices": ["0", "1", "2", "3", "4", "5"], "cpus": "1-51",
                                   "env": {"ZE_AFFINITY_MASK": "0,1,2,3,4,5"}}]
+
+
+def test_ports_are_per_host_at_scale():
+    """120,000 TP-1 instances on Aurora (12 tiles a node) use ports 8000-8011 on every node; a second
+    model without port_start starts at the next hundred after that, not after 120,000 ports."""
+    site = load_site("aurora")
+    cfg = resolve({"models": [{"model": "m/big", "instances": 120_000}, {"model": "m/small", "instances": 24}]})
+    plan = make_plan(site, cfg)
+    assert plan.nodes_required == 10_002
+    big = [i for i in plan.instances if i.model_name == "big"]
+    assert {i.port for i in big} == set(range(8000, 8012))
+    assert len({(i.head.node, i.port) for i in big}) == 120_000  # unique per host
+    assert {i.port for i in plan.instances if i.model_name == "small"} == set(range(8100, 8112))
+    ok = make_plan(site, resolve({"model": "m/x", "instances": 30, "port_start": 65524}))
+    assert max(i.port for i in ok.instances) == 65535
+    with pytest.raises(PlacementError, match="ports 65525-65536 go past 65535"):
+        make_plan(site, resolve({"model": "m/x", "instances": 30, "port_start": 65525}))
