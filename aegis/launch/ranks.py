@@ -100,7 +100,7 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
     ranks = []
     adapters = {}  # model -> resolved LoRA adapters (listed once per model)
     engine_dir = run.engine_dir  # per-instance engine config files (mode 0600)
-    for inst in plan.instances:
+    for inst in plan.instances_on(index):
         spec = specs[inst.model_name]
         engine = get_engine(spec.engine)
         check_engine_site(spec, site)

@@ -13,14 +13,17 @@ from aegis.plan.size import BYTES, fit_tp, instances_needed, nodes_for, site_fac
 
 @click.command("plan")
 @config_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(as_json, **kw):
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (plan.json's format).")
+@click.option("--all", "every", is_flag=True,
+              help="List every instance: the table shows one row per instance instead of summarising a "
+                   "model's identical nodes, and the JSON lists every instance instead of blocks.")
+def plan_cmd(as_json, every, **kw):
     """Show where every instance of CONFIG will run (nodes, devices, CPU cores, ports)."""
     res = resolve_from_cli(kw)
     if as_json:
-        click.echo(res.plan.to_json(), nl=False)
+        click.echo((res.plan.expanded() if every else res.plan).to_json(), nl=False)
     else:
-        click.echo(format_table(res.plan))
+        click.echo(format_table(res.plan, every=every))
 
 
 @click.command("size")

@@ -13,22 +13,31 @@ Rules:
   the same host, so ports are unique per host; a model's range is as wide as
   the most instances one host can hold (`assign_ports`), so 120,000 TP-1
   instances on 12-tile nodes need 12 ports, not 120,000;
-- cost: O(instances): a node that cannot take an instance of k devices is never
-  asked again for k (free devices only shrink).
+- cost: a model on nodes of its own is one Block (its per-node slot pattern,
+  repeated over consecutive nodes): O(1) to place, O(nodes) or better to
+  write; other instances are placed one by one in O(instances) (a node that
+  cannot take an instance of k devices is never asked again for k).
+
+`Plan.instances` is a lazy sequence of Instance objects over the blocks and
+the explicit instances, in plan order (models in config order, then index);
+`Plan.instances_on(node)` gives one node's instances without the others.
 """
 from __future__ import annotations
 
+import bisect
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from aegis.config.schema import Config, ModelSpec
 from aegis.config.sites import Site, format_ranges
 from aegis.errors import AegisError, PlacementError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1: every instance explicit, no blocks
 
 
 class PlanFileError(AegisError):
@@ -79,44 +88,254 @@ class Instance:
         return [p.node for p in self.placement]
 
 
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One place on a node of a Block: its port, devices, CPU cores and visibility env."""
+
+    port: int
+    devices: tuple[str, ...]
+    cpus: str
+    env: dict[str, str]
+    device_indices: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"port": self.port, "devices": list(self.devices), "cpus": self.cpus, "env": self.env}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Slot:
+        return cls(port=d["port"], devices=tuple(d["devices"]), cpus=d["cpus"], env=dict(d["env"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """`count` single-node instances of one model on consecutive nodes, the same slots on each node.
+
+    Instance i (0 <= i < count) is named f"{model_name}-{first_index + i}", runs on node
+    first_node + i // len(slots) in slot slots[i % len(slots)]; the last node may be partly
+    filled. `position` is where instance 0 stands in the plan's instance order.
+    """
+
+    model: str
+    model_name: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    engine: str
+    position: int
+    first_index: int
+    count: int
+    first_node: int
+    slots: tuple[Slot, ...]
+
+    @property
+    def per_node(self) -> int:
+        return len(self.slots)
+
+    @property
+    def node_count(self) -> int:
+        return -(-self.count // len(self.slots))
+
+    def instance(self, i: int) -> Instance:
+        """The i-th instance of the block (0-based), as a fresh Instance."""
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        per = len(self.slots)
+        s = self.slots[i % per]
+        index = self.first_index + i
+        return Instance(
+            name=f"{self.model_name}-{index}", model=self.model, model_name=self.model_name, index=index,
+            port=s.port, tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size, engine=self.engine,
+            placement=[NodeSlice(node=self.first_node + i // per, devices=list(s.devices), cpus=s.cpus,
+                                 env=dict(s.env), device_indices=list(s.device_indices))])
+
+    def __iter__(self) -> Iterator[Instance]:
+        """Every instance of the block in order (node by node; positional arguments: the fast way)."""
+        per = len(self.slots)
+        name, model, mname, tp, pp, engine = (self.model_name, self.model, self.model_name,
+                                              self.tensor_parallel_size, self.pipeline_parallel_size, self.engine)
+        index = self.first_index
+        for j in range(self.node_count):
+            node = self.first_node + j
+            for s in self.slots[:min(per, self.count - j * per)]:
+                yield Instance(f"{name}-{index}", model, mname, index, s.port, tp, pp, engine,
+                               [NodeSlice(node, list(s.devices), s.cpus, dict(s.env), list(s.device_indices))])
+                index += 1
+
+    def on_node(self, node: int) -> range:
+        """The block-relative indices of its instances on `node` (empty when none)."""
+        j = node - self.first_node
+        if j < 0 or j >= self.node_count:
+            return range(0)
+        per = len(self.slots)
+        return range(j * per, min(self.count, (j + 1) * per))
+
+    def to_dict(self) -> dict:
+        return {"model_name": self.model_name, "model": self.model, "engine": self.engine,
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "pipeline_parallel_size": self.pipeline_parallel_size, "position": self.position,
+                "first_index": self.first_index, "count": self.count, "first_node": self.first_node,
+                "slots": [s.to_dict() for s in self.slots]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Block:
+        slots = tuple(Slot.from_dict(s) for s in d["slots"])
+        if not slots or d["count"] < 1:
+            raise ValueError(f"block {d['model_name']!r} has no slots or no instances")
+        return cls(**{**d, "slots": slots})
+
+
+class Instances(Sequence[Instance]):
+    """The plan's instances in order, made from its blocks and explicit instances when asked for."""
+
+    def __init__(self, blocks: Sequence[Block], explicit: Sequence[Instance]):
+        self._parts: list[Block | Sequence[Instance]] = []  # runs of explicit instances between blocks
+        self._starts: list[int] = []
+        pos = used = 0
+        for b in sorted(blocks, key=lambda b: b.position):
+            gap = b.position - pos
+            if gap < 0 or used + gap > len(explicit):
+                raise ValueError(f"block {b.model_name!r} at position {b.position} overlaps another "
+                                 "or leaves a gap")
+            if gap:
+                self._add(pos, explicit[used:used + gap])
+                used += gap
+            self._add(b.position, b)
+            pos = b.position + b.count
+        if used < len(explicit):
+            self._add(pos, explicit[used:])
+            pos += len(explicit) - used
+        self._len = pos
+
+    def _add(self, start: int, part: Block | Sequence[Instance]) -> None:
+        self._parts.append(part)
+        self._starts.append(start)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Instance]:
+        for part in self._parts:
+            yield from part
+
+    @overload
+    def __getitem__(self, i: int) -> Instance: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Instance]: ...
+
+    def __getitem__(self, i: int | slice) -> Instance | list[Instance]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._len))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("plan instance index out of range")
+        k = bisect.bisect_right(self._starts, i) - 1
+        part = self._parts[k]
+        if isinstance(part, Block):
+            return part.instance(i - self._starts[k])
+        return part[i - self._starts[k]]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<{self._len} instances>"
+
+    def parts(self) -> list[Block | Sequence[Instance]]:
+        """Blocks and runs of explicit instances, in order (for summaries)."""
+        return list(self._parts)
+
+
 @dataclass
 class Plan:
-    """Where every instance of every model runs."""
+    """Where every instance of every model runs: blocks of identical nodes, and explicit instances."""
 
     site: str
     scheduler: str
     devices_per_node: int
     nodes_required: int
     nodes_allocated: int | None
-    instances: list[Instance]
+    explicit: list[Instance] = field(default_factory=list)  # in plan order, around the blocks
+    blocks: list[Block] = field(default_factory=list)
+    _instances: Instances | None = field(default=None, init=False, repr=False, compare=False)
+    _by_node: dict[int, list[tuple[int, Instance]]] | None = field(default=None, init=False, repr=False,
+                                                                   compare=False)
+
+    @property
+    def instances(self) -> Instances:
+        """Every instance, in order (models in config order, then index); made on demand."""
+        if self._instances is None:
+            self._instances = Instances(self.blocks, self.explicit)
+        return self._instances
+
+    def instances_on(self, node: int) -> list[Instance]:
+        """The instances with a part on `node` (an index into the allocation), in plan order.
+
+        O(instances on that node) for blocks; explicit instances are indexed by node once.
+        """
+        found = [(b.position + i, b.instance(i)) for b in self.blocks for i in b.on_node(node)]
+        if self.explicit:
+            if self._by_node is None:
+                self._by_node = self._index_explicit()
+            found.extend(self._by_node.get(node, ()))
+            found.sort(key=lambda t: t[0])
+        return [inst for _, inst in found]
+
+    def _index_explicit(self) -> dict[int, list[tuple[int, Instance]]]:
+        by_node: dict[int, list[tuple[int, Instance]]] = {}
+        seq = self.instances
+        for start, part in zip(seq._starts, seq._parts):
+            if isinstance(part, Block):
+                continue
+            for pos, inst in enumerate(part, start):
+                for node in dict.fromkeys(p.node for p in inst.placement):
+                    by_node.setdefault(node, []).append((pos, inst))
+        return by_node
 
     def _header(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "site": self.site, "scheduler": self.scheduler,
                 "devices_per_node": self.devices_per_node, "nodes_required": self.nodes_required,
                 "nodes_allocated": self.nodes_allocated}
 
+    def expanded(self) -> Plan:
+        """The same plan with every instance explicit (no blocks)."""
+        return Plan(site=self.site, scheduler=self.scheduler, devices_per_node=self.devices_per_node,
+                    nodes_required=self.nodes_required, nodes_allocated=self.nodes_allocated,
+                    explicit=list(self.instances))
+
     def to_dict(self) -> dict:
-        return {**self._header(), "instances": [i.to_dict() for i in self.instances]}
+        return {**self._header(), "blocks": [b.to_dict() for b in self.blocks],
+                "instances": [i.to_dict() for i in self.explicit]}
 
     def to_json(self) -> str:
-        """plan.json: compact, one instance per line (120,000 instances: ~30 MB, readable with grep)."""
+        """plan.json: compact, one block or instance per line (120,000 TP-1 instances on Aurora: one block)."""
         encode = json.JSONEncoder(separators=(",", ":")).encode
         head = encode(self._header())[:-1]
-        body = ",\n".join(encode(i.to_dict()) for i in self.instances)
-        return f'{head},"instances":[\n{body}\n]}}\n'
+        blocks = "".join(f"\n{encode(b.to_dict())}," for b in self.blocks)[:-1]
+        body = "".join(f"\n{encode(i.to_dict())}," for i in self.explicit)[:-1]
+        return f'{head},"blocks":[{blocks}\n],"instances":[{body}\n]}}\n'
 
     @classmethod
     def from_dict(cls, doc: dict) -> Plan:
-        """The inverse of to_dict (device indices are not kept in plan.json)."""
+        """The inverse of to_dict (device indices are not kept in plan.json); reads versions 1 and 2."""
         version = doc.get("version", PLAN_VERSION)
-        if version != PLAN_VERSION:
-            raise PlanFileError(f"plan version {version}; this aegis reads version {PLAN_VERSION}: "
+        if version not in READS_VERSIONS:
+            raise PlanFileError(f"plan version {version}; this aegis reads versions "
+                                f"{' and '.join(map(str, READS_VERSIONS))}: "
                                 "use the aegis that wrote it, or submit the run again")
-        instances = [Instance(**{**i, "placement": [NodeSlice(**s) for s in i["placement"]]})
-                     for i in doc["instances"]]
-        return cls(site=doc["site"], scheduler=doc["scheduler"], devices_per_node=doc["devices_per_node"],
+        explicit = [Instance(**{**i, "placement": [NodeSlice(**s) for s in i["placement"]]})
+                    for i in doc["instances"]]
+        blocks = [Block.from_dict(b) for b in doc.get("blocks") or []] if version >= 2 else []
+        plan = cls(site=doc["site"], scheduler=doc["scheduler"], devices_per_node=doc["devices_per_node"],
                    nodes_required=doc["nodes_required"], nodes_allocated=doc["nodes_allocated"],
-                   instances=instances)
+                   explicit=explicit, blocks=blocks)
+        plan.instances  # noqa: B018 -- checks that blocks and explicit instances tile the order
+        return plan
 
     @classmethod
     def read(cls, path) -> Plan:
@@ -126,8 +345,6 @@ class Plan:
             raise PlanFileError(f"{path}: {exc}") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PlanFileError(f"{path}: cannot read the plan ({type(exc).__name__}: {exc})") from None
-
-
 @cache
 def _slots(n: int, k: int, domains: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
     """Fixed device slots of size k on an n-device node, domain-aligned when that loses nothing."""
@@ -188,12 +405,19 @@ class _Packer:
         self.site = site
         self.n = site.device_count
         self.domains = tuple(tuple(d) for d in site.domain_list())
-        self.nodes: list[_Node] = []
+        self.count = 0  # nodes used so far
+        self.nodes: dict[int, _Node] = {}  # the nodes whose free devices are tracked (not those of blocks)
         self._slot_cache: dict[tuple[int, ...], tuple[list[str], str, dict[str, str]]] = {}
 
     def new_node(self) -> int:
-        self.nodes.append(_Node(self.n))
-        return len(self.nodes) - 1
+        self.nodes[self.count] = _Node(self.n)
+        self.count += 1
+        return self.count - 1
+
+    def reserve(self, count: int) -> int:
+        """`count` whole nodes for a block (not tracked one by one); returns the first."""
+        self.count += count
+        return self.count - count
 
     def find(self, node: _Node, k: int) -> tuple[int, ...] | None:
         for slot in _slots(self.n, k, self.domains):
@@ -235,8 +459,12 @@ def check_fits(site: Site, spec: ModelSpec) -> None:
             f"evenly over nodes of {n} devices (site {site.name}); use at most {n} or a multiple of {n}")
 
 
-def make_plan(site: Site, cfg: Config, nodes: int | None = None) -> Plan:
-    """Place every instance of every model; `nodes` is the allocation size, or None for 'as needed'."""
+def make_plan(site: Site, cfg: Config, nodes: int | None = None, *, explicit: bool = False) -> Plan:
+    """Place every instance of every model; `nodes` is the allocation size, or None for 'as needed'.
+
+    A model on nodes of its own becomes one Block; `explicit=True` instead places its instances one
+    by one by first fit, as `pack_models` does (the reference the tests hold the blocks to).
+    """
     site = site.resolved()
     for spec in cfg.models:
         check_fits(site, spec)
@@ -244,12 +472,12 @@ def make_plan(site: Site, cfg: Config, nodes: int | None = None) -> Plan:
     n = site.device_count
     starts = assign_ports(cfg, n)
     names = {id(spec): spec.short_name for spec in cfg.models}  # computed once, not per instance
-    placed: list[tuple[int, int, Instance]] = []  # (model order, index, instance)
+    placed: list[tuple[int, int, Instance | Block]] = []  # (model order, index, instance or block)
 
     def place_spanning(order: int, spec: ModelSpec):
         span = spec.devices_per_instance // n
         for i in range(spec.instances):
-            first = len(packer.nodes)
+            first = packer.count
             slices = [packer.slice(packer.new_node(), range(n)) for _ in range(span)]
             name = names[id(spec)]
             port = packer.nodes[first].next_port(name, starts[name])
@@ -276,22 +504,24 @@ def make_plan(site: Site, cfg: Config, nodes: int | None = None) -> Plan:
         placed.append((order, index, _instance(spec, name, index, port, [packer.slice(node, slot)])))
 
     def place_own(order: int, spec: ModelSpec):
-        """A model on nodes of its own: fill each node's fixed slots in order (what first fit does
-        when every instance has the same size), computed instead of searched."""
+        """A model on nodes of its own: each node's fixed slots filled in order (what first fit does
+        when every instance has the same size), recorded as one Block instead of searched."""
+        if spec.instances < 1:
+            return
         slots = _slots(n, spec.devices_per_instance, packer.domains)
-        per = len(slots)
+        per = min(len(slots), spec.instances)  # a one-node model uses only the slots it fills
         name = names[id(spec)]
         start = starts[name]
-        contents = [packer.slot_contents(s) for s in slots]
-        node = -1
-        for i in range(spec.instances):
-            j = i % per
-            if j == 0:
-                node = packer.new_node()
-                packer.nodes[node].free.clear()  # filled in this loop; nothing else places on a model's own nodes
-            devices, cpus, env = contents[j]
-            placed.append((order, i, _instance(spec, name, i, start + j, [NodeSlice(
-                node=node, devices=list(devices), cpus=cpus, env=dict(env), device_indices=list(slots[j]))])))
+        pattern = []
+        for j in range(per):
+            devices, cpus, env = packer.slot_contents(slots[j])
+            pattern.append(Slot(port=start + j, devices=tuple(devices), cpus=cpus, env=dict(env),
+                                device_indices=slots[j]))
+        first = packer.reserve(-(-spec.instances // per))
+        placed.append((order, 0, Block(
+            model=spec.model, model_name=name, tensor_parallel_size=spec.tensor_parallel_size,
+            pipeline_parallel_size=spec.pipeline_parallel_size, engine=spec.engine, position=-1,
+            first_index=0, count=spec.instances, first_node=first, slots=tuple(pattern))))
 
     if cfg.pack_models:
         for order, spec in enumerate(cfg.models):
@@ -307,10 +537,15 @@ def make_plan(site: Site, cfg: Config, nodes: int | None = None) -> Plan:
         for order, spec in enumerate(cfg.models):
             if spec.devices_per_instance > n:
                 place_spanning(order, spec)
+            elif explicit:
+                own: list[int] = []
+                own_skip: dict[int, int] = {}
+                for i in range(spec.instances):
+                    place_small(order, spec, i, own, own_skip)
             else:
                 place_own(order, spec)
 
-    required = len(packer.nodes)
+    required = packer.count
     if site.max_nodes is not None and required > site.max_nodes:
         raise PlacementError(
             f"the plan needs {required} nodes but site {site.name} has {site.max_nodes} "
@@ -320,8 +555,18 @@ def make_plan(site: Site, cfg: Config, nodes: int | None = None) -> Plan:
             f"the plan needs {required} nodes but only {nodes} are available; "
             f"request {required} nodes or lower instances/tensor_parallel_size")
     placed.sort(key=lambda t: (t[0], t[1]))
+    blocks: list[Block] = []
+    instances: list[Instance] = []
+    position = 0
+    for _, _, item in placed:
+        if isinstance(item, Block):
+            blocks.append(replace(item, position=position))
+            position += item.count
+        else:
+            instances.append(item)
+            position += 1
     return Plan(site=site.name, scheduler=site.scheduler, devices_per_node=n, nodes_required=required,
-                nodes_allocated=nodes, instances=[p[2] for p in placed])
+                nodes_allocated=nodes, explicit=instances, blocks=blocks)
 
 
 def _instance(spec: ModelSpec, name: str, index: int, port: int, slices: list[NodeSlice]) -> Instance:
@@ -331,15 +576,24 @@ def _instance(spec: ModelSpec, name: str, index: int, port: int, slices: list[No
         pipeline_parallel_size=spec.pipeline_parallel_size, engine=spec.engine, placement=slices)
 
 
-def format_table(plan: Plan) -> str:
-    """A human-readable view of the plan."""
+TABLE_BLOCK_ROWS = 64  # a block of more instances (on more than one node) is summarised in the table
+
+
+def format_table(plan: Plan, every: bool = False) -> str:
+    """A human-readable view of the plan.
+
+    A block of more than TABLE_BLOCK_ROWS instances on more than one node shows its first node's
+    instances and one row for the rest (the same slots on each of its other nodes); `every` lists
+    every instance instead.
+    """
     head = (f"site {plan.site} ({plan.scheduler}), {plan.devices_per_node} devices per node, "
             f"{plan.nodes_required} node{'s' if plan.nodes_required != 1 else ''} required, "
             f"{len(plan.instances)} instance{'s' if len(plan.instances) != 1 else ''}")
     if plan.nodes_allocated is not None and plan.nodes_allocated > plan.nodes_required:
         head += f" ({plan.nodes_allocated - plan.nodes_required} of {plan.nodes_allocated} nodes unused)"
     rows = [("INSTANCE", "MODEL", "TPxPP", "NODE", "DEVICES", "CPUS", "PORT")]
-    for inst in plan.instances:
+
+    def add(inst: Instance) -> None:
         for j, p in enumerate(inst.placement):
             first = j == 0
             rows.append((
@@ -351,6 +605,30 @@ def format_table(plan: Plan) -> str:
                 p.cpus or "-",
                 str(inst.port) if first else "",
             ))
+
+    summarised = False
+    for part in plan.instances.parts():
+        if not isinstance(part, Block):
+            for inst in part:
+                add(inst)
+            continue
+        per = part.per_node
+        shown = part.count if every or part.node_count == 1 or part.count <= TABLE_BLOCK_ROWS else per
+        for i in range(shown):
+            add(part.instance(i))
+        if shown < part.count:
+            summarised = True
+            last_node = part.first_node + part.node_count - 1
+            ports = sorted(s.port for s in part.slots)
+            rows.append((
+                f"{part.model_name}-{part.first_index + per}..{part.first_index + part.count - 1}",
+                part.model, f"{part.tensor_parallel_size}x{part.pipeline_parallel_size}",
+                f"{part.first_node + 1}" + (f"-{last_node}" if last_node > part.first_node + 1 else ""),
+                f"as on node {part.first_node}", "", f"{ports[0]}-{ports[-1]}" if len(ports) > 1 else str(ports[0]),
+            ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if summarised:
+        lines += ["", "A row with a range of instances: the same devices, CPU cores and ports on each of its nodes "
+                      "(the last may be partly filled); --all lists every instance."]
     return "\n".join(lines)

@@ -173,9 +173,16 @@ def test_local_tp2_binds_one_core_per_rank():
 
 
 def test_plan_json_shape():
-    plan = plan_for("aurora", 2, 6).to_dict()
-    assert plan["site"] == "aurora" and plan["scheduler"] == "pbs" and plan["nodes_required"] == 1
-    inst = plan["instances"][0]
+    plan = plan_for("aurora", 2, 6)
+    doc = plan.to_dict()
+    assert doc["version"] == 2 and doc["instances"] == []  # a model on its own nodes is one block
+    assert doc["site"] == "aurora" and doc["scheduler"] == "pbs" and doc["nodes_required"] == 1
+    (block,) = doc["blocks"]
+    assert {"model_name", "model", "engine", "tensor_parallel_size", "pipeline_parallel_size", "position",
+            "first_index", "count", "first_node", "slots"} <= set(block)
+    assert block["slots"][0] == {"port": 8000, "devices": ["0", "1", "2", "3", "4", "5"], "cpus": "1-51",
+                                 "env": {"ZE_AFFINITY_MASK": "0,1,2,3,4,5"}}
+    inst = plan.expanded().to_dict()["instances"][0]  # `aegis plan --json --all`: every instance explicit
     assert {"name", "model", "port", "tensor_parallel_size", "pipeline_parallel_size", "placement"} <= set(inst)
     assert inst["placement"] == [{"node": 0, "devices": ["0", "1", "2", "3", "4", "5"], "cpus": "1-51",
                                   "env": {"ZE_AFFINITY_MASK": "0,1,2,3,4,5"}}]

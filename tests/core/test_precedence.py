@@ -1,6 +1,7 @@
 """CLI flag > config file > site profile default > built-in default."""
 import json
 
+from aegis.plan.placement import Plan
 from tests.core.helpers import run_cli, write
 
 
@@ -10,10 +11,10 @@ def dry_run(capsys, *args):
     return out
 
 
-def plan_json(capsys, *args):
+def plan_json(capsys, *args) -> Plan:
     code, out, err = run_cli(capsys, "plan", "--json", *args)
     assert code == 0, err
-    return json.loads(out)
+    return Plan.from_dict(json.loads(out))
 
 
 def test_builtin_then_site_then_config_then_cli(tmp_path, capsys):
@@ -32,10 +33,10 @@ def test_builtin_then_site_then_config_then_cli(tmp_path, capsys):
 def test_cli_model_flags_override_single_model_config(tmp_path, capsys):
     cfg = write(tmp_path, "model: m\ninstances: 2\ntensor_parallel_size: 6\nsite: aurora\nport_start: 9000\n")
     plan = plan_json(capsys, cfg, "--instances", "5", "--tp", "12", "--port-start", "9100")
-    assert len(plan["instances"]) == 5
-    assert plan["instances"][0]["tensor_parallel_size"] == 12
-    assert plan["instances"][0]["port"] == 9100
-    assert plan["nodes_required"] == 5
+    assert len(plan.instances) == 5
+    assert plan.instances[0].tensor_parallel_size == 12
+    assert plan.instances[0].port == 9100
+    assert plan.nodes_required == 5
 
 
 def test_per_model_flag_with_several_models_needs_for_model(tmp_path, capsys):
@@ -49,8 +50,8 @@ def test_per_model_flag_with_several_models_needs_for_model(tmp_path, capsys):
     assert code == 2
     assert "--instances applies to one model but" in err and "has 2 (big, small): add --for-model NAME" in err
     plan = plan_json(capsys, cfg, "--instances", "3", "--for-model", "big")
-    assert [i["name"] for i in plan["instances"]] == ["big-0", "big-1", "big-2", "small-0", "small-1",
-                                                        "small-2", "small-3"]
+    assert [i.name for i in plan.instances] == ["big-0", "big-1", "big-2", "small-0", "small-1",
+                                                "small-2", "small-3"]
     code, _, err = run_cli(capsys, "plan", cfg, "--instances", "3", "--for-model", "huge")
     assert code == 2 and "--for-model huge: no such model" in err
 
@@ -81,10 +82,10 @@ def test_site_detected_from_hostname(monkeypatch, capsys):
     import socket
     monkeypatch.setattr(socket, "gethostname", lambda: "x4102c5s2b0n0")
     monkeypatch.setattr(socket, "getfqdn", lambda: "x4102c5s2b0n0.hostmgmt.cm.aurora.alcf.anl.gov")
-    assert plan_json(capsys, "--model", "m")["site"] == "aurora"
+    assert plan_json(capsys, "--model", "m").site == "aurora"
     monkeypatch.setattr(socket, "gethostname", lambda: "workstation")
     monkeypatch.setattr(socket, "getfqdn", lambda: "workstation.lan")
-    assert plan_json(capsys, "--model", "m")["site"] == "local"
+    assert plan_json(capsys, "--model", "m").site == "local"
 
 
 def test_cli_engine_args_go_where_the_model_keeps_them(tmp_path):

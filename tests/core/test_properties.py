@@ -65,6 +65,10 @@ def test_placement_invariants(scenario):
     models = [m.model_dump() for m in cfg.models]
     if not cfg.pack_models:
         assert plan.nodes_required == expected_unpacked(n, models)  # minimal
+        ref = make_plan(site, cfg, explicit=True)  # the blocks expand to what first fit places one by one
+        assert list(plan.instances) == list(ref.instances)
+        for node in range(plan.nodes_required):
+            assert plan.instances_on(node) == [i for i in ref.instances if node in i.nodes]
     else:
         small = sorted({m["tensor_parallel_size"] * m["pipeline_parallel_size"] for m in models
                         if m["tensor_parallel_size"] * m["pipeline_parallel_size"] <= n})

@@ -104,9 +104,14 @@ def test_plan_round_trips_through_plan_json(tmp_path):
     back = Plan.read(path)
     assert back.to_dict() == plan.to_dict()
     assert [i.head.devices for i in back.instances] == [i.head.devices for i in plan.instances]
-    path.write_text(json.dumps({**plan.to_dict(), "version": 2}))
-    with pytest.raises(PlanFileError, match="plan version 2"):
+    path.write_text(json.dumps({**plan.to_dict(), "version": 3}))
+    with pytest.raises(PlanFileError, match="plan version 3; this aegis reads versions 1 and 2"):
         Plan.read(path)
+    # Version 1 (every instance explicit, no blocks) is still read.
+    v1 = {**plan.expanded().to_dict(), "version": 1}
+    del v1["blocks"]
+    path.write_text(json.dumps(v1))
+    assert Plan.read(path).instances == back.instances
 
 
 def _inst(status, pid=10, log="L"):
