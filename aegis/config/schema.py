@@ -133,7 +133,7 @@ class ModelSpec(_Strict, EngineOptions):
     model_source: StrictStr | None = None
     extra_vllm_args: list[StrictStr] = Field(default_factory=list)
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
-    engine: Literal["vllm", "sglang", "trtllm"] = "vllm"
+    engine: Literal["vllm", "sglang", "trtllm", "sim"] = "vllm"
     extra_args: list[StrictStr] = Field(default_factory=list)  # engine-neutral name of extra_vllm_args
 
     @field_validator("model")
@@ -179,6 +179,12 @@ class ModelSpec(_Strict, EngineOptions):
         why = problem(self.engine, self)
         if why:
             raise ValueError(why)
+        if self.engine == "sim":  # the simulator's own parser checks its flags (vLLM's: aegis check)
+            from aegis.engines.sim import SimEngine
+
+            why = SimEngine().check_args(self.engine_args)
+            if why:
+                raise ValueError(f"extra_args: {why}")
         return self
 
     @property

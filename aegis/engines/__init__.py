@@ -2,10 +2,11 @@
 from aegis.engines.base import Engine, EngineLaunch
 from aegis.engines.options import ENGINE_NAMES, EngineOptions, LoraOptions
 from aegis.engines.sglang import SGLangEngine
+from aegis.engines.sim import SimEngine
 from aegis.engines.trtllm import TRTLLMEngine
 from aegis.engines.vllm import VLLMEngine
 
-ENGINES = {"vllm": VLLMEngine, "sglang": SGLangEngine, "trtllm": TRTLLMEngine}
+ENGINES = {"vllm": VLLMEngine, "sglang": SGLangEngine, "trtllm": TRTLLMEngine, "sim": SimEngine}
 assert tuple(ENGINES) == ENGINE_NAMES
 
 

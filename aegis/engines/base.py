@@ -59,6 +59,7 @@ class Engine:
     models_path = "/v1/models"  # ... and its second: the served name must be listed
     api_key_env = ""  # the variable the engine reads its API key from ("" if it has none)
     served_name_flag = "--served-model-name"
+    loaded_marker: bytes | None = None  # a log line's text that says the weights are loaded (startup phases)
     supports_api_key = True  # False: the config must say api_key: false (aegis.config.schema)
     vendors: tuple = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                       "ZE_AFFINITY_MASK", "VLLM_CPU_OMP_THREADS_BIND")  # visibility variables it runs with

@@ -15,12 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from aegis.errors import ConfigError
 
-ENGINE_NAMES = ("vllm", "sglang", "trtllm")
+ENGINE_NAMES = ("vllm", "sglang", "trtllm", "sim")
 
 # key -> engines that have it (everything else is refused for that engine).
 SUPPORT = {
-    "lora": ("vllm", "sglang"),
-    "enable_prefix_caching": ("vllm", "sglang", "trtllm"),
+    "lora": ("vllm", "sglang", "sim"),
+    "enable_prefix_caching": ("vllm", "sglang", "trtllm", "sim"),
     "kv_cache_dtype": ("vllm", "sglang", "trtllm"),
     "enable_expert_parallel": ("vllm", "sglang", "trtllm"),
     "all2all_backend": ("vllm", "sglang"),

@@ -17,6 +17,7 @@ class SGLangEngine(Engine):
     name = "sglang"
     server = "sglang.launch_server"
     api_key_env = ""  # SGLang has no such variable: see files()
+    loaded_marker = b"Load weight end"  # SGLang's model runner logs "Load weight end. type=..."
     # Device masks it honours (not VLLM_CPU_OMP_THREADS_BIND, the local site's CPU-core mask).
     vendors = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 

@@ -53,6 +53,7 @@ class VLLMEngine(Engine):
     name = "vllm"
     server = "vllm serve"
     api_key_env = "VLLM_API_KEY"  # read by vLLM's server: the key never appears on a command line
+    loaded_marker = b"Loading weights took"  # vLLM's model loaders (default_loader.py) log this
 
     def command(self, launch: EngineLaunch) -> list[str]:
         if launch.nnodes > 1:

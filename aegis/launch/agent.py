@@ -59,6 +59,7 @@ class Agent:
                 os.sched_setaffinity(0, cpus)
 
         log = open(rank.log, "ab")
+        rank.log_offset = log.tell()  # the new process's lines start here
         log.write(f"\n=== aegis: starting {rank.key} (attempt {rank.restarts + 1}) at {time.ctime()}: "
                   f"{' '.join(rank.argv)}\n".encode())
         log.flush()
@@ -68,6 +69,7 @@ class Agent:
                                          cwd=str(self.run.path))
             rank.state = RankState.STARTING if rank.restarts == 0 else RankState.RESTARTING
             rank.started_at = time.time()
+            rank.first_started_at = rank.first_started_at or rank.started_at
             rank.exit_code = None
         except OSError as exc:
             log.write(f"=== aegis: cannot start: {exc}\n".encode())
@@ -90,10 +92,26 @@ class Agent:
         rank.state = RankState.RESTARTING
         rank.next_start = time.monotonic() + min(60.0, 2.0 ** (rank.restarts - 1))
 
+    def _seen_loaded(self, rank: Rank) -> bool:
+        """Whether the rank's log (read on from where the last look ended) now says the weights are loaded."""
+        assert rank.loaded_marker is not None
+        try:
+            with open(rank.log, "rb") as fh:
+                pos = max(0, rank.log_offset - len(rank.loaded_marker))  # a marker split between two looks
+                fh.seek(pos)
+                chunk = fh.read(1 << 20)
+        except OSError:
+            return False
+        rank.log_offset = pos + len(chunk)
+        return rank.loaded_marker in chunk
+
     def check(self) -> bool:
         """One supervision round; True when something changed."""
         changed = False
         for rank in self.ranks:
+            if rank.proc is not None and rank.loaded_at is None and rank.loaded_marker and self._seen_loaded(rank):
+                rank.loaded_at = time.time()
+                changed = True
             if rank.proc is not None:
                 code = rank.proc.poll()
                 if code is not None:

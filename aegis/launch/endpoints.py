@@ -9,9 +9,14 @@ read too: an instance needs only `url` (or `host` and `port`); without a
 
     {"version": 1, "job_id", "run_dir", "site", "scheduler", "state": RunState,
      "api_key_file": "<run_dir>/api_key" or null, "updated": <unix time>,
+     "revision": <writes so far>, "started": <unix time the job started>,
      "instances": [{"name", "model", "lora_adapters", "url", "host", "hostname", "port", "node",
                     "devices", "nodes", "engine", "status": InstanceState, "pid", "restarts",
-                    "ready_seconds", "log", "error"}]}
+                    "ready_seconds", "phases": {PHASE: seconds since "started"}, "log", "error"}]}
+
+PHASES, in order: staged (weights on node-local storage), started (engine process
+started), loaded (the engine's log says its weights are loaded), ready (health gate
+passed); each is the first time it happened (restarts do not move it).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from aegis.rundir import RunDir
 from aegis.util.fs import atomic_write
 
 VERSION = 1
+PHASES = ("staged", "started", "loaded", "ready")  # startup phases, in order (InstanceEndpoint.phases)
 
 
 class InstanceState(str, enum.Enum):
@@ -77,6 +83,7 @@ class InstanceEndpoint(BaseModel):
     pid: int | None = None
     restarts: int = 0
     ready_seconds: float | None = None
+    phases: dict[str, float] = {}  # PHASES -> seconds from the job's start (EndpointsFile.started)
     log: str | None = None
     error: str | None = None
 
@@ -116,12 +123,15 @@ class EndpointsFile(BaseModel):
     state: RunState = RunState.STARTING
     api_key_file: str | None = None
     updated: float = 0.0
+    revision: int = 0  # how many times the head has written it (readers reload when it changes)
+    started: float | None = None  # unix time the job (its head) started: phases count from here
     instances: list[InstanceEndpoint] = []
 
     # -- reading and writing (the only place) ------------------------------------------------
 
     def write(self, path: Path) -> None:
         self.updated = time.time()
+        self.revision += 1
         atomic_write(path, self.model_dump_json(indent=1) + "\n", mode=0o600)
 
     @classmethod

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import secrets
 import shlex
 import signal
@@ -41,6 +42,8 @@ from aegis.util.procs import stop_groups
 
 S = InstanceState
 log = logging.getLogger("aegis")
+READY_PROBE_INTERVAL = 5.0  # seconds between health probes of a ready instance (others: every round)
+QUIET_ABOVE = 32  # more instances than this: progress lines instead of one line per instance
 
 
 def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | None, since: float, now: float,
@@ -49,7 +52,8 @@ def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | N
 
     failed stays failed; a failed rank fails the instance; a replaced, restarting or vanished
     rank makes it restarting; a passing probe makes it ready; a failing probe makes a ready one
-    unhealthy; starting/restarting/unhealthy for longer than `startup_timeout` is failed.
+    unhealthy (no probe this round keeps it ready); starting/restarting/unhealthy for longer
+    than `startup_timeout` is failed.
     """
     head = next((r for r in ranks if r.rank == 0), None)
     replaced = bool(head and inst.pid and head.pid and head.pid != inst.pid)
@@ -66,8 +70,8 @@ def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | N
         return S.RESTARTING, inst.error
     if probe is not None and probe.ok:
         return S.READY, None
-    if inst.status == S.READY:
-        return S.UNHEALTHY, probe.error if probe else None
+    if inst.status == S.READY:  # not probed this round (None): its process is alive, it stays ready
+        return (S.READY, inst.error) if probe is None else (S.UNHEALTHY, probe.error)
     if inst.status in (S.STARTING, S.RESTARTING, S.UNHEALTHY) and now - since > startup_timeout:
         return S.FAILED, (f"not healthy after {startup_timeout:g} s ({probe.error if probe else ''}); "
                           f"log: {inst.log}")
@@ -102,8 +106,12 @@ class Head:
         self.t0 = time.monotonic()
         self.since: dict[str, float] = {}
         self.exit_code = 0
+        self.next_probe: dict[str, float] = {}  # ready instances: when to probe next
+        self.status_cache: dict[Path, tuple[int, NodeStatus | None]] = {}  # by mtime_ns
+        self.quiet = len(plan.instances) > QUIET_ABOVE
+        self.last_progress = 0.0
         self.doc = EndpointsFile(job_id=alloc.job_id, run_dir=str(run.path), site=site.name,
-                                 scheduler=alloc.scheduler)
+                                 scheduler=alloc.scheduler, started=psutil.Process().create_time())
 
     @property
     def instances(self) -> list[InstanceEndpoint]:
@@ -147,22 +155,36 @@ class Head:
 
     # -- the loop ----------------------------------------------------------------------
 
+    def _node_status(self, path: Path) -> NodeStatus | None:
+        """One agent's report, parsed again only when its file changed (one file per node)."""
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            return None
+        cached = self.status_cache.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, NodeStatus.read(path))
+            self.status_cache[path] = cached
+        return cached[1]
+
     def _agent_ranks(self) -> dict[str, list[RankStatus]]:
         """instance name -> the states its ranks' agents report."""
         out: dict[str, list[RankStatus]] = {}
         for path in self.run.node_statuses():
-            status = NodeStatus.read(path)
+            status = self._node_status(path)
             for rank in status.ranks.values() if status else []:
                 out.setdefault(rank.instance, []).append(rank)
         return out
 
     def _update(self, inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | None) -> bool:
         """Apply next_state to one instance, tell the user what changed; True when something did."""
-        before = (inst.status, inst.pid, inst.restarts)
+        before = (inst.status, inst.pid, inst.restarts, len(inst.phases))
         now = time.monotonic()
         head = next((r for r in ranks if r.rank == 0), None)
         if head:
             inst.pid, inst.restarts = head.pid, max(r.restarts for r in ranks)
+            self._phase(inst, "started", head.first_started_at)
+            self._phase(inst, "loaded", head.loaded_at)
         status, error = next_state(inst, ranks, probe, self.since[inst.name], now, self.cfg.startup_timeout)
         if status != before[0]:
             if status == S.FAILED:
@@ -171,11 +193,47 @@ class Head:
                 self.echo(f"aegis: {inst.name} died; restarting (restart {inst.restarts})")
             elif status == S.READY:
                 inst.ready_seconds = round(now - self.since[inst.name], 1)
-                self.echo(f"aegis: {inst.name} ready at {inst.url} after {inst.ready_seconds} s")
+                self._phase(inst, "ready", time.time())
+                self.next_probe[inst.name] = now + READY_PROBE_INTERVAL * random.random()  # spread out
+                if not self.quiet:
+                    self.echo(f"aegis: {inst.name} ready at {inst.url} after {inst.ready_seconds} s")
             if status in (S.RESTARTING, S.UNHEALTHY):
                 self.since[inst.name] = now
         inst.status, inst.error = status, error
-        return (inst.status, inst.pid, inst.restarts) != before
+        return (inst.status, inst.pid, inst.restarts, len(inst.phases)) != before
+
+    def _phase(self, inst: InstanceEndpoint, phase: str, at: float | None) -> None:
+        """Record when an instance first reached a startup phase (seconds from the job's start)."""
+        if at is not None and phase not in inst.phases and self.doc.started is not None:
+            inst.phases[phase] = round(max(0.0, at - self.doc.started), 2)
+
+    def _to_probe(self, now: float) -> list[InstanceEndpoint]:
+        """Instances probed this round: every one not ready, and the ready ones whose turn it is.
+
+        A dead process is seen from the agents' reports within a second; probes of ready
+        instances find hung servers, so they can be spread out (READY_PROBE_INTERVAL).
+        """
+        out = []
+        for inst in self.instances:
+            if inst.status == S.FAILED:
+                continue
+            if inst.status == S.READY:
+                if now < self.next_probe.get(inst.name, 0.0):
+                    continue
+                self.next_probe[inst.name] = now + READY_PROBE_INTERVAL
+            out.append(inst)
+        return out
+
+    def _progress(self, now: float) -> None:
+        """At scale: one line every 5 s while instances are starting, instead of one per instance."""
+        if not self.quiet or now - self.last_progress < 5.0:
+            return
+        counts: dict[str, int] = {}
+        for inst in self.instances:
+            counts[inst.status.value] = counts.get(inst.status.value, 0) + 1
+        if counts.get("ready") != len(self.instances):
+            self.last_progress = now
+            self.echo("aegis: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
 
     async def _loop(self) -> None:
         announced = False
@@ -193,7 +251,7 @@ class Head:
                 self.exit_code = 1
                 break
             ranks = self._agent_ranks()
-            live = [i for i in self.instances if i.status != S.FAILED]
+            live = self._to_probe(time.monotonic())
             probes = dict(zip([i.name for i in live], await probe_all(live, self.key)))
             changed = False
             for inst in self.instances:
@@ -201,7 +259,8 @@ class Head:
             state = overall_state([i.status for i in self.instances], self.doc.state)
             if changed or state != self.doc.state:
                 self.doc.state = state
-                self._publish()
+                self._publish()  # at most once a round, and rounds are a second or more apart
+            self._progress(time.monotonic())
             if state == RunState.READY and not announced:
                 announced = True
                 slowest = max(i.ready_seconds or 0 for i in self.instances)
@@ -267,6 +326,9 @@ class Head:
             if isinstance(exc, AegisError):
                 raise
             raise AegisError(f"staging failed: {exc}") from None
+        staged = time.time()
+        for inst in self.instances:
+            self._phase(inst, "staged", staged)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *a: setattr(self, "stop_requested", True))
         self.echo(f"aegis: starting {len(self.instances)} instance(s) on {len(self.alloc.hosts)} node(s) "

@@ -36,7 +36,9 @@ class RankStatus(BaseModel):
     exit_code: int | None = None
     log: str = ""
     log_tail: str = ""
-    started_at: float | None = None
+    started_at: float | None = None  # unix time its current process started
+    first_started_at: float | None = None  # ... its first process
+    loaded_at: float | None = None  # unix time its log first said the weights are loaded
 
 
 class NodeStatus(BaseModel):

@@ -71,6 +71,10 @@ class Rank:
     next_start: float = 0.0
     started_at: float | None = None
     tail: str = ""
+    loaded_marker: bytes | None = None  # the engine's "weights loaded" log text (head ranks only)
+    first_started_at: float | None = None
+    loaded_at: float | None = None
+    log_offset: int = 0  # where the search for loaded_marker goes on in the log
 
     @property
     def head(self) -> bool:
@@ -85,7 +89,8 @@ class Rank:
         return RankStatus(instance=self.instance, rank=self.rank, state=self.state,
                           pid=self.proc.pid if self.proc else None, restarts=self.restarts,
                           exit_code=self.exit_code, log=str(self.log), log_tail=self.tail,
-                          started_at=self.started_at)
+                          started_at=self.started_at, first_started_at=self.first_started_at,
+                          loaded_at=self.loaded_at)
 
 
 def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, addresses: list[str],
@@ -153,5 +158,6 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
                     env.setdefault("VLLM_HOST_IP", ip)
             key = inst.name if r == 0 else f"{inst.name}.rank{r}"
             ranks.append(Rank(instance=inst.name, rank=r, argv=argv, env=env,
-                              cpus=parse_ranges(slice_.cpus) if slice_.cpus else [], log=run.log(key)))
+                              cpus=parse_ranges(slice_.cpus) if slice_.cpus else [], log=run.log(key),
+                              loaded_marker=engine.loaded_marker if r == 0 else None))
     return ranks

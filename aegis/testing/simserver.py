@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 perf = time.perf_counter
 _PIECE = re.compile(r"\s*\S{1,4}|\s+")
+KEY_ENV = "AEGIS_SIM_API_KEY"  # the engine's key variable (aegis.engines.sim)
 _OUT_PIECES = [" " + c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
@@ -503,8 +504,31 @@ class SimServer:
         return resp
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, SimConfig]:
-    p = argparse.ArgumentParser(prog="python -m aegis.testing.simserver", description=__doc__.splitlines()[0])
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting (for checking a config's extra_args)."""
+
+    def error(self, message):
+        raise _ArgError(message)
+
+
+def arg_error(args: list[str]) -> str | None:
+    """Why the simulator refuses these flags (one line), or None; --host/--port/--model are aegis's."""
+    try:
+        _parser(_Parser).parse_args(list(args))
+    except _ArgError as exc:
+        return str(exc)
+    taken = [f for f in ("--host", "--port") if any(x == f or x.startswith(f + "=") for x in args)]
+    if taken:
+        return f"{taken[0]} is set by aegis from the plan; remove it"
+    return None
+
+
+def _parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = cls(prog="python -m aegis.testing.simserver", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
     d = SimConfig()
@@ -516,8 +540,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SimConfig]:
     p.add_argument("--api-key-file", default=None, help="require this Bearer key on /v1/*")
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--legacy-metrics", action="store_true", help="older vLLM metric names (gpu_*)")
-    a = p.parse_args(argv)
-    key = None
+    p.add_argument("--startup-seconds", type=float, default=0.0,
+                   help="pretend to load weights for this long before serving (logged like vLLM)")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, SimConfig]:
+    a = _parser().parse_args(argv)
+    key = os.environ.get(KEY_ENV) or None  # how aegis hands it over: never on a command line
     if a.api_key_file:
         with open(a.api_key_file) as fh:
             key = fh.readline().strip()
@@ -530,7 +560,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SimConfig]:
     return a, cfg
 
 
-async def serve(host: str, port: int, cfg: SimConfig) -> None:
+async def serve(host: str, port: int, cfg: SimConfig, startup_seconds: float = 0.0) -> None:
+    if startup_seconds > 0:  # the lines aegis reads for startup phases, as vLLM prints them
+        t0 = perf()
+        await asyncio.sleep(startup_seconds)
+        print(f"INFO simserver: Loading weights took {perf() - t0:.2f} seconds", flush=True)
     runner = web.AppRunner(SimServer(cfg).app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)
@@ -547,7 +581,7 @@ async def serve(host: str, port: int, cfg: SimConfig) -> None:
 
 def main(argv=None) -> None:
     a, cfg = parse_args(argv)
-    asyncio.run(serve(a.host, a.port, cfg))
+    asyncio.run(serve(a.host, a.port, cfg, a.startup_seconds))
 
 
 class SimProcess:

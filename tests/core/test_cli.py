@@ -60,7 +60,7 @@ def test_sites_list_and_show(capsys):
     code, out, _ = run_cli(capsys, "sites")
     assert code == 0
     names = [line.split()[0] for line in out.splitlines()[1:]]
-    assert names == ["aurora", "frontier", "h200", "local", "polaris"]
+    assert names == ["aurora", "frontier", "h200", "local", "local-sim", "polaris"]
     code, out, _ = run_cli(capsys, "sites", "show", "frontier", "--json")
     data = json.loads(out)
     assert data["visibility_env"] == {"ROCR_VISIBLE_DEVICES": ","} and data["devices_per_node"] == 8

@@ -108,7 +108,7 @@ def test_unknown_site_suggests(capsys):
     code, _, err = run_cli(capsys, "plan", "--model", "m", "--site", "auroraa")
     assert code == 2
     assert "no site named 'auroraa' (did you mean 'aurora'?)" in err
-    assert "known sites: aurora, frontier, h200, local, polaris" in err
+    assert "known sites: aurora, frontier, h200, local, local-sim, polaris" in err
 
 
 def test_hf_token_file_must_be_private(tmp_path, capsys):

@@ -131,6 +131,7 @@ OK, DOWN = Probe(True), Probe(False, "refused")
     (S.STARTING, [_rank(RankState.RUNNING)], OK, 1, S.READY),
     (S.STARTING, [_rank(RankState.RUNNING)], DOWN, 99, S.FAILED),        # startup_timeout passed
     (S.READY, [_rank(RankState.RUNNING)], DOWN, 1, S.UNHEALTHY),
+    (S.READY, [_rank(RankState.RUNNING)], None, 99, S.READY),            # not probed this round
     (S.UNHEALTHY, [_rank(RankState.RUNNING)], OK, 1, S.READY),
     (S.READY, [_rank(RankState.RESTARTING)], None, 1, S.RESTARTING),
     (S.READY, [_rank(RankState.RUNNING, pid=11)], OK, 1, S.RESTARTING),  # replaced by a new process

@@ -45,7 +45,7 @@ def error(raw: dict) -> str:
     ({"lora": {"adapters": {"a": "/x"}, "max_lora": 4}}, "lora.max_lora: unknown key"),
     ({"engine": "sglang", "extra_vllm_args": ["--x"]}, "extra_vllm_args: is for engine vllm; use extra_args"),
     ({"extra_args": ["--a"], "extra_vllm_args": ["--b"]}, "set extra_args or extra_vllm_args, not both"),
-    ({"engine": "tgi"}, "engine: Input should be 'vllm', 'sglang' or 'trtllm'"),
+    ({"engine": "tgi"}, "engine: Input should be 'vllm', 'sglang', 'trtllm' or 'sim'"),
     ({"prefix_caching": True}, "prefix_caching: unknown key (did you mean 'enable_prefix_caching'?)"),
 ])
 def test_engine_keys_are_validated_with_one_clear_line(raw, expected):

@@ -12,6 +12,7 @@ import difflib
 import os
 import shlex
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,13 @@ from aegis.rundir import RunDir
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("AEGIS_UPDATE_GOLDEN") == "1"
 SITES = sorted(p.stem for p in (Path(__file__).parents[2] / "aegis" / "config" / "site_profiles").glob("*.yaml"))
-ENGINES = ("vllm", "sglang", "trtllm")
+ENGINES = ("vllm", "sglang", "trtllm", "sim")
 KEY = "k3y-not-a-real-key"
 HOSTS = {"aurora": ["x4102c5s2b0n0", "x4102c5s2b0n1"], "polaris": ["x3004c0s7b0n0", "x3004c0s7b0n1"],
-         "frontier": ["frontier00001", "frontier00002"], "h200": ["gpu-a01", "gpu-a02"], "local": ["localhost"]}
+         "frontier": ["frontier00001", "frontier00002"], "h200": ["gpu-a01", "gpu-a02"], "local": ["localhost"],
+         "local-sim": ["localhost"]}
 EXTRA = {"vllm": ["--max-num-seqs", "128"], "sglang": ["--max-running-requests", "128"],
-         "trtllm": ["--max_batch_size", "128"]}  # each engine's own spelling, passed through
+         "trtllm": ["--max_batch_size", "128"], "sim": ["--max-num-seqs", "128", "--decode-ms", "5"]}  # each engine's own spelling, passed through
 NOISE = ("GLOO_SOCKET_IFNAME", "VLLM_HOST_IP")  # depend on this machine's interfaces
 
 
@@ -40,6 +42,8 @@ def config(engine: str, shape: str, devices_per_node: int) -> dict:
            "kv_cache_dtype": "fp8"}
     if engine == "trtllm":
         raw["api_key"] = False
+    if engine == "sim":  # the simulator has no KV-cache types or expert parallelism
+        del raw["kv_cache_dtype"]
     if shape == "single":
         raw.update(model="meta-llama/Llama-3.1-8B-Instruct", instances=2, extra_args=EXTRA[engine])
         if engine != "trtllm":
@@ -47,8 +51,8 @@ def config(engine: str, shape: str, devices_per_node: int) -> dict:
                            "max_cpu_loras": 2, "max_lora_rank": 16}
     else:
         raw.update(model="deepseek-ai/DeepSeek-V3", tensor_parallel_size=devices_per_node,
-                   pipeline_parallel_size=2, enable_expert_parallel=True)
-        if engine != "trtllm":
+                   pipeline_parallel_size=2, enable_expert_parallel=engine != "sim")
+        if engine not in ("trtllm", "sim"):
             raw.update(all2all_backend="deepep_low_latency" if engine == "vllm" else "deepep", enable_eplb=True,
                        num_redundant_experts=32)
     return raw
@@ -71,7 +75,8 @@ def render(tmp_path: Path, engine: str, site_name: str, shape: str) -> str:
             assert KEY not in " ".join(rank.argv)  # the key is never on a command line
             env = {k: v for k, v in rank.env.items() if os.environ.get(k) != v and k not in NOISE}
             lines.append(f"### {rank.key}")
-            lines.append("argv: " + shlex.join(rank.argv).replace(str(tmp_path), "RUN_DIR"))
+            lines.append("argv: " + shlex.join(rank.argv).replace(str(tmp_path), "RUN_DIR")
+                         .replace(sys.executable, "AGENT_PYTHON"))
             lines += [f"env: {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     for path in sorted((tmp_path / "engine").glob("*")) if (tmp_path / "engine").exists() else []:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -95,7 +100,7 @@ def check_golden(name: str, text: str) -> None:
 
 
 CASES = [(e, s, shape) for e in ENGINES for s in SITES for shape in ("single", "multi")
-         if not (s == "local" and shape == "multi")]
+         if not (s.startswith("local") and shape == "multi")]
 
 
 @pytest.mark.parametrize("engine,site,shape", CASES, ids=[f"{e}-{s}-{sh}" for e, s, sh in CASES])
