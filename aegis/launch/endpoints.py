@@ -211,3 +211,15 @@ class EndpointsFile(BaseModel):
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")
+
+    def phase_table(self) -> str:
+        """Startup phases over the instances: median and slowest seconds from the job's start, per phase."""
+        from aegis.util.tables import format_table
+
+        rows = []
+        for phase in PHASES:
+            seen = sorted(i.phases[phase] for i in self.instances if phase in i.phases)
+            if seen:
+                rows.append([phase, f"{seen[len(seen) // 2]:.1f}", f"{seen[-1]:.1f}",
+                             f"{len(seen)}/{len(self.instances)}"])
+        return format_table(["PHASE", "MEDIAN S", "SLOWEST S", "INSTANCES"], rows, right=(1, 2, 3)) if rows else ""

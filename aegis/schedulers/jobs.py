@@ -12,6 +12,7 @@ from aegis.schedulers.base import JobInfo, JobState, Poller, get_scheduler
 
 # `aegis submit --wait` exit codes.
 EXIT_READY, EXIT_JOB_FAILED, EXIT_WAIT_TIMEOUT = 0, 3, 4
+SHOW_INSTANCES = 50  # `aegis status` lists this many instances, then counts the rest
 
 
 def endpoints_ready(doc: EndpointsFile | None) -> bool:
@@ -31,8 +32,19 @@ def describe(info: JobInfo, run: RunDir | None, site_name: str) -> list[str]:
             lines.append(f"log: {log}")
         doc = run.read_endpoints()
         if doc:
-            for inst in doc.instances:
+            for inst in doc.instances[:SHOW_INSTANCES]:
                 lines.append(f"  {inst.name:<24} {inst.status.value:<10} {inst.url}")
+            if len(doc.instances) > SHOW_INSTANCES:
+                counts: dict[str, int] = {}
+                for inst in doc.instances:
+                    counts[inst.status.value] = counts.get(inst.status.value, 0) + 1
+                lines.append(f"  ... {len(doc.instances) - SHOW_INSTANCES} more; all {len(doc.instances)}: "
+                             + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                             + f" (every one: aegis endpoints {run.path})")
+            table = doc.phase_table()
+            if table:
+                lines.append("startup, seconds from the job's start:")
+                lines += ["  " + line for line in table.splitlines()]
     return lines
 
 
@@ -58,8 +70,10 @@ def wait_for_run(run: RunDir, site, timeout: float, echo: Callable[..., None] | 
         doc = run.read_endpoints()
         if doc is not None and endpoints_ready(doc):
             echo(f"job {job_id}: endpoints ready")
-            for inst in doc.instances:
+            for inst in doc.instances[:SHOW_INSTANCES]:
                 echo(f"  {inst.name:<24} {inst.url}")
+            if len(doc.instances) > SHOW_INSTANCES:
+                echo(f"  ... and {len(doc.instances) - SHOW_INSTANCES} more: {run.endpoints}")
             return EXIT_READY
         info = poller.poll([job_id])[job_id]
         if info.state != last_state:

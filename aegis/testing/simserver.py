@@ -561,10 +561,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SimConfig]:
 
 
 async def serve(host: str, port: int, cfg: SimConfig, startup_seconds: float = 0.0) -> None:
-    if startup_seconds > 0:  # the lines aegis reads for startup phases, as vLLM prints them
-        t0 = perf()
+    t0 = perf()
+    if startup_seconds > 0:
         await asyncio.sleep(startup_seconds)
-        print(f"INFO simserver: Loading weights took {perf() - t0:.2f} seconds", flush=True)
+    # The line aegis reads for the "loaded" startup phase, as vLLM's model loader prints it.
+    print(f"INFO simserver: Loading weights took {perf() - t0:.2f} seconds", file=sys.stderr, flush=True)
     runner = web.AppRunner(SimServer(cfg).app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)

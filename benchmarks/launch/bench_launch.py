@@ -6,7 +6,8 @@ Both sides start the tiny offline model with the CPU build of vLLM (set up in
 ~/.cache/aegis by aegis.testing.cpu_vllm) with the same engine arguments. "By hand"
 is `python -m vllm.entrypoints.openai.api_server ...` polled on /health and
 /v1/models every 0.1 s; "aegis" is `aegis launch config.yaml` until
-endpoints.json says ready. Runs alternate (hand, aegis, hand, aegis, ...) so
+endpoints.json says ready (then its startup phases are printed: staged, engine
+started, weights loaded, ready). Runs alternate (hand, aegis, hand, aegis, ...) so
 that load drifts hit both; medians and the ratio aegis/hand are printed.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from aegis.launch.endpoints import EndpointsFile
 from aegis.testing.cpu_vllm import ensure_tiny_model, ensure_vllm_venv
 
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -73,7 +75,8 @@ def by_hand(python: Path, model: Path, workdir: Path) -> float:
             pass
 
 
-def with_aegis(python: Path, model: Path, workdir: Path, instances: int) -> float:
+def with_aegis(python: Path, model: Path, workdir: Path, instances: int) -> tuple[float, str]:
+    """Seconds to all ready, and the startup phases table of endpoints.json."""
     cfg = {"site": "local", "model": str(model), "name": "tiny", "instances": instances,
            "engine_python": str(python), "port_start": free_port(), "env": ENV, "extra_vllm_args": ARGS}
     cfg_path = workdir / "config.yaml"
@@ -86,7 +89,7 @@ def with_aegis(python: Path, model: Path, workdir: Path, instances: int) -> floa
         while True:
             try:
                 if json.loads((run / "endpoints.json").read_text())["state"] == "ready":
-                    return time.monotonic() - t0
+                    return time.monotonic() - t0, EndpointsFile.read(run).phase_table()
             except (OSError, ValueError, KeyError):
                 pass
             if proc.poll() is not None:
@@ -104,17 +107,19 @@ def main() -> None:
     args = ap.parse_args()
     python = ensure_vllm_venv()
     model = ensure_tiny_model(python)
-    hand, aegis = [], []
+    hand, aegis, phases = [], [], ""
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
             hand.append(by_hand(python, model, Path(tmp)))
-            aegis.append(with_aegis(python, model, Path(tmp), args.instances))
+            took, phases = with_aegis(python, model, Path(tmp), args.instances)
+            aegis.append(took)
             print(f"run {i + 1}: by hand {hand[-1]:.1f} s, aegis launch {aegis[-1]:.1f} s", flush=True)
     h, a = statistics.median(hand), statistics.median(aegis)
     print(f"\nmedian over {args.repeat} runs (load average {os.getloadavg()[0]:.1f}):")
     print(f"  vLLM started by hand, to healthy:    {h:6.1f} s")
     print(f"  aegis launch ({args.instances} instance), to all ready: {a:6.1f} s")
     print(f"  ratio aegis / by hand:               {a / h:6.2f}")
+    print(f"\nstartup phases of the last aegis run (seconds from the job's start):\n{phases}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""`engine: sim` on the local-sim site: a whole `aegis launch` without vLLM, Slurm or GPUs (fast loop).
+
+The simulator is supervised like vLLM: health-gated, keyed, restarted when killed, stopped with
+nothing left; endpoints.json carries the startup phases and `aegis status` shows them.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from aegis.launch.endpoints import PHASES, EndpointsFile
+from aegis.rundir import RunDir
+from aegis.schedulers.base import JobInfo, JobState
+from aegis.schedulers.jobs import describe
+from tests.launch.fleet import Fleet, aegis, free_port_block
+
+
+@pytest.fixture
+def sim_fleet(tmp_path):
+    port = free_port_block(4)
+    cfg = {"site": "local-sim", "model": "sim-small", "engine": "sim", "instances": 4, "port_start": port,
+           "extra_args": ["--decode-ms", "1", "--startup-seconds", "0.3"], "startup_timeout": 60,
+           "shutdown_grace": 10}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    log = tmp_path / "launch.log"
+    proc = subprocess.Popen([sys.executable, "-m", "aegis", "launch", str(tmp_path / "c.yaml"), "--run-dir",
+                             str(run)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "AEGIS_TEST_RUN": str(run)})
+    fleet = Fleet(run, proc, log)
+    yield fleet
+    if proc.poll() is None:
+        aegis("shutdown", run, "--timeout", "60", check=False)
+        proc.wait(60)
+    for p in fleet.processes():
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+def completion(url: str, key: str | None) -> dict:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url + "/v1/completions", headers=headers,
+                                 data=json.dumps({"model": "sim-small", "prompt": "hi", "max_tokens": 3}).encode())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_sim_fleet_serves_restarts_and_stops(sim_fleet):
+    doc = sim_fleet.wait(lambda d: d.get("state") == "ready", 90, "4 sim instances ready")
+    insts = doc["instances"]
+    assert [i["engine"] for i in insts] == ["sim"] * 4
+    for inst in insts:  # phases in order, "loaded" from the simulator's log line (--startup-seconds 0.3)
+        p = inst["phases"]
+        assert list(p) == [ph for ph in PHASES if ph in p] and set(p) == set(PHASES), p
+        assert p["staged"] <= p["started"] <= p["loaded"] and p["started"] <= p["ready"]
+        assert p["loaded"] - p["started"] >= 0.3
+    assert completion(insts[0]["url"], sim_fleet.key)["usage"]["completion_tokens"] == 3
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        completion(insts[0]["url"], None)
+    lines = describe(JobInfo("1", JobState.RUNNING), RunDir(sim_fleet.run_dir), "local-sim")
+    assert any(line.strip().startswith("ready") and line.strip().endswith("4/4") for line in lines), lines
+
+    victim = insts[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    doc = sim_fleet.wait(lambda d: d["instances"][1]["restarts"] == 1 and d["instances"][1]["status"] == "ready"
+                         and d["state"] == "ready", 60, "the killed instance restarted")
+    assert doc["instances"][1]["pid"] != victim["pid"]
+    assert doc["instances"][1]["phases"] == victim["phases"]  # first-time phases: a restart keeps them
+    assert [i["restarts"] for i in doc["instances"]] == [0, 1, 0, 0]
+    revision = doc["revision"]
+
+    assert aegis("shutdown", sim_fleet.run_dir, "--timeout", "60").returncode == 0
+    sim_fleet.proc.wait(60)
+    final = EndpointsFile.read(sim_fleet.run_dir)
+    assert final.state.value == "stopped" and final.revision > revision
+    deadline = time.monotonic() + 20
+    while sim_fleet.processes():
+        assert time.monotonic() < deadline, [p.cmdline()[:4] for p in sim_fleet.processes()]
+        time.sleep(0.5)
+
+
+def test_sim_refuses_its_unknown_flags_and_real_engines_on_local_sim(tmp_path):
+    (tmp_path / "a.yaml").write_text("site: local-sim\nmodel: m\nengine: sim\nextra_args: [--decode-ms, fast]\n")
+    proc = aegis("plan", tmp_path / "a.yaml", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "extra_args: argument --decode-ms: invalid float value: 'fast'" in proc.stderr
+    (tmp_path / "b.yaml").write_text("site: local-sim\nmodel: m\nengine: sim\nextra_args: [--port, '9']\n")
+    assert "--port is set by aegis from the plan" in aegis("plan", tmp_path / "b.yaml", check=False).stderr
+    (tmp_path / "c.yaml").write_text("site: local-sim\nmodel: m\n")
+    proc = aegis("plan", tmp_path / "c.yaml", check=False)
+    assert proc.returncode == 2 and "engine 'vllm' does not run on devices selected with AEGIS_SIM_DEVICES" \
+        in proc.stderr
