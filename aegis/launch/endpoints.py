@@ -212,6 +212,15 @@ class EndpointsFile(BaseModel):
     def to_json(self) -> dict:
         return self.model_dump(mode="json")
 
+    def slowest_phases(self) -> dict[str, float]:
+        """phase -> seconds from the job's start when the slowest instance reached it (phases some reached)."""
+        out = {}
+        for phase in PHASES:
+            seen = [i.phases[phase] for i in self.instances if phase in i.phases]
+            if seen:
+                out[phase] = max(seen)
+        return out
+
     def phase_table(self) -> str:
         """Startup phases over the instances: median and slowest seconds from the job's start, per phase."""
         from aegis.util.tables import format_table

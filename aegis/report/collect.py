@@ -19,6 +19,11 @@ LOG_TAIL_BYTES = 1 << 20
 POINT_SKIP = ("warmup", "attempts")  # inside a sweep point: not measurements
 
 
+def startup_metric(phase: str) -> str:
+    """The report's metric for a startup phase (aegis.launch.endpoints.PHASES): slowest instance, seconds."""
+    return f"startup_{phase}_s"
+
+
 @dataclass
 class Run:
     """One measured load run (a bench directory, or one rate of a probe) of one configuration."""
@@ -139,6 +144,10 @@ def _bench_run(d: Path, root: Path, kind: str, config_name: str, default_devices
         devices = len(s.get("endpoints") or []) or None  # one device per endpoint unless told
     run = Run(config=config_name, kind=kind, path=str(d), rate=rate, devices=devices, config_hash=digest,
               metrics=summary_metrics(s, devices), notes=_notes(s))
+    if point:  # the point's own servers: when their slowest instance reached each startup phase
+        doc = RunDir(point[0]).read_endpoints()
+        for phase, seconds in (doc.slowest_phases() if doc else {}).items():
+            run.metrics[startup_metric(phase)] = seconds
     status = _read_json(RunDir(point[0]).point_status) if point else None
     if status and status.get("state") in (PointState.FAILED, PointState.INTERRUPTED):
         run.notes.append(f"point {status['state']}: {status.get('reason') or 'no reason recorded'}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from aegis.bench.slo import describe
 from aegis.report.analyze import Verdict
+from aegis.report.collect import startup_metric
 from aegis.util.fs import atomic_write
 
 LONG_COLUMNS = ("config", "config_hash", "kind", "rate", "path", "metric", "value")
@@ -15,7 +16,7 @@ ID_COLUMNS = ("rank", "config", "config_hash", "kind", "rate", "passed", "reason
 TABLE = (("output_throughput", "out tok/s", "{:.1f}"), ("output_throughput_per_device", "tok/s/dev", "{:.1f}"),
          ("request_throughput", "req/s", "{:.2f}"), ("p95_ttft_ms", "p95 TTFT ms", "{:.0f}"),
          ("median_tpot_ms", "med TPOT ms", "{:.1f}"), ("success_pct", "success %", "{:.1f}"),
-         ("prom_num_preemptions_delta", "preempt", "{:g}"))
+         ("prom_num_preemptions_delta", "preempt", "{:g}"), (startup_metric("ready"), "ready s", "{:.0f}"))
 
 
 def _csv(rows: list[list], header) -> str:

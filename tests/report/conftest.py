@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from aegis.bench.cli import bench_cmd, probe_cmd
+from aegis.launch.endpoints import EndpointsFile, InstanceEndpoint
 from aegis.testing.simserver import SimProcess
 
 LOAD = ["--input-len", "32", "--output-len", "8", "--scrape-interval", "0.2", "--no-progress"]
@@ -24,6 +25,11 @@ def results(tmp_path_factory):
         point = sweep / f"{label}-{digest}"
         point.mkdir()
         (point / "point.json").write_text(json.dumps({"label": label, "hash": digest, "devices": 2}))
+        if label == "fast":  # the point's servers, as the head wrote them: startup phases per instance
+            EndpointsFile(instances=[
+                InstanceEndpoint(name=f"i{n}", url=f"http://h:{8000 + n}", phases={
+                    "staged": 1.0, "started": 2.0 + n, "loaded": 30.0 + n, "ready": ready})
+                for n, ready in enumerate((41.5, 57.25))]).write(point / "endpoints.json")
         with SimProcess(*flags) as s:
             r = CliRunner().invoke(bench_cmd, ["--url", s.url, "--rate", "20", "--num-requests", "24",
                                                "--output-dir", str(point / "bench"), *LOAD])

@@ -75,3 +75,16 @@ def test_errors(tmp_path):
 def test_pareto_front():
     pts = [(1, 10), (2, 8), (3, 3), (1.5, 5), (2, 9)]
     assert pareto_front(pts) == [0, 4, 2]
+
+
+def test_startup_phases_of_a_points_servers(report):
+    """A sweep point's endpoints.json gives its slowest instance's startup phases (seconds from job start)."""
+    long = rows(report / "results_long.csv")
+    fast = {r["metric"]: r["value"] for r in long if r["config"] == "fast"}
+    assert (fast["startup_staged_s"], fast["startup_started_s"], fast["startup_loaded_s"],
+            fast["startup_ready_s"]) == ("1.0", "3.0", "31.0", "57.25")
+    assert not any(r["metric"].startswith("startup_") for r in long if r["config"] == "faulty")  # none recorded
+    md = (report / "report.md").read_text()
+    assert "| ready s |" in md
+    fast_row = next(line for line in md.splitlines() if "| fast |" in line)
+    assert fast_row.rstrip(" |").endswith("57")
