@@ -11,7 +11,6 @@ largest size is bounded by memory, and on a 2-core machine start-up is CPU-bound
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess

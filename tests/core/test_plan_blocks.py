@@ -131,3 +131,20 @@ def test_table_summarises_blocks_and_all_lists_every_instance(tmp_path, capsys):
     code, out, err = run_cli(capsys, "plan", cfg, "--json")
     assert code == 0, err
     assert len(json.loads(out)["blocks"]) == 1
+
+
+def test_job_script_does_not_grow_with_the_node_count(tmp_path):
+    """Issue 14: the job script of 10,000 Aurora nodes is the script of 1 node with other numbers."""
+    import subprocess
+    import sys
+
+    sizes = {}
+    for n in (12, 120_000):
+        cfg = tmp_path / f"c{n}.yaml"
+        cfg.write_text(f"site: aurora\nmodel: meta-llama/Llama-3.1-8B-Instruct\ninstances: {n}\n")
+        proc = subprocess.run([sys.executable, "-m", "aegis", "submit", str(cfg), "--dry-run", "--run-dir",
+                               str(tmp_path / f"r{n}")], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        sizes[n] = len((tmp_path / f"r{n}" / "job.sh").read_text()) if (tmp_path / f"r{n}" / "job.sh").exists() \
+            else len(proc.stdout)
+    assert sizes[120_000] - sizes[12] < 40, sizes  # only select=N and the counts in a comment differ

@@ -33,7 +33,8 @@ HOSTS = {"aurora": ["x4102c5s2b0n0", "x4102c5s2b0n1"], "polaris": ["x3004c0s7b0n
          "frontier": ["frontier00001", "frontier00002"], "h200": ["gpu-a01", "gpu-a02"], "local": ["localhost"],
          "local-sim": ["localhost"]}
 EXTRA = {"vllm": ["--max-num-seqs", "128"], "sglang": ["--max-running-requests", "128"],
-         "trtllm": ["--max_batch_size", "128"], "sim": ["--max-num-seqs", "128", "--decode-ms", "5"]}  # each engine's own spelling, passed through
+         "trtllm": ["--max_batch_size", "128"],
+         "sim": ["--max-num-seqs", "128", "--decode-ms", "5"]}  # each engine's own spelling, passed through
 NOISE = ("GLOO_SOCKET_IFNAME", "VLLM_HOST_IP")  # depend on this machine's interfaces
 
 
