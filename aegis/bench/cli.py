@@ -24,7 +24,7 @@ def _target_options(f):
         click.option("--url", "urls", multiple=True, help="An OpenAI-compatible server (repeatable)."),
         click.option("--model", default=None, help="Served model name (default: the fleet's or the server's)."),
         click.option("--api-key-file", type=click.Path(), default=None,
-                     help="File holding the API key (else AEGIS_API_KEY, OPENAI_API_KEY, the endpoints file's)."),
+                     help="File holding the API key (else AEGIS_API_KEY, the endpoints file's, OPENAI_API_KEY)."),
     ]):
         f = opt(f)
     return f

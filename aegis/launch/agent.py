@@ -7,6 +7,8 @@ port and log file, restarts a rank that dies (with backoff, up to
 max_restarts), and reports a NodeStatus after every change. On SIGTERM, or
 when its parent goes away, it stops its own process groups (SIGTERM, then
 SIGKILL after the grace period). It never signals processes it did not start.
+Its engines get SIGTERM from the kernel when the agent dies, however it dies
+(parent-death signal), so none keeps serving the run's key unsupervised.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from aegis.launch.node_status import NodeStatus, RankState
 from aegis.launch.ranks import Rank
 from aegis.rundir import RunDir
-from aegis.util.procs import signal_group, stop_groups
+from aegis.util.procs import die_with_parent, signal_group, stop_groups
 
 POLL = 0.5  # seconds between checks: a dead rank is seen within a second
 LOG_TAIL = 20
@@ -54,7 +56,10 @@ class Agent:
         allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         cpus = [c for c in rank.cpus if c in allowed] or None
 
+        orphan_guard = die_with_parent()
+
         def bind() -> None:  # runs in the child before exec
+            orphan_guard()  # SIGTERM when this agent dies, even by SIGKILL
             if cpus:
                 os.sched_setaffinity(0, cpus)
 

@@ -204,7 +204,7 @@ class EndpointsFile(BaseModel):
         return out
 
     def api_key(self) -> str | None:
-        """The run's key: AEGIS_API_KEY / OPENAI_API_KEY, else the (0600) file this file names."""
+        """The run's key: AEGIS_API_KEY, else the (0600) file this file names, else OPENAI_API_KEY."""
         from aegis.util.apikey import resolve_api_key
 
         return resolve_api_key(None, self.api_key_file)

@@ -6,8 +6,6 @@ import stat
 
 from aegis.errors import UsageError
 
-API_KEY_ENV_VARS = ("AEGIS_API_KEY", "OPENAI_API_KEY")
-
 
 def read_key_file(path: str) -> str:
     """The first line of a key file; refuses files readable by others."""
@@ -25,14 +23,19 @@ def read_key_file(path: str) -> str:
 
 
 def resolve_api_key(key_file: str | None, run_key_file: str | None = None) -> str | None:
-    """--api-key-file, then AEGIS_API_KEY / OPENAI_API_KEY, then the run's key file (endpoints.json names it)."""
+    """--api-key-file, then AEGIS_API_KEY, then the run's key file (endpoints.json names it), then OPENAI_API_KEY.
+
+    The run's own key wins over OPENAI_API_KEY: a user's OpenAI key left in the shell would
+    otherwise fail every request with 401 and travel in clear to the cluster's servers.
+    """
     if key_file:
         return read_key_file(key_file)
-    for var in API_KEY_ENV_VARS:
-        if os.environ.get(var):
-            return os.environ[var].strip()
+    if os.environ.get("AEGIS_API_KEY"):
+        return os.environ["AEGIS_API_KEY"].strip()
     if run_key_file:
         return read_key_file(run_key_file)
+    if os.environ.get("OPENAI_API_KEY"):
+        return os.environ["OPENAI_API_KEY"].strip()
     return None
 
 

@@ -7,6 +7,31 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+_libc = None
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn: the child gets `sig` when the process that started it dies (Linux's parent-death signal).
+
+    An engine must not outlive its agent (it would keep serving the run's key unsupervised).
+    If the parent is already gone when the child runs this, the child exits at once.
+    """
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: nothing to load in the child
+    parent = os.getpid()
+    libc = _libc
+
+    def set_it() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_it
+
 
 def signal_group(pgid: int | None, sig: int) -> bool:
     """Send `sig` to process group `pgid`; False when the group is gone (or was never there)."""

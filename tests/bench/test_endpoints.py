@@ -69,8 +69,9 @@ def test_api_key_order_and_private_file(tmp_path, monkeypatch):
     os.chmod(key, 0o600)
     fleet = load_endpoints(write(tmp_path, [inst("a")], api_key_file="key"))
     assert resolve_api_key(None, fleet.api_key_file) == "from-fleet"
-    monkeypatch.setenv("OPENAI_API_KEY", "from-openai-env")
-    assert resolve_api_key(None, fleet.api_key_file) == "from-openai-env"
+    monkeypatch.setenv("OPENAI_API_KEY", "from-openai-env")  # the user's OpenAI key does not win over the run's
+    assert resolve_api_key(None, fleet.api_key_file) == "from-fleet"
+    assert resolve_api_key(None, None) == "from-openai-env"  # servers without a run key file
     monkeypatch.setenv("AEGIS_API_KEY", "from-env")
     assert resolve_api_key(None, fleet.api_key_file) == "from-env"
     own = tmp_path / "own"

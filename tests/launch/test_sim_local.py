@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 import yaml
 
@@ -96,3 +97,19 @@ def test_sim_refuses_its_unknown_flags_and_real_engines_on_local_sim(tmp_path):
     proc = aegis("plan", tmp_path / "c.yaml", check=False)
     assert proc.returncode == 2 and "engine 'vllm' does not run on devices selected with AEGIS_SIM_DEVICES" \
         in proc.stderr
+
+
+def test_engines_die_with_their_agent(sim_fleet):
+    """Issue 17: a SIGKILLed agent must not leave engines serving the run's key with nobody supervising them."""
+    doc = sim_fleet.wait(lambda d: d.get("state") == "ready", 90, "4 sim instances ready")
+    pids = [i["pid"] for i in doc["instances"]]
+    status = json.loads(next((sim_fleet.run_dir / "nodes").glob("*.status.json")).read_text())
+    os.kill(status["agent_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, "engines outlived their agent"
+        time.sleep(0.2)
+    # The head sees its agent step end: the run is failed, never a stale "ready".
+    assert sim_fleet.proc.wait(30) != 0
+    final = EndpointsFile.read(sim_fleet.run_dir)
+    assert final.state.value == "failed" and all(i.status.value == "failed" for i in final.instances)
