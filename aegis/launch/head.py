@@ -32,7 +32,7 @@ from aegis.config.schema import Config
 from aegis.config.sites import Site
 from aegis.errors import AegisError
 from aegis.launch.allocation import Allocation
-from aegis.launch.endpoints import EndpointsFile, InstanceEndpoint, InstanceState, RunState
+from aegis.launch.endpoints import PHASES, EndpointsFile, InstanceEndpoint, InstanceState, RunState
 from aegis.launch.health import Probe, probe_all
 from aegis.launch.node_status import NodeStatus, RankState, RankStatus
 from aegis.plan.placement import Plan
@@ -203,9 +203,17 @@ class Head:
         return (inst.status, inst.pid, inst.restarts, len(inst.phases)) != before
 
     def _phase(self, inst: InstanceEndpoint, phase: str, at: float | None) -> None:
-        """Record when an instance first reached a startup phase (seconds from the job's start)."""
+        """Record when an instance first reached a startup phase (seconds from the job's start).
+
+        An agent's report of "loaded" can reach the head after the probe found the instance
+        ready; an engine answers only once loaded, so the earlier of the two is the better bound.
+        """
         if at is not None and phase not in inst.phases and self.doc.started is not None:
-            inst.phases[phase] = round(max(0.0, at - self.doc.started), 2)
+            seconds = round(max(0.0, at - self.doc.started), 2)
+            if phase == "loaded" and "ready" in inst.phases:
+                seconds = min(seconds, inst.phases["ready"])
+            inst.phases[phase] = seconds
+            inst.phases = {p: inst.phases[p] for p in PHASES if p in inst.phases}
 
     def _to_probe(self, now: float) -> list[InstanceEndpoint]:
         """Instances probed this round: every one not ready, and the ready ones whose turn it is.

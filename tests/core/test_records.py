@@ -146,6 +146,29 @@ def test_instance_state_rules(status, ranks, probe, age, expect):
         assert error == "exited 1 after 0 restart(s); log: L; last line: last words"
 
 
+def test_loaded_reported_after_ready_is_bounded_by_ready(tmp_path):
+    """The agent's "loaded" report can reach the head after the probe passed: loaded <= ready, in order."""
+    from aegis.launch.allocation import Allocation
+    from aegis.launch.head import Head
+
+    site = load_site("h200").resolved()
+    cfg = resolve({"model": "m/x", "instances": 1})
+    head = Head(RunDir(tmp_path), site, cfg, make_plan(site, cfg, nodes=1), Allocation("slurm", "1", ["n1"]),
+                echo=lambda m: None)
+    head._prepare()
+    inst = head.instances[0]
+    head.doc.started = t0 = 1000.0
+    rank = _rank(RankState.RUNNING)
+    rank.instance, rank.first_started_at = inst.name, t0 + 2
+    head.since[inst.name] = 0.0
+    head._update(inst, [rank], OK)  # ready (at wall-clock time now), loaded not reported yet
+    assert inst.status is S.READY and list(inst.phases) == ["started", "ready"]
+    rank.loaded_at = t0 + inst.phases["ready"] + 3  # seen by the agent 3 s after the probe passed
+    assert head._update(inst, [rank], None)
+    assert list(inst.phases) == ["started", "loaded", "ready"]
+    assert inst.phases["loaded"] == inst.phases["ready"]
+
+
 def test_run_state_rules():
     assert overall_state([S.READY, S.READY], RunState.STARTING) is RunState.READY
     assert overall_state([S.FAILED, S.FAILED], RunState.READY) is RunState.FAILED

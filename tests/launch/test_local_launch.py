@@ -44,11 +44,13 @@ def test_two_instances_become_healthy(fleet_factory, state):
     assert a["devices"] != b["devices"]  # one core each
     assert all(i["status"] == "ready" and i["ready_seconds"] > 0 and i["pid"] for i in doc["instances"])
     # Startup phases; "loaded" comes from vLLM's own log line ("Loading weights took ... seconds",
-    # vllm/model_executor/model_loader/default_loader.py), seen by the agent in the engine's log.
+    # vllm/model_executor/model_loader/default_loader.py), seen by the agent in the engine's log; its
+    # report may reach the head just after the health gate passed.
+    doc = fleet.wait(lambda d: all("loaded" in i["phases"] for i in d["instances"]), 10, "loaded phases")
     for inst in doc["instances"]:
         p = inst["phases"]
         assert set(p) == {"staged", "started", "loaded", "ready"}, p
-        assert p["staged"] <= p["started"] < p["loaded"] <= p["ready"] + 1.0, p  # the agent polls every 0.5 s
+        assert p["staged"] <= p["started"] < p["loaded"] <= p["ready"], p
     # Views and the health table, as a user reads them.
     view = yaml.safe_load(aegis("endpoints", fleet.run_dir).stdout)
     assert view == {"tiny": [a["url"], b["url"]]}

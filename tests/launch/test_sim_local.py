@@ -54,12 +54,13 @@ def completion(url: str, key: str | None) -> dict:
 
 def test_sim_fleet_serves_restarts_and_stops(sim_fleet):
     doc = sim_fleet.wait(lambda d: d.get("state") == "ready", 90, "4 sim instances ready")
+    doc = sim_fleet.wait(lambda d: all("loaded" in i["phases"] for i in d["instances"]), 10, "loaded phases")
     insts = doc["instances"]
     assert [i["engine"] for i in insts] == ["sim"] * 4
     for inst in insts:  # phases in order, "loaded" from the simulator's log line (--startup-seconds 0.3)
         p = inst["phases"]
         assert list(p) == [ph for ph in PHASES if ph in p] and set(p) == set(PHASES), p
-        assert p["staged"] <= p["started"] <= p["loaded"] and p["started"] <= p["ready"]
+        assert p["staged"] <= p["started"] <= p["loaded"] <= p["ready"]
         assert p["loaded"] - p["started"] >= 0.3
     assert completion(insts[0]["url"], sim_fleet.key)["usage"]["completion_tokens"] == 3
     with pytest.raises(urllib.error.HTTPError, match="401"):
@@ -102,6 +103,7 @@ def test_sim_refuses_its_unknown_flags_and_real_engines_on_local_sim(tmp_path):
 def test_engines_die_with_their_agent(sim_fleet):
     """Issue 17: a SIGKILLed agent must not leave engines serving the run's key with nobody supervising them."""
     doc = sim_fleet.wait(lambda d: d.get("state") == "ready", 90, "4 sim instances ready")
+    doc = sim_fleet.wait(lambda d: all("loaded" in i["phases"] for i in d["instances"]), 10, "loaded phases")
     pids = [i["pid"] for i in doc["instances"]]
     status = json.loads(next((sim_fleet.run_dir / "nodes").glob("*.status.json")).read_text())
     os.kill(status["agent_pid"], signal.SIGKILL)

@@ -39,7 +39,12 @@ def test_300_sim_instances_survive_losing_10_percent(slurm_cluster, tmp_path):
     assert sorted({i["hostname"] for i in insts}) == sorted(slurm_cluster.nodes)
     assert {i["hostname"]: sum(j["hostname"] == i["hostname"] for j in insts) for i in insts} == \
         {n: PER_NODE for n in slurm_cluster.nodes}
-    # Startup phases, in order, for every instance; "loaded" from the simulator's own log line.
+    # Startup phases, in order, for every instance; "loaded" from the simulator's own log line, reported
+    # by the agents, which may reach the head a little after the health gate passed.
+    deadline = time.monotonic() + 30
+    while not all("loaded" in i["phases"] for i in insts) and time.monotonic() < deadline:
+        time.sleep(1)
+        insts = endpoints(run)["instances"]
     for inst in insts:
         p = inst["phases"]
         assert 0 <= p["staged"] <= p["started"] <= p["ready"], inst
