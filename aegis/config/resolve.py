@@ -46,13 +46,25 @@ def resolve_config(config_path: str | None = None, overrides: Overrides | None =
 def resolved(cfg: Config, site: Site, nodes: int | None = None, source: str | None = None) -> Resolved:
     """A validated config on `site`, checked against it and planned (on `nodes`, default the config's)."""
     from aegis.engines import check_engine_site
+    from aegis.plan.model_check import check_models
 
     if cfg.site is None:
         cfg = cfg.model_copy(update={"site": site.name})
+    models = [spec.model_copy(update={"engine_version": site.engine_versions[spec.engine]})
+              if spec.engine_version is None and spec.engine in site.engine_versions else spec
+              for spec in cfg.models]  # the engine the site provides decides flag spellings
+    if models != cfg.models:
+        cfg = cfg.model_copy(update={"models": models})
     for spec in cfg.models:
         check_engine_site(spec, site)  # e.g. TensorRT-LLM on Intel GPUs: refused before submitting
-    return Resolved(config=cfg, site=site, plan=make_plan(site, cfg, cfg.nodes if nodes is None else nodes),
-                    source=source)
+    check_models(cfg, site)  # TP and PP against the model's config.json: TP 6 of 64 heads is refused
+    plan = make_plan(site, cfg, cfg.nodes if nodes is None else nodes)
+    return Resolved(config=cfg, site=site, plan=plan, source=source)
+
+
+def job_nodes(cfg: Config, plan: Plan) -> int:
+    """The nodes a job asks the scheduler for: the config's `nodes`, at least what the plan needs."""
+    return max(cfg.nodes or 0, plan.nodes_required)
 
 
 def check_paths(cfg: Config) -> None:

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from aegis.config.schema import Config, check_env_names, load_yaml, suggest
+from aegis.config.schema import Config, check_env_names, load_yaml, suggest, walltime_seconds
 from aegis.errors import ConfigError, SiteError
 
 RANGE_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -102,6 +102,32 @@ class ServeAddress(BaseModel):
         return hostname  # "interface" is resolved on the node itself by the launcher
 
 
+class Queue(BaseModel):
+    """One row of a site's queue table: a queue (or a node-count bin of one) and its limits."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr  # what the user names (config `queue:`)
+    min_nodes: StrictInt = Field(1, gt=0)
+    max_nodes: StrictInt | None = Field(None, gt=0)
+    max_walltime: StrictStr  # HH:MM:SS or D-HH:MM:SS
+    partition: StrictStr | None = None  # slurm: the partition it submits to (default: name); pbs: the -q value
+    qos: StrictStr | None = None  # slurm: a QOS it adds (Frontier's debug is a QOS, not a partition)
+    pick: bool = True  # False: never chosen by aegis, only checked when the user names it (by request)
+
+    @field_validator("max_walltime")
+    @classmethod
+    def _walltime(cls, v):
+        walltime_seconds(v)
+        return v
+
+    def fits(self, nodes: int, seconds: int) -> bool:
+        return self.min_nodes <= nodes <= (self.max_nodes or nodes) and seconds <= walltime_seconds(self.max_walltime)
+
+    def describe(self) -> str:
+        nodes = f"{self.min_nodes}-{self.max_nodes}" if self.max_nodes else f">={self.min_nodes}"
+        return f"{self.name} {nodes} nodes <={self.max_walltime}" + ("" if self.pick else " (on request)")
+
+
 class Site(BaseModel):
     """A resolved site profile."""
 
@@ -123,8 +149,11 @@ class Site(BaseModel):
     gpus_directive: bool = False  # slurm: emit --gpus-per-node
     select_suffix: StrictStr = ""  # pbs: appended to -l select=N, e.g. ":system=polaris"
     directives: list[StrictStr] = Field(default_factory=list)
+    queues: list[Queue] = Field(default_factory=list)  # the centre's queue table; aegis picks a row or refuses
     setup: list[StrictStr] = Field(default_factory=list)
     local_storage: StrictStr = "/tmp"
+    storage_directives: list[StrictStr] = Field(default_factory=list)  # added when weights are staged locally
+    engine_versions: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # engine -> version the site provides
     launcher: Literal["srun", "mpiexec", "local"] = "srun"
     launcher_args: list[StrictStr] = Field(default_factory=list)
     serve_address: ServeAddress = Field(default_factory=ServeAddress)
@@ -213,6 +242,33 @@ class Site(BaseModel):
         if not self.domains:
             return [list(range(self.device_count))]
         return [parse_ranges(d.devices) for d in self.domains]
+
+    def queue_row(self, queue: str | None, nodes: int, walltime: str) -> Queue | None:
+        """The row of the queue table a job of `nodes` nodes for `walltime` goes to.
+
+        A named queue is checked against its rows; without a name the first row that fits (and may be
+        picked) is chosen. None: the site has no table, or the user named a queue it does not list.
+        """
+        if not self.queues:
+            return None
+        seconds = walltime_seconds(walltime)
+        table = "; ".join(q.describe() for q in self.queues)
+        if queue is not None:
+            rows = [q for q in self.queues if q.name == queue]
+            if not rows:
+                return None  # a queue the profile does not list (a reservation, a new queue): passed through
+            for row in rows:
+                if row.fits(nodes, seconds):
+                    return row
+            other = next((q for q in self.queues if q.pick and q.fits(nodes, seconds)), None)
+            hint = f"use queue {other.name}" if other else "lower nodes or walltime"
+            raise ConfigError(f"queue {queue!r} of site {self.name} does not take {nodes} node(s) for {walltime} "
+                              f"({table}); {hint}")
+        for row in self.queues:
+            if row.pick and row.fits(nodes, seconds):
+                return row
+        raise ConfigError(f"no queue of site {self.name} takes {nodes} node(s) for {walltime} ({table}); "
+                          "lower walltime or instances, or name a queue your project may use with queue:")
 
     def cpus_of_device(self, index: int) -> list[int]:
         """Cores bound to one device: explicit, or an even share of its domain's cores."""

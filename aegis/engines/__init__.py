@@ -18,7 +18,10 @@ def check_engine_site(spec, site) -> None:
     """Refuse (ConfigError, one line) a model whose engine cannot drive the site's devices."""
     from aegis.errors import ConfigError
 
-    why = get_engine(spec.engine).check_site(list(site.visibility_env))
+    engine = get_engine(spec.engine)
+    why = engine.check_site(list(site.visibility_env))
+    if why is None and site.devices_per_node != "auto" and spec.devices_per_instance > site.devices_per_node:
+        why = engine.check_multinode(spec.engine_options())
     if why:
         raise ConfigError(f"model {spec.short_name!r} on site {site.name!r}: {why}")
 

@@ -100,6 +100,10 @@ class Engine:
                     f"{', '.join(visibility_vars)}; choose another engine for this site")
         return None
 
+    def check_multinode(self, options: EngineOptions) -> str | None:
+        """Why an instance of this engine (this version) cannot span nodes, or None."""
+        return None
+
     def served_name(self, model: str, extra_args: list[str], short_name: str = "") -> str:
         """The name clients ask for: the flag in extra args, the model id, or for a path its short name."""
         given = flag_value(extra_args, self.served_name_flag)

@@ -12,6 +12,7 @@ VERSIONS = {
     "all2all_backend": ((0, 11), "env:VLLM_ALL2ALL_BACKEND", "--all2all-backend"),
     "num_redundant_experts": ((0, 11), "--num-redundant-experts", "--eplb-config"),
 }
+MULTINODE = (0, 12)  # the first release with the multiprocessing multi-node mode (--nnodes, --headless)
 # The one table of vLLM's Prometheus metric names aegis reads (the bench's scraper, tests):
 # key -> (first version with the new name, old, new); the V1 engine before 0.11 used "gpu_" names.
 METRICS = {
@@ -74,6 +75,14 @@ class VLLMEngine(Engine):
             if launch.node_rank > 0:
                 argv.append("--headless")
         return argv + self.feature_args(launch) + list(launch.extra_args)
+
+    def check_multinode(self, options) -> str | None:
+        version = options.engine_version
+        if version_tuple(version) < MULTINODE:
+            return (f"vLLM {version} has no multi-node mode (--nnodes/--node-rank arrived with "
+                    f"vllm-project/vllm#23691, vLLM {'.'.join(map(str, MULTINODE))}); keep TP x PP within one "
+                    "node, or set engine_python to a newer vLLM and engine_version to its version")
+        return None
 
     def feature_args(self, launch: EngineLaunch) -> list[str]:
         """The flags of the named features (engine keys of the config)."""

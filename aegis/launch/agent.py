@@ -53,15 +53,25 @@ class Agent:
     # -- processes --------------------------------------------------------------------
 
     def _start(self, rank: Rank) -> None:
+        # The planned cores, even outside this agent's own affinity: a launcher that binds the agent
+        # (srun's default --cpu-bind on a 1-CPU task) must not squeeze every engine onto the agent's
+        # core. Only where the kernel refuses (the job's cpuset lacks them) the planned cores this
+        # agent may use are taken, and where there are none the engine inherits the agent's.
         allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-        cpus = [c for c in rank.cpus if c in allowed] or None
+        planned = list(rank.cpus)
+        fallback = [c for c in planned if c in allowed]
 
         orphan_guard = die_with_parent()
 
         def bind() -> None:  # runs in the child before exec
             orphan_guard()  # SIGTERM when this agent dies, even by SIGKILL
-            if cpus:
-                os.sched_setaffinity(0, cpus)
+            for cpus in (planned, fallback):
+                if cpus:
+                    try:
+                        os.sched_setaffinity(0, cpus)
+                        return
+                    except OSError:
+                        continue
 
         log = open(rank.log, "ab")
         rank.log_offset = log.tell()  # the new process's lines start here

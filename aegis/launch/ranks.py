@@ -150,7 +150,9 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
             for path, text in engine.files(launch, api_key).items():
                 engine_dir.mkdir(mode=0o700, exist_ok=True)
                 atomic_write(Path(path), text, mode=0o600)
-            if len(placements) > 1:  # ranks of a multi-node instance meet on the serving network
+            if inst.tensor_parallel_size * inst.pipeline_parallel_size > 1:
+                # Workers meet on the serving network (the site's high-speed one), on one node too:
+                # ALCF sets VLLM_HOST_IP for every TP > 1 (vllm.md, "Serving Medium Models").
                 iface, ip = interface_of(my_addr)
                 if iface:
                     env.setdefault("GLOO_SOCKET_IFNAME", iface)

@@ -5,8 +5,10 @@ Rules:
   node; instances are packed on fixed slots of k contiguous devices, aligned to
   the site's locality domains (sockets/NUMA) whenever that keeps the maximum
   number of instances per node, and bound to the CPU cores of their devices;
-- an instance needing more devices spans k / devices-per-node whole nodes
-  (k must be a multiple of devices-per-node);
+- an instance needing more devices spans s nodes, the fewest that split k
+  evenly (`span`), and uses k / s devices of each (TP 8 x PP 2 on Aurora's
+  12-tile nodes: tiles 0-7 of 2 nodes, as ALCF runs Llama-405B); its nodes are
+  its own;
 - models get separate nodes unless `pack_models` is set (then small instances
   of different models share nodes, largest first);
 - ports: model.port_start + the number of that model's instances already on
@@ -449,14 +451,12 @@ class _Packer:
         return self._slot_cache[devs]
 
 
-def check_fits(site: Site, spec: ModelSpec) -> None:
-    """Reject a model whose TP x PP cannot be laid out on this site's nodes."""
-    n, k = site.device_count, spec.devices_per_instance
-    if k > n and k % n:
-        raise PlacementError(
-            f"model {spec.short_name!r}: tensor_parallel_size x pipeline_parallel_size = "
-            f"{spec.tensor_parallel_size} x {spec.pipeline_parallel_size} = {k} devices cannot be split "
-            f"evenly over nodes of {n} devices (site {site.name}); use at most {n} or a multiple of {n}")
+def span(devices: int, devices_per_node: int) -> tuple[int, int]:
+    """(nodes, devices on each) of an instance larger than a node: the fewest nodes that split it evenly."""
+    nodes = -(-devices // devices_per_node)
+    while devices % nodes:
+        nodes += 1
+    return nodes, devices // nodes
 
 
 def make_plan(site: Site, cfg: Config, nodes: int | None = None, *, explicit: bool = False) -> Plan:
@@ -466,8 +466,6 @@ def make_plan(site: Site, cfg: Config, nodes: int | None = None, *, explicit: bo
     by one by first fit, as `pack_models` does (the reference the tests hold the blocks to).
     """
     site = site.resolved()
-    for spec in cfg.models:
-        check_fits(site, spec)
     packer = _Packer(site)
     n = site.device_count
     starts = assign_ports(cfg, n)
@@ -475,10 +473,11 @@ def make_plan(site: Site, cfg: Config, nodes: int | None = None, *, explicit: bo
     placed: list[tuple[int, int, Instance | Block]] = []  # (model order, index, instance or block)
 
     def place_spanning(order: int, spec: ModelSpec):
-        span = spec.devices_per_instance // n
+        count, per = span(spec.devices_per_instance, n)
+        devices = _slots(n, per, packer.domains)[0]  # the same devices on each node, domain-aligned if they fit
         for i in range(spec.instances):
             first = packer.count
-            slices = [packer.slice(packer.new_node(), range(n)) for _ in range(span)]
+            slices = [packer.slice(packer.new_node(), devices) for _ in range(count)]
             name = names[id(spec)]
             port = packer.nodes[first].next_port(name, starts[name])
             placed.append((order, i, _instance(spec, name, i, port, slices)))

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from aegis.errors import UsageError
+from aegis.plan.placement import span
 
 BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2,
          "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "int4": 0.5, "fp4": 0.5}
@@ -31,10 +32,7 @@ def instances_needed(tokens: float, tok_per_s: float, hours: float) -> int:
 def nodes_for(instances: int, devices_per_instance: int, devices_per_node: int) -> int:
     if devices_per_instance <= devices_per_node:
         return math.ceil(instances / (devices_per_node // devices_per_instance))
-    if devices_per_instance % devices_per_node:
-        raise UsageError(f"an instance of {devices_per_instance} devices cannot span whole nodes of "
-                         f"{devices_per_node}; choose TP x PP as a multiple of {devices_per_node}")
-    return instances * devices_per_instance // devices_per_node
+    return instances * span(devices_per_instance, devices_per_node)[0]
 
 
 def throughput_of(value: str, metric: str = "output_throughput") -> float:

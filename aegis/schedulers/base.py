@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import jinja2
 
 from aegis._version import __version__
+from aegis.config.resolve import job_nodes
 from aegis.config.schema import DIRECTIVE_VALUE_RE, Config
 from aegis.config.sites import Site
 from aegis.errors import ConfigError, SchedulerError
@@ -73,7 +74,20 @@ class RenderContext:
 
     @property
     def nodes(self) -> int:
-        return max(self.config.nodes or 0, self.plan.nodes_required)
+        return job_nodes(self.config, self.plan)
+
+    @property
+    def queue(self):
+        """The row of the site's queue table this job goes to (None: no table, or a queue it does not list).
+
+        Chosen when the job script is rendered (submit, --dry-run): a plan may be larger than any queue.
+        """
+        return self.site.queue_row(self.config.queue, self.nodes, self.config.walltime)
+
+    @property
+    def stages(self) -> bool:
+        """Whether the job copies weights to node-local storage (site.storage_directives then apply)."""
+        return any(spec.model_source for spec in self.config.models)
 
     @property
     def command(self) -> str:

@@ -105,9 +105,14 @@ class PBSScheduler(Scheduler):
             out.append(f"-l filesystems={cfg.filesystems}")
         if cfg.account:
             out.append(f"-A {cfg.account}")
-        if cfg.queue:
+        row = ctx.queue
+        if row is not None:
+            out.append(f"-q {row.partition or row.name}")
+        elif cfg.queue:
             out.append(f"-q {cfg.queue}")
         out.extend(site.directives)
+        if ctx.stages:
+            out.extend(site.storage_directives)
         out.extend(["-j oe", f"-o {ctx.run_dir}/pbs.out"])
         if cfg.pass_env:
             # Names only: qsub copies each value from the submitting environment.

@@ -75,12 +75,19 @@ class SlurmScheduler(Scheduler):
         ]
         if cfg.account:
             out.append(f"--account={cfg.account}")
-        if cfg.queue:
+        row = ctx.queue
+        if row is not None:
+            out.append(f"--partition={row.partition or row.name}")
+            if row.qos:
+                out.append(f"--qos={row.qos}")
+        elif cfg.queue:
             out.append(f"--partition={cfg.queue}")
         if site.gpus_directive:
             out.append(f"--gpus-per-node={site.devices_per_node}")
         out.append(f"--output={ctx.run_dir}/slurm-%j.out")
         out.extend(site.directives)
+        if ctx.stages:
+            out.extend(site.storage_directives)
         out.extend(cfg.directives)
         return out
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aegis.config.resolve import resolved
 from aegis.config.schema import Config, ModelSpec, Overrides, resolve, slugify
 from aegis.config.sites import Site, choose_site
 from aegis.engines.options import LoraOptions
 from aegis.errors import AegisError, ConfigError
-from aegis.plan.placement import Plan, make_plan
+from aegis.plan.placement import Plan
 from aegis.rundir import RunDir
 from aegis.sweep.spec import SweepSpec, bench_options, probe_options
 
@@ -200,13 +201,11 @@ def settings_list(spec: SweepSpec) -> list[tuple[str, dict, str | None]]:
 
 def _resolve(raw: dict, source: str, site: Site) -> tuple[Config, Plan]:
     cfg = resolve(raw, source, Overrides(), site.defaults)
-    if cfg.site is None:
-        cfg = cfg.model_copy(update={"site": site.name})
     try:
-        plan = make_plan(site, cfg, cfg.nodes)
+        done = resolved(cfg, site)  # the same checks and plan as `aegis submit`
     except AegisError as exc:
         raise type(exc)(f"{source}: {exc}") from None
-    return cfg, plan
+    return done.config, done.plan
 
 
 def expand(spec: SweepSpec, site_name: str | None = None, site_files=()) -> list[Point]:

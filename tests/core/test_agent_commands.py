@@ -62,3 +62,44 @@ def test_staged_weights_replace_the_model(tmp_path):
     env = ranks[0].env
     assert env["HF_HOME"] == "/tmp/aegis-models" and env["HF_HUB_OFFLINE"] == "1"
     assert ranks[0].argv[ranks[0].argv.index("--model") + 1] == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_engine_gets_its_planned_cores_even_outside_the_agents_own(tmp_path):
+    """SITE-AUDIT (Frontier): srun's default binds a 1-CPU task to one hardware thread (OLCF Frontier user
+    guide, "-c ... default is 1", "--cpu-bind=threads (default)"); an agent that only intersected its
+    planned cores with its own affinity put every engine on that thread. The engine gets its planned cores;
+    cores the kernel refuses (not in the job's cpuset) fall back to what the agent may use."""
+    import os
+    import sys
+    import time
+
+    import pytest
+
+    from aegis.launch.agent import Agent
+    from aegis.launch.ranks import Rank
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    ranks = [Rank(instance="a", rank=0, argv=sleeper, env=dict(os.environ), cpus=[cores[1]], log=run.log("a")),
+             Rank(instance="b", rank=0, argv=sleeper, env=dict(os.environ), cpus=[cores[0], 4096],
+                  log=run.log("b"))]
+    agent = Agent(run, 0, ranks, max_restarts=0, grace=1, host="localhost")
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cores[0]})  # the agent as srun would bind it: one CPU
+    try:
+        for rank in ranks:
+            agent._start(rank)
+    finally:
+        os.sched_setaffinity(0, before)
+    try:
+        time.sleep(0.2)
+        assert os.sched_getaffinity(ranks[0].proc.pid) == {cores[1]}  # planned, outside the agent's own
+        assert os.sched_getaffinity(ranks[1].proc.pid) == {cores[0]}  # CPU 4096 refused: the usable part
+    finally:
+        for rank in ranks:
+            rank.proc.kill()
+            rank.proc.wait()

@@ -110,11 +110,19 @@ def test_h200_64_gpu_single_instance():
     assert all(p.env == {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"} for p in inst.placement)
 
 
-@pytest.mark.parametrize("site,tp,pp", [("aurora", 16, 1), ("aurora", 7, 2), ("frontier", 12, 1),
-                                        ("h200", 6, 2), ("polaris", 6, 1)])
-def test_uneven_split_is_rejected(site, tp, pp):
-    with pytest.raises(PlacementError, match="cannot be split evenly"):
-        plan_for(site, 1, tp, pp)
+@pytest.mark.parametrize("site,tp,pp,nodes,per_node", [
+    ("aurora", 8, 2, 2, 8),     # ALCF's Llama-405B recipe: TP 8 x PP 2, 8 tiles on each of 2 nodes
+    ("aurora", 16, 1, 2, 8), ("aurora", 7, 2, 2, 7), ("aurora", 12, 2, 2, 12), ("aurora", 13, 1, 13, 1),
+    ("frontier", 12, 1, 2, 6), ("h200", 6, 2, 2, 6), ("polaris", 6, 1, 2, 3), ("polaris", 4, 2, 2, 4)])
+def test_instance_larger_than_a_node_takes_an_equal_share_of_the_fewest_nodes(site, tp, pp, nodes, per_node):
+    """vLLM runs world_size / nnodes ranks on each node (docs/serving/parallelism_scaling.md); the same
+    devices on each node, its nodes its own."""
+    plan = plan_for(site, 2, tp, pp)
+    assert plan.nodes_required == 2 * nodes
+    for inst in plan.instances:
+        assert len(inst.placement) == nodes
+        assert all(len(p.devices) == per_node for p in inst.placement)
+        assert len({tuple(p.devices) for p in inst.placement}) == 1
 
 
 def test_mixed_models_get_separate_nodes_by_default():

@@ -26,11 +26,16 @@ def scenarios(draw):
     return site, {"models": models, "pack_models": draw(st.booleans())}
 
 
+def nodes_of_one(k, n):
+    """Nodes of an instance of k > n devices: the fewest that take an equal share each."""
+    return min(s for s in range(1, k + 1) if k % s == 0 and k // s <= n)
+
+
 def expected_unpacked(n, models):
     total = 0
     for m in models:
         k = m["tensor_parallel_size"] * m["pipeline_parallel_size"]
-        total += m["instances"] * (k // n) if k > n else math.ceil(m["instances"] / (n // k))
+        total += m["instances"] * nodes_of_one(k, n) if k > n else math.ceil(m["instances"] / (n // k))
     return total
 
 
@@ -72,7 +77,7 @@ def test_placement_invariants(scenario):
     else:
         small = sorted({m["tensor_parallel_size"] * m["pipeline_parallel_size"] for m in models
                         if m["tensor_parallel_size"] * m["pipeline_parallel_size"] <= n})
-        span_nodes = sum(m["instances"] * (m["tensor_parallel_size"] * m["pipeline_parallel_size"] // n)
+        span_nodes = sum(m["instances"] * nodes_of_one(m["tensor_parallel_size"] * m["pipeline_parallel_size"], n)
                          for m in models if m["tensor_parallel_size"] * m["pipeline_parallel_size"] > n)
         small_devices = sum(m["instances"] * m["tensor_parallel_size"] * m["pipeline_parallel_size"]
                             for m in models if m["tensor_parallel_size"] * m["pipeline_parallel_size"] <= n)

@@ -11,10 +11,13 @@
 #PBS -v HF_TOKEN
 # Rendered by aegis 0.1.0 for site aurora: 1 node, 2 instances.
 # The resolved config is saved beside this script; `aegis plan` on it shows the placement.
-set -euo pipefail
+set -eo pipefail
 
-# Site set-up (aurora profile)
+# Site set-up (aurora profile), before `set -u`: module and conda activation
+# scripts may read unset variables (conda/conda#3200, #8186).
 module load frameworks
+
+set -u
 
 export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
 export HF_HOME=/tmp/hf_home

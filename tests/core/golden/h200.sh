@@ -12,7 +12,9 @@
 #SBATCH --constraint=h200
 # Rendered by aegis 0.1.0 for site h200: 2 nodes, 1 instance.
 # The resolved config is saved beside this script; `aegis plan` on it shows the placement.
-set -euo pipefail
+set -eo pipefail
+
+set -u
 
 export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
 export HF_HOME=/tmp/hf_home

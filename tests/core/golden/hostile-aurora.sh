@@ -9,10 +9,13 @@
 #PBS -o /scratch/proj/runs/20260101-000000-test/pbs.out
 # Rendered by aegis 0.1.0 for site aurora: 1 node, 1 instance.
 # The resolved config is saved beside this script; `aegis plan` on it shows the placement.
-set -euo pipefail
+set -eo pipefail
 
-# Site set-up (aurora profile)
+# Site set-up (aurora profile), before `set -u`: module and conda activation
+# scripts may read unset variables (conda/conda#3200, #8186).
 module load frameworks
+
+set -u
 
 export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
 # shellcheck disable=SC2016  # a literal value: quoted so that it is not expanded

@@ -7,10 +7,14 @@
 #SBATCH --output=/scratch/proj/runs/20260101-000000-test/slurm-%j.out
 # Rendered by aegis 0.1.0 for site frontier: 1 node, 1 instance.
 # The resolved config is saved beside this script; `aegis plan` on it shows the placement.
-set -euo pipefail
+set -eo pipefail
 
-# Site set-up (frontier profile)
-module load PrgEnv-gnu rocm
+# Site set-up (frontier profile), before `set -u`: module and conda activation
+# scripts may read unset variables (conda/conda#3200, #8186).
+module load PrgEnv-gnu/8.7.0 cpe/26.03 rocm/7.1.1 rccl-net-plugin craype-accel-amd-gfx90a
+export LD_LIBRARY_PATH="$CRAY_LD_LIBRARY_PATH:${LD_LIBRARY_PATH:-}"
+
+set -u
 
 export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
 # shellcheck disable=SC2016  # a literal value: quoted so that it is not expanded

@@ -9,11 +9,15 @@
 #PBS -o /scratch/proj/runs/20260101-000000-test/pbs.out
 # Rendered by aegis 0.1.0 for site polaris: 1 node, 1 instance.
 # The resolved config is saved beside this script; `aegis plan` on it shows the placement.
-set -euo pipefail
+set -eo pipefail
 
-# Site set-up (polaris profile)
+# Site set-up (polaris profile), before `set -u`: module and conda activation
+# scripts may read unset variables (conda/conda#3200, #8186).
 module use /soft/modulefiles
 module load conda
+conda activate
+
+set -u
 
 export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
 # shellcheck disable=SC2016  # a literal value: quoted so that it is not expanded

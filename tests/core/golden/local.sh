@@ -1,7 +1,9 @@
 #!/bin/bash
 # Rendered by aegis 0.1.0 for site local: 1 node, 1 instance.
 # The resolved config is saved beside this script; `aegis plan` on it shows the placement.
-set -euo pipefail
+set -eo pipefail
+
+set -u
 
 export AEGIS_RUN_DIR=/scratch/proj/runs/20260101-000000-test
 cd "$AEGIS_RUN_DIR"
