@@ -24,7 +24,7 @@ from pathlib import Path
 from aegis.config.resolve import Resolved, check_paths
 from aegis.config.schema import Config
 from aegis.config.sites import Site, choose_site, run_site
-from aegis.errors import AegisError, UsageError
+from aegis.errors import AegisError, ConfigError, UsageError
 from aegis.launch.endpoints import EndpointsFile, RunState
 from aegis.rundir import RunDir
 
@@ -52,6 +52,9 @@ def render_job(res: Resolved, run_dir: Path, aegis_command: str | None = None,
 def submit(res: Resolved, run_dir: Path | None = None, check: bool = False) -> Run:
     """Check the paths, write the run directory, submit its job script; the Run to follow."""
     check_paths(res.config)
+    if res.site.account_required and not res.config.account:
+        raise ConfigError(f"site {res.site.name} needs a project to charge: set account: in the config "
+                          "or pass --account NAME")
     path = Path(run_dir).absolute() if run_dir else default_run_dir(res.config)
     script = render_job(res, path, launch_args=("--check",) if check else ())
     run = RunDir(path)

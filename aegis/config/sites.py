@@ -150,6 +150,7 @@ class Site(BaseModel):
     select_suffix: StrictStr = ""  # pbs: appended to -l select=N, e.g. ":system=polaris"
     directives: list[StrictStr] = Field(default_factory=list)
     queues: list[Queue] = Field(default_factory=list)  # the centre's queue table; aegis picks a row or refuses
+    account_required: bool = False  # the scheduler rejects jobs without a project (-A / --account)
     setup: list[StrictStr] = Field(default_factory=list)
     local_storage: StrictStr = "/tmp"
     storage_directives: list[StrictStr] = Field(default_factory=list)  # added when weights are staged locally
