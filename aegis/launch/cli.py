@@ -22,6 +22,11 @@ def _python_aegis() -> list[str]:
     return [sys.executable, "-m", "aegis"]
 
 
+def agent_argv(run_dir: str) -> list[str]:
+    """The command the launcher step runs once per node (`aegis plan --commands` shows it too)."""
+    return _python_aegis() + ["agent", "--run-dir", run_dir]
+
+
 @click.command("launch")
 @config_options
 @click.option("--run-dir", type=click.Path(file_okay=False),
@@ -49,7 +54,7 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
     alloc.addresses = [site.serve_address.address(h) for h in alloc.hosts]
     alloc.write(run.allocation)
     run.write_inputs(res)  # what the agents read
-    agent = _python_aegis() + ["agent", "--run-dir", str(run.path)]
+    agent = agent_argv(str(run.path))
     if check:
         from aegis.launch.check import check_allocation
 

@@ -94,12 +94,23 @@ class Rank:
 
 
 def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, addresses: list[str],
-                api_key: str | None) -> list[Rank]:
-    """The engine processes this node runs, from the plan."""
+                api_key: str | None, *, base_env: dict[str, str] | None = None,
+                my_address: str | None = None, network=interface_of, write: bool = True) -> list[Rank]:
+    """The engine processes this node runs, from the plan.
+
+    On the node, the facts only it knows come from the node itself (its environment, its
+    interfaces, the staged weights); `aegis plan --commands` passes shell rules instead
+    (`base_env={}`, `my_address`, `network`) and `write=False` (no directories, no files).
+    """
     specs = {m.short_name: m for m in cfg.models}
-    run.logs.mkdir(exist_ok=True)
-    my_addr = node_address(site, socket.gethostname()) if site.serve_address.method == "interface" \
-        else addresses[index]
+    if write:
+        run.logs.mkdir(exist_ok=True)
+    if my_address is not None:
+        my_addr = my_address
+    elif site.serve_address.method == "interface":
+        my_addr = node_address(site, socket.gethostname())
+    else:
+        my_addr = addresses[index]
     python = os.path.expanduser(cfg.engine_python) if cfg.engine_python else "python3"
     staged = run.read_json(run.staged) or {}
     ranks = []
@@ -133,7 +144,7 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
             argv = engine.command(launch)
             if argv is None:  # this node's part is started by the instance's head (e.g. mpirun)
                 continue
-            env = dict(os.environ)
+            env = dict(os.environ if base_env is None else base_env)
             env.update(site.env)
             env.update(cfg.env)
             env.update(spec.env)
@@ -147,13 +158,13 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
             env.update(engine.feature_env(launch))
             if api_key:
                 env.update(engine.key_env(api_key))
-            for path, text in engine.files(launch, api_key).items():
+            for path, text in engine.files(launch, api_key).items() if write else ():
                 engine_dir.mkdir(mode=0o700, exist_ok=True)
                 atomic_write(Path(path), text, mode=0o600)
             if inst.tensor_parallel_size * inst.pipeline_parallel_size > 1:
                 # Workers meet on the serving network (the site's high-speed one), on one node too:
                 # ALCF sets VLLM_HOST_IP for every TP > 1 (vllm.md, "Serving Medium Models").
-                iface, ip = interface_of(my_addr)
+                iface, ip = network(my_addr)
                 if iface:
                     env.setdefault("GLOO_SOCKET_IFNAME", iface)
                 if ip:

@@ -17,9 +17,20 @@ from aegis.plan.size import BYTES, fit_tp, instances_needed, nodes_for, site_fac
 @click.option("--all", "every", is_flag=True,
               help="List every instance: the table shows one row per instance instead of summarising a "
                    "model's identical nodes, and the JSON lists every instance instead of blocks.")
-def plan_cmd(as_json, every, **kw):
+@click.option("--commands", is_flag=True,
+              help="Print what the job will run: the launcher step and each rank's environment, cores and "
+                   "command line, as shell lines for an interactive allocation (with --json: as JSON).")
+def plan_cmd(as_json, every, commands, **kw):
     """Show where every instance of CONFIG will run (nodes, devices, CPU cores, ports)."""
     res = resolve_from_cli(kw)
+    if commands:
+        from aegis.config.resolve import job_nodes
+        from aegis.launch.preview import commands as preview
+        from aegis.launch.preview import render
+
+        doc = preview(res.site, res.config, res.plan, job_nodes(res.config, res.plan))
+        click.echo(json.dumps(doc, indent=1) if as_json else render(doc), nl=not as_json)
+        return
     if as_json:
         click.echo((res.plan.expanded() if every else res.plan).to_json(), nl=False)
     else:

@@ -252,3 +252,21 @@ def test_frontier_engine_environment_and_gcd_cores(tmp_path):
         first = documented[gcd]
         assert r.cpus == list(range(first + 1, first + 8))
         assert r.env["NCCL_SOCKET_IFNAME"] == "hsn0,hsn1,hsn2,hsn3"
+
+
+def test_plan_commands_show_alcfs_recipe_as_shell(tmp_path, capsys):
+    """`aegis plan --commands` on Aurora, TP 8 x PP 2 (ALCF-AV): every rank's command with the high-speed-network
+    address rule ALCF's page uses for VLLM_HOST_IP (getent on <host>.hsn.cm.aurora.alcf.anl.gov), valid bash."""
+    import subprocess
+
+    cfg = write(tmp_path, "site: aurora\nmodel: m/x\ntensor_parallel_size: 8\npipeline_parallel_size: 2\n")
+    code, out, err = run_cli(capsys, "plan", cfg, "--commands")
+    assert code == 0, err
+    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
+    assert 'mapfile -t H < <(sort -u "$PBS_NODEFILE")' in out
+    assert "mpiexec -n 2 --ppn 1 --cpu-bind none" in out
+    worker = [line for line in out.splitlines() if "--node-rank 1" in line]
+    assert len(worker) == 1 and "--headless" in worker[0]
+    assert '--master-addr "${NODE_0}.hsn.cm.aurora.alcf.anl.gov"' in worker[0]
+    assert "VLLM_HOST_IP=\"$(getent ahostsv4 ${NODE_1}.hsn.cm.aurora.alcf.anl.gov" in worker[0]
+    assert "ZE_AFFINITY_MASK=0,1,2,3,4,5,6,7" in worker[0]

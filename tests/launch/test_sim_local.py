@@ -115,3 +115,27 @@ def test_engines_die_with_their_agent(sim_fleet):
     assert sim_fleet.proc.wait(30) != 0
     final = EndpointsFile.read(sim_fleet.run_dir)
     assert final.state.value == "failed" and all(i.status.value == "failed" for i in final.instances)
+
+
+def test_plan_commands_are_what_the_agent_runs(sim_fleet, tmp_path):
+    """Issue 13: `aegis plan --commands` shows the exact per-rank command lines, environment and cores; here
+    compared with the processes the agent really started (their /proc cmdline and environ, their log)."""
+    doc = sim_fleet.wait(lambda d: d.get("state") == "ready", 90, "4 sim instances ready")
+    preview = json.loads(aegis("plan", tmp_path / "c.yaml", "--commands", "--json").stdout)
+    assert preview["launch_step"]["argv"] == [sys.executable, "-m", "aegis", "agent", "--run-dir", "$AEGIS_RUN_DIR"]
+    (node,) = preview["node_list"]
+    ranks = {r["instance"]: r for r in node["ranks"]}
+    assert sorted(ranks) == sorted(i["name"] for i in doc["instances"])
+    key = (sim_fleet.run_dir / "api_key").read_text().strip()
+    for inst in doc["instances"]:
+        shown, proc = ranks[inst["name"]], psutil.Process(inst["pid"])
+        assert proc.cmdline() == shown["argv"]
+        environ = dict(line.split("=", 1) for line in
+                       open(f"/proc/{proc.pid}/environ", "rb").read().decode().split("\0") if "=" in line)
+        for name, value in shown["env"].items():
+            expected = key if value == '$(cat "$AEGIS_RUN_DIR/api_key")' else value
+            assert environ.get(name) == expected, name
+        assert shown["log"].replace("$AEGIS_RUN_DIR", str(sim_fleet.run_dir)) == inst["log"]
+    text = aegis("plan", tmp_path / "c.yaml", "--commands").stdout
+    assert key not in text and "$(cat \"$AEGIS_RUN_DIR/api_key\")" in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
