@@ -1,9 +1,13 @@
 """aegis: serve and measure large language models on supercomputers (library: aegis.run, aegis.config.resolve)."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aegis._version import __version__
+
+# A library's logger: silent until an application adds a handler (the CLI shows warnings: aegis/cli.py).
+logging.getLogger("aegis").addHandler(logging.NullHandler())
 
 # The library's front door, imported on first use so that `import aegis` (and `aegis --help`) stays cheap.
 _LAZY = {"Run": "aegis.run", "submit": "aegis.run", "resolve_config": "aegis.config.resolve",

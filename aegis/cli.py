@@ -101,10 +101,29 @@ def cli(ctx, debug, remote):
     """Serve and measure large language models on supercomputers."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    show_warnings(not debug)
     if debug:  # every scheduler and launcher-step call, and the library's progress, on stderr
         logging.basicConfig(level=logging.DEBUG, format="aegis: %(message)s", stream=sys.stderr)
         for noisy in ("asyncio", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings (logger `aegis`), one line each on stderr: `aegis: warning: ...`."""
+
+    def emit(self, record):
+        click.echo(f"aegis: warning: {record.getMessage()}", err=True)  # the stderr of the moment
+
+
+def show_warnings(on: bool) -> None:
+    """Print the library's warnings on stderr (off under --debug, whose log shows them already)."""
+    logger = logging.getLogger("aegis")
+    mine = [h for h in logger.handlers if isinstance(h, _WarningLine)]
+    if on and not mine:
+        logger.addHandler(_WarningLine(logging.WARNING))
+    elif not on:
+        for handler in mine:
+            logger.removeHandler(handler)
 
 
 def main(argv=None):

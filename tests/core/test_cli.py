@@ -120,7 +120,8 @@ def test_submit_writes_run_dir_and_refuses_scheduler_failure(tmp_path, capsys, m
     # A PBS site on a machine without qsub: the run dir is written, the error is one line, exit 1.
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     run_dir = tmp_path / "run"
-    code, out, err = run_cli(capsys, "submit", "--site", "aurora", "--model", "m", "--run-dir", run_dir)
+    code, out, err = run_cli(capsys, "submit", "--site", "aurora", "--model", "m", "--account", "P1",
+                             "--run-dir", run_dir)
     assert code == 1
     assert err.strip() == "aegis: error: qsub not found: is this a login node of the right cluster " \
                           "(or is the scheduler's module loaded)?"
@@ -128,7 +129,8 @@ def test_submit_writes_run_dir_and_refuses_scheduler_failure(tmp_path, capsys, m
     assert not (run_dir / "job_id").exists()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["site"] == "aurora" and saved["models"][0]["model"] == "m"
-    code, _, err = run_cli(capsys, "submit", "--site", "aurora", "--model", "m", "--run-dir", run_dir)
+    code, _, err = run_cli(capsys, "submit", "--site", "aurora", "--model", "m", "--account", "P1", "--run-dir",
+                           run_dir)
     assert code == 2 and "already exists and is not empty" in err
 
 

@@ -21,7 +21,7 @@ CONFIGS = {
     "aurora": """\
         model: meta-llama/Llama-3.3-70B-Instruct
         instances: 2
-        tensor_parallel_size: 6
+        tensor_parallel_size: 4
         port_start: 8000
         hf_home: /tmp/hf_home
         model_source: /flare/datasets/model-weights/hub/models--meta-llama--Llama-3.3-70B-Instruct
