@@ -1,6 +1,7 @@
 """The Engine interface: command line, environment and config files of one rank of one instance."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +16,13 @@ def flag_value(args: list[str], flag: str):
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def lora_module(name: str, path: str, json_when_comma: bool = False) -> str:
+    """One adapter item, `name=path`; vLLM reads an item with a comma as JSON, so there it is JSON."""
+    if json_when_comma and ("," in name or "," in path):
+        return json.dumps({"name": name, "path": path})
+    return f"{name}={path}"
 
 
 @dataclass
@@ -68,6 +76,8 @@ class Engine:
         """The argv of this rank, or None when this node runs no process (another rank starts it)."""
         raise NotImplementedError
 
+    lora_json_items = False  # vLLM: an adapter item with a comma must be JSON
+
     def lora_args(self, launch: EngineLaunch, adapters_flag: str, limit_flags: dict[str, str]) -> list[str]:
         """`--enable-lora ADAPTERS_FLAG name=path ...` and the limits set (`--max-lora-rank` is common)."""
         lora = launch.options.lora
@@ -75,7 +85,7 @@ class Engine:
             return []
         args = ["--enable-lora"]
         if launch.lora_adapters:
-            args += [adapters_flag, *(f"{n}={p}" for n, p in launch.lora_adapters.items())]
+            args += [adapters_flag, *(lora_module(n, p, self.lora_json_items) for n, p in launch.lora_adapters.items())]
         for key, flag in {**limit_flags, "max_lora_rank": "--max-lora-rank"}.items():
             if getattr(lora, key) is not None:
                 args += [flag, str(getattr(lora, key))]

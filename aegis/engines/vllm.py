@@ -55,6 +55,7 @@ class VLLMEngine(Engine):
     server = "vllm serve"
     api_key_env = "VLLM_API_KEY"  # read by vLLM's server: the key never appears on a command line
     loaded_marker = b"Loading weights took"  # vLLM's model loaders (default_loader.py) log this
+    lora_json_items = True  # --lora-modules: an item with a comma is parsed as JSON (cli_args.LoRAParserAction)
 
     def command(self, launch: EngineLaunch) -> list[str]:
         if launch.nnodes > 1:
