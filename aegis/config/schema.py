@@ -236,7 +236,10 @@ class Config(_Strict):
     runs_dir: StrictStr = "runs"
     engine_python: StrictStr | None = None  # the Python that has the engine (default: python3 on PATH)
     startup_timeout: StrictInt = Field(1800, gt=0)  # seconds an instance may take to become healthy
-    max_restarts: StrictInt = Field(3, ge=0)  # restarts of a dead instance before it is marked failed
+    max_restarts: StrictInt = Field(3, ge=0)  # restarts within restart_window before an instance is marked failed
+    restart_window: StrictInt = Field(3600, gt=0)  # seconds: older restarts no longer count against max_restarts
+    liveness_interval: StrictInt = Field(10, ge=0)  # seconds between the agent's probes of a started engine (0: off)
+    liveness_misses: StrictInt = Field(3, gt=0)  # unanswered probes in a row before a hung engine is restarted
     shutdown_grace: StrictInt = Field(30, ge=0)  # seconds between SIGTERM and SIGKILL
     api_key: StrictBool = True  # generate a per-run API key the servers require
     models: list[ModelSpec] = Field(min_length=1)

@@ -16,7 +16,10 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from aegis.launch.node_status import NodeStatus, RankState
@@ -38,14 +41,32 @@ def log_tail(path: Path, lines: int = LOG_TAIL) -> str:
         return ""
 
 
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # engines are never behind a proxy
+
+
+def answers(url: str, deadline: float) -> bool:
+    """Whether a server answers `url` (any HTTP status: a key-protected route's 401 is an answer) in time."""
+    try:
+        DIRECT.open(url, timeout=deadline).close()
+    except urllib.error.HTTPError:
+        return True
+    except Exception:  # refused, timed out, reset, a broken status line: no answer
+        return False
+    return True
+
+
 class Agent:
-    def __init__(self, run: RunDir, index: int, ranks: list[Rank], max_restarts: int, grace: float, host: str):
+    def __init__(self, run: RunDir, index: int, ranks: list[Rank], max_restarts: int, grace: float, host: str,
+                 restart_window: float = 3600.0, liveness_interval: float = 0.0, liveness_misses: int = 3):
         self.run = run
         self.index = index
         self.ranks = ranks
         self.max_restarts = max_restarts
+        self.restart_window = restart_window
         self.grace = grace
         self.host = host
+        self.liveness_interval = liveness_interval
+        self.liveness_misses = liveness_misses
         self.stopping = False
         self.parent = os.getppid()
         run.nodes.mkdir(exist_ok=True)
@@ -73,6 +94,7 @@ class Agent:
                     except OSError:
                         continue
 
+        rank.answered, rank.misses = False, 0  # liveness counts misses only once this process has answered
         log = open(rank.log, "ab")
         rank.log_offset = log.tell()  # the new process's lines start here
         log.write(f"\n=== aegis: starting {rank.key} (attempt {rank.restarts + 1}) at {time.ctime()}: "
@@ -99,10 +121,13 @@ class Agent:
         if self.stopping:
             rank.state = RankState.STOPPED
             return
-        if rank.restarts >= self.max_restarts:
+        now = time.monotonic()
+        rank.restart_times = [t for t in rank.restart_times if now - t < self.restart_window]
+        if len(rank.restart_times) >= self.max_restarts:  # max_restarts within the window, not over the run
             rank.state = RankState.FAILED
             rank.tail = log_tail(rank.log)
             return
+        rank.restart_times.append(now)
         rank.restarts += 1
         rank.state = RankState.RESTARTING
         rank.next_start = time.monotonic() + min(60.0, 2.0 ** (rank.restarts - 1))
@@ -127,6 +152,8 @@ class Agent:
             if rank.proc is not None and rank.loaded_at is None and rank.loaded_marker and self._seen_loaded(rank):
                 rank.loaded_at = time.time()
                 changed = True
+            if rank.proc is not None and rank.misses >= self.liveness_misses:
+                self._hung(rank)
             if rank.proc is not None:
                 code = rank.proc.poll()
                 if code is not None:
@@ -143,6 +170,37 @@ class Agent:
                 self._start(rank)
                 changed = True
         return changed
+
+    def _hung(self, rank: Rank) -> None:
+        """A started engine stopped answering: kill its group; the next round restarts it like a crash."""
+        assert rank.proc is not None
+        with open(rank.log, "ab") as log:
+            log.write(f"\n=== aegis: {rank.key} did not answer {rank.misses} liveness probes "
+                      f"({self.liveness_interval:g} s apart) at {time.ctime()}: killed, to be restarted\n".encode())
+        rank.misses = 0
+        signal_group(rank.proc.pid, signal.SIGKILL)
+
+    def probe_once(self, pool) -> None:
+        """Ask every started engine once; count misses of those that answered before (they may be hung)."""
+        live = [(r, proc.pid) for r in self.ranks if r.health_url and (proc := r.proc) is not None]
+        deadline = max(1.0, min(5.0, self.liveness_interval))
+        results = pool.map(lambda rp: answers(rp[0].health_url, deadline), live)
+        for (rank, pid), ok in zip(live, results):
+            if rank.proc is None or rank.proc.pid != pid:
+                continue  # restarted meanwhile: this answer is about the old process
+            if ok:
+                rank.answered, rank.misses = True, 0
+            elif rank.answered:
+                rank.misses += 1
+
+    def _probe_forever(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16, thread_name_prefix="liveness") as pool:
+            while not self.stopping:
+                started = time.monotonic()
+                self.probe_once(pool)
+                time.sleep(max(0.0, self.liveness_interval - (time.monotonic() - started)))
 
     def stop(self) -> None:
         """Stop every rank's own process group (SIGTERM, SIGKILL after the grace period), wait until gone."""
@@ -172,6 +230,8 @@ class Agent:
         for rank in self.ranks:
             self._start(rank)
         self.write_status()
+        if self.liveness_interval > 0:
+            threading.Thread(target=self._probe_forever, name="liveness", daemon=True).start()
         while not self.stopping:
             if self.check():
                 self.write_status()
@@ -195,5 +255,7 @@ def run_agent(run: RunDir) -> int:
     site = run_site(run.path, alloc.site).resolved()
     index = node_index(alloc.hosts)
     ranks = build_ranks(run, index, site, cfg, run.read_plan(), alloc.addresses, run.read_api_key())
-    agent = Agent(run, index, ranks, cfg.max_restarts, cfg.shutdown_grace, socket.gethostname())
+    agent = Agent(run, index, ranks, cfg.max_restarts, cfg.shutdown_grace, socket.gethostname(),
+                  restart_window=cfg.restart_window, liveness_interval=cfg.liveness_interval,
+                  liveness_misses=cfg.liveness_misses)
     return agent.run_until_stopped()

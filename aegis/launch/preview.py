@@ -68,7 +68,8 @@ def commands(site: Site, cfg: Config, plan: Plan, nodes: int) -> dict[str, Any]:
     run = RunDir(Path(RUN_DIR))
     hosts = [node_var(i) for i in range(nodes)]
     addresses = [site.serve_address.address(h) for h in hosts]
-    mine = interface_address(site.serve_address.interface) if site.serve_address.method == "interface" else None
+    iface = site.serve_address.interface
+    mine = interface_address(iface) if site.serve_address.method == "interface" and iface else None
     agent = agent_argv(RUN_DIR)
     key = KEY if cfg.api_key else None
     out: dict[str, Any] = {"site": site.name, "scheduler": site.scheduler, "nodes": nodes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -75,6 +75,10 @@ class Rank:
     first_started_at: float | None = None
     loaded_at: float | None = None
     log_offset: int = 0  # where the search for loaded_marker goes on in the log
+    health_url: str | None = None  # head ranks: where the agent's liveness probe asks
+    answered: bool = False  # the current process has answered a liveness probe (probing counts misses from then)
+    misses: int = 0  # liveness probes in a row the current process did not answer
+    restart_times: list[float] = field(default_factory=list)  # monotonic times of restarts (max_restarts window)
 
     @property
     def head(self) -> bool:
@@ -172,5 +176,6 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
             key = inst.name if r == 0 else f"{inst.name}.rank{r}"
             ranks.append(Rank(instance=inst.name, rank=r, argv=argv, env=env,
                               cpus=parse_ranges(slice_.cpus) if slice_.cpus else [], log=run.log(key),
-                              loaded_marker=engine.loaded_marker if r == 0 else None))
+                              loaded_marker=engine.loaded_marker if r == 0 else None,
+                              health_url=f"http://{launch.host}:{launch.port}{engine.health_path}" if r == 0 else None))
     return ranks

@@ -103,3 +103,24 @@ def test_engine_gets_its_planned_cores_even_outside_the_agents_own(tmp_path):
         for rank in ranks:
             rank.proc.kill()
             rank.proc.wait()
+
+
+def test_max_restarts_counts_within_the_restart_window(tmp_path):
+    """Issue 17: an engine that crashes every 12 h on a 2-day job must not end `failed`; max_restarts
+    counts the restarts of the last restart_window seconds."""
+    import sys
+    import time
+
+    from aegis.launch.agent import Agent
+    from aegis.launch.node_status import RankState
+    from aegis.launch.ranks import Rank
+
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    rank = Rank(instance="a", rank=0, argv=[sys.executable, "-c", "pass"], env={}, cpus=[], log=run.log("a"))
+    agent = Agent(run, 0, [rank], max_restarts=1, grace=1, host="localhost", restart_window=60)
+    rank.restart_times = [time.monotonic() - 120]  # a restart two windows ago
+    agent._died(rank)
+    assert rank.state is RankState.RESTARTING and rank.restarts == 1
+    agent._died(rank)  # a second one within the window: over the budget
+    assert rank.state is RankState.FAILED

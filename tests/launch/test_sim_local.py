@@ -28,7 +28,7 @@ def sim_fleet(tmp_path):
     port = free_port_block(4)
     cfg = {"site": "local-sim", "model": "sim-small", "engine": "sim", "instances": 4, "port_start": port,
            "extra_args": ["--decode-ms", "1", "--startup-seconds", "0.3"], "startup_timeout": 60,
-           "shutdown_grace": 10}
+           "shutdown_grace": 10, "liveness_interval": 2, "liveness_misses": 3}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     log = tmp_path / "launch.log"
@@ -139,3 +139,20 @@ def test_plan_commands_are_what_the_agent_runs(sim_fleet, tmp_path):
     text = aegis("plan", tmp_path / "c.yaml", "--commands").stdout
     assert key not in text and "$(cat \"$AEGIS_RUN_DIR/api_key\")" in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def test_a_hung_engine_is_restarted(sim_fleet):
+    """Issue 17: an engine that is alive but does not answer (SIGSTOP) is killed and restarted after
+    liveness_misses unanswered probes (here 3 x 2 s), not left holding its port until startup_timeout."""
+    doc = sim_fleet.wait(lambda d: d.get("state") == "ready", 90, "4 sim instances ready")
+    victim = doc["instances"][1]
+    time.sleep(3)  # one liveness round (2 s) after ready: the agent has seen it answer (hangs before that:
+    t0 = time.monotonic()  # startup_timeout)
+    os.kill(victim["pid"], signal.SIGSTOP)
+    doc = sim_fleet.wait(lambda d: d["instances"][1]["pid"] != victim["pid"]
+                         and d["instances"][1]["status"] == "ready", 60, "the hung engine restarted")
+    took = time.monotonic() - t0
+    assert doc["instances"][1]["restarts"] == 1 and 6 <= took < 40, took
+    assert not psutil.pid_exists(victim["pid"]) or psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert [i["restarts"] for i in doc["instances"]] == [0, 1, 0, 0]
+    assert "did not answer 3 liveness probes" in (sim_fleet.run_dir / "logs" / f"{victim['name']}.log").read_text()
