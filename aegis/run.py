@@ -26,7 +26,7 @@ from aegis.config.schema import Config
 from aegis.config.sites import Site, choose_site, run_site
 from aegis.errors import AegisError, ConfigError, UsageError
 from aegis.launch.endpoints import EndpointsFile, RunState
-from aegis.rundir import RunDir
+from aegis.rundir import RunDir, claim
 
 log = logging.getLogger("aegis")
 
@@ -55,8 +55,13 @@ def submit(res: Resolved, run_dir: Path | None = None, check: bool = False) -> R
     if res.site.account_required and not res.config.account:
         raise ConfigError(f"site {res.site.name} needs a project to charge: set account: in the config "
                           "or pass --account NAME")
-    path = Path(run_dir).absolute() if run_dir else default_run_dir(res.config)
-    script = render_job(res, path, launch_args=("--check",) if check else ())
+    if run_dir:
+        path = Path(run_dir).absolute()
+        script = render_job(res, path, launch_args=("--check",) if check else ())
+    else:
+        render_job(res, default_run_dir(res.config))  # a bad config fails before any directory exists
+        path = claim(default_run_dir(res.config))
+        script = render_job(res, path, launch_args=("--check",) if check else ())
     run = RunDir(path)
     job_id = run.write_submission(res, script)
     log.info("submitted job %s on %s; run directory: %s", job_id, res.site.name, run.path)

@@ -35,6 +35,20 @@ from typing import TYPE_CHECKING
 from aegis.errors import UsageError
 from aegis.util.fs import atomic_write
 
+
+def claim(path: Path) -> Path:
+    """Create a new run directory at `path`, or at `path`-2, -3, ... when that one exists (two runs
+    started in the same second with the same name); mkdir is atomic, so each run gets its own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir(mode=0o700)
+            return candidate
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot create a new run directory next to {path}; clean up {path.parent}")
+
 if TYPE_CHECKING:  # imported lazily at run time: reading a run must not import the planner
     from aegis.config.resolve import Resolved
     from aegis.launch.endpoints import EndpointsFile

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import json
 import os
 import sys
@@ -15,7 +14,8 @@ from aegis.config.flags import config_options, resolve_from_cli
 from aegis.config.resolve import check_paths, resolved
 from aegis.errors import AegisError
 from aegis.launch.endpoints import EndpointsFile
-from aegis.rundir import LAUNCHED_MARKER, RunDir, find_run_dir
+from aegis.run import default_run_dir
+from aegis.rundir import LAUNCHED_MARKER, RunDir, claim, find_run_dir
 
 
 def _python_aegis() -> list[str]:
@@ -45,9 +45,8 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
         check_paths(res.config)  # before anything is written
     alloc = discover(prefer=res.site.scheduler)
     res = resolved(res.config, res.site, nodes=len(alloc.hosts), source=res.source)
-    run = RunDir(Path(run_dir or os.environ.get("AEGIS_RUN_DIR") or
-                      Path(os.path.expanduser(res.config.runs_dir))
-                      / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{res.config.job_name}"))
+    given = run_dir or os.environ.get("AEGIS_RUN_DIR")
+    run = RunDir(Path(given) if given else claim(default_run_dir(res.config)))
     run.path.mkdir(parents=True, exist_ok=True)
     site = res.site.resolved()
     alloc.site = site.name

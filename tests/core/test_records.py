@@ -204,3 +204,18 @@ def test_hand_written_endpoints_file_is_read_by_the_same_reader(tmp_path):
     fleet = load_endpoints(path)
     assert [e.url for e in fleet.endpoints] == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
     assert fleet.endpoints[1].model is None and fleet.endpoints[1].lora_adapters == ["sql"]
+
+
+def test_runs_started_in_the_same_second_get_their_own_directory(tmp_path):
+    """Issue 17: two `aegis launch` in the same second with the same name shared one run directory
+    (plan and key overwritten). claim() creates it atomically, adding -2, -3, ... when taken."""
+    import stat
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aegis.rundir import claim
+
+    base = tmp_path / "runs" / "20260101-000000-job"
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: claim(base), range(16)))
+    assert len(set(got)) == 16 and base in got and base.with_name(base.name + "-16") in got
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in got)  # private to its user
