@@ -25,6 +25,7 @@ from pathlib import Path
 from aegis.launch.node_status import NodeStatus, RankState
 from aegis.launch.ranks import Rank
 from aegis.rundir import RunDir
+from aegis.util.ports import taken
 from aegis.util.procs import die_with_parent, signal_group, stop_groups
 
 POLL = 0.5  # seconds between checks: a dead rank is seen within a second
@@ -97,6 +98,15 @@ class Agent:
         rank.answered, rank.misses = False, 0  # liveness counts misses only once this process has answered
         log = open(rank.log, "ab")
         rank.log_offset = log.tell()  # the new process's lines start here
+        host, port = rank.listen or ("", 0)
+        held = taken(host, port) if rank.listen else None
+        if held:  # another run (or anything) serves there: never start, never let its answers count as ours
+            log.write(f"\n=== aegis: not starting {rank.key} at {time.ctime()}: port {port} on {host} is held "
+                      f"by {held}\n".encode())
+            log.close()
+            rank.proc, rank.exit_code = None, -1
+            self._died(rank)  # retried with backoff; failed after max_restarts, this line in its error
+            return
         log.write(f"\n=== aegis: starting {rank.key} (attempt {rank.restarts + 1}) at {time.ctime()}: "
                   f"{' '.join(rank.argv)}\n".encode())
         log.flush()

@@ -76,6 +76,7 @@ class Rank:
     loaded_at: float | None = None
     log_offset: int = 0  # where the search for loaded_marker goes on in the log
     health_url: str | None = None  # head ranks: where the agent's liveness probe asks
+    listen: tuple[str, int] | None = None  # head ranks: the address and port the engine will serve on
     answered: bool = False  # the current process has answered a liveness probe (probing counts misses from then)
     misses: int = 0  # liveness probes in a row the current process did not answer
     restart_times: list[float] = field(default_factory=list)  # monotonic times of restarts (max_restarts window)
@@ -177,5 +178,6 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
             ranks.append(Rank(instance=inst.name, rank=r, argv=argv, env=env,
                               cpus=parse_ranges(slice_.cpus) if slice_.cpus else [], log=run.log(key),
                               loaded_marker=engine.loaded_marker if r == 0 else None,
-                              health_url=f"http://{launch.host}:{launch.port}{engine.health_path}" if r == 0 else None))
+                              health_url=f"http://{launch.host}:{launch.port}{engine.health_path}" if r == 0 else None,
+                              listen=(launch.host, launch.port) if r == 0 else None))
     return ranks

@@ -156,3 +156,45 @@ def test_a_hung_engine_is_restarted(sim_fleet):
     assert not psutil.pid_exists(victim["pid"]) or psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE
     assert [i["restarts"] for i in doc["instances"]] == [0, 1, 0, 0]
     assert "did not answer 3 liveness probes" in (sim_fleet.run_dir / "logs" / f"{victim['name']}.log").read_text()
+
+
+def test_a_port_held_by_someone_else_is_never_taken_for_ours(tmp_path):
+    """Issue 17: with a stranger listening on an instance's port, that instance must not be declared ready on
+    the stranger's answers; its agent does not start it, says who holds the port, and it ends failed."""
+    import http.server
+    import threading
+
+    class Stranger(http.server.BaseHTTPRequestHandler):  # another run's server: answers like ours would
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "sim-small", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port_block(2)
+    stranger = http.server.ThreadingHTTPServer(("127.0.0.1", port + 1), Stranger)
+    threading.Thread(target=stranger.serve_forever, daemon=True).start()
+    cfg = {"site": "local-sim", "model": "sim-small", "engine": "sim", "instances": 2, "port_start": port,
+           "api_key": False, "max_restarts": 1, "startup_timeout": 60, "shutdown_grace": 5}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run, log = tmp_path / "run", tmp_path / "launch.log"
+    proc = subprocess.Popen([sys.executable, "-m", "aegis", "launch", str(tmp_path / "c.yaml"), "--run-dir",
+                             str(run)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    fleet = Fleet(run, proc, log)
+    try:
+        doc = fleet.wait(lambda d: [i["status"] for i in d["instances"]] == ["ready", "failed"], 60,
+                         "instance 0 ready, instance 1 failed")
+        assert doc["state"] == "degraded"
+        assert f"port {port + 1} on 127.0.0.1 is held by pid {os.getpid()}" in doc["instances"][1]["error"]
+    finally:
+        stranger.shutdown()
+        stranger.server_close()
+        aegis("shutdown", run, "--timeout", "60", check=False)
+        proc.wait(60)
+        for p in fleet.processes():
+            os.killpg(p.pid, signal.SIGKILL)
