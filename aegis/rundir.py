@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,10 +181,37 @@ class RunDir:
         return site if isinstance(site, str) else None
 
     def read_endpoints(self) -> EndpointsFile | None:
-        """The endpoints file, or None while there is none or it cannot be read (it is replaced atomically)."""
+        """The endpoints file, or None while there is none or it cannot be read (it is replaced atomically).
+
+        A file that still says starting/ready/degraded while its head is provably gone (killed on
+        this host) is repaired first: the run and its live instances become failed, with the reason.
+        """
         from aegis.launch.endpoints import EndpointsFile
 
-        return EndpointsFile.read_optional(self.endpoints)
+        doc = EndpointsFile.read_optional(self.endpoints)
+        if doc is not None and not doc.state.finished and self.head_status() == "gone":
+            info = self.read_json(self.head) or {}
+            doc.mark_ended(f"the run's head (pid {info.get('pid')} on {info.get('host')}) ended without "
+                           "stopping the run")
+            try:
+                doc.write(self.endpoints)
+            except OSError:
+                pass  # a reader that cannot write still reports the truth
+        return doc
+
+    def head_status(self) -> str:
+        """'alive' or 'gone' for a head recorded on this host (pid and start time), else 'unknown'."""
+        info = self.read_json(self.head)
+        if not info or info.get("host") != socket.gethostname():
+            return "unknown"
+        import psutil
+
+        try:
+            proc = psutil.Process(info["pid"])
+            alive = proc.create_time() == info["create_time"] and proc.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, KeyError, TypeError):
+            alive = False
+        return "alive" if alive else "gone"
 
     def read_plan(self) -> Plan:
         from aegis.plan.placement import Plan

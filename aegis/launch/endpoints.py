@@ -221,6 +221,13 @@ class EndpointsFile(BaseModel):
                 out[phase] = max(seen)
         return out
 
+    def mark_ended(self, reason: str) -> None:
+        """The run ended without its head saying so: it and every instance still live are failed, with why."""
+        self.state = RunState.FAILED
+        for inst in self.instances:
+            if inst.status not in (InstanceState.FAILED, InstanceState.STOPPED):
+                inst.status, inst.error = InstanceState.FAILED, reason
+
     def phase_table(self) -> str:
         """Startup phases over the instances: median and slowest seconds from the job's start, per phase."""
         from aegis.util.tables import format_table

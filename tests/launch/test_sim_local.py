@@ -198,3 +198,26 @@ def test_a_port_held_by_someone_else_is_never_taken_for_ours(tmp_path):
         proc.wait(60)
         for p in fleet.processes():
             os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_a_killed_head_leaves_no_stale_ready(sim_fleet):
+    """Issue 17: after the head is killed, endpoints.json said `ready` forever and `aegis shutdown` waited out its
+    timeout. The engines go (their agents see their parent go, the engines die with their agents), and the next
+    command that reads the run directory writes the truth: failed, and why."""
+    doc = sim_fleet.wait(lambda d: d.get("state") == "ready", 90, "4 sim instances ready")
+    pids = [i["pid"] for i in doc["instances"]]
+    os.kill(sim_fleet.proc.pid, signal.SIGKILL)
+    sim_fleet.proc.wait(10)
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, "engines outlived their head"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    proc = aegis("shutdown", sim_fleet.run_dir, "--timeout", "60", check=False)
+    assert proc.returncode == 0 and time.monotonic() - t0 < 10, proc.stderr  # nothing to wait for
+    final = EndpointsFile.read(sim_fleet.run_dir)
+    assert final.state.value == "failed"
+    assert all(i.status.value == "failed" and "ended without stopping the run" in (i.error or "")
+               for i in final.instances)
+    view = json.loads(aegis("endpoints", sim_fleet.run_dir, "--format", "json").stdout)
+    assert view["state"] == "failed" and {i["status"] for i in view["instances"]} == {"failed"}
