@@ -95,6 +95,10 @@ class Engine:
         """Environment variables the features need (beyond the site's and the user's)."""
         return {}
 
+    def path_env(self, launch: EngineLaunch) -> dict[str, str]:
+        """Search-path variables the engine needs a folder first in (prepended to what the node has)."""
+        return {}
+
     def key_env(self, api_key: str) -> dict[str, str]:
         """Environment that hands the engine its API key (never the command line)."""
         return {self.api_key_env: api_key} if self.api_key_env else {}

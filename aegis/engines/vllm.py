@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from aegis.engines.base import Engine, EngineLaunch, flag_value
 from aegis.engines.options import version_tuple
@@ -12,6 +13,8 @@ VERSIONS = {
     "all2all_backend": ((0, 11), "env:VLLM_ALL2ALL_BACKEND", "--all2all-backend"),
     "num_redundant_experts": ((0, 11), "--num-redundant-experts", "--eplb-config"),
 }
+KEY_GUARD = "aegis_keyguard.KeyGuard"  # aegis/engines/guard/aegis_keyguard.py, imported by vLLM (--middleware)
+GUARD_DIR = str(Path(__file__).resolve().parent / "guard")
 MULTINODE = (0, 12)  # the first release with the multiprocessing multi-node mode (--nnodes, --headless)
 # The one table of vLLM's Prometheus metric names aegis reads (the bench's scraper, tests):
 # key -> (first version with the new name, old, new); the V1 engine before 0.11 used "gpu_" names.
@@ -75,6 +78,8 @@ class VLLMEngine(Engine):
                      "--master-addr", str(launch.master_addr), "--master-port", str(launch.master_port)]
             if launch.node_rank > 0:
                 argv.append("--headless")
+        if launch.api_key:  # vLLM's --api-key leaves /invocations, /tokenize, /metrics ... open: guard them all
+            argv += ["--middleware", KEY_GUARD]
         return argv + self.feature_args(launch) + list(launch.extra_args)
 
     def check_multinode(self, options) -> str | None:
@@ -107,6 +112,9 @@ class VLLMEngine(Engine):
                      if flag == "--eplb-config" else str(opts.num_redundant_experts))
             args += [flag, value]
         return args
+
+    def path_env(self, launch: EngineLaunch) -> dict[str, str]:
+        return {"PYTHONPATH": GUARD_DIR} if launch.api_key else {}  # where vLLM imports the key guard from
 
     def feature_env(self, launch: EngineLaunch) -> dict[str, str]:
         opts = launch.options

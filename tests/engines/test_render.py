@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aegis.engines.vllm import GUARD_DIR
 from tests.engines.rendering import KEY, NOISE, SITES, config, render_ranks, site_and_hosts
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -37,7 +38,8 @@ def render(tmp_path: Path, engine: str, site_name: str, shape: str) -> str:
             lines.append(f"### {rank.key}")
             lines.append("argv: " + shlex.join(rank.argv).replace(str(tmp_path), "RUN_DIR")
                          .replace(sys.executable, "AGENT_PYTHON"))
-            lines += [f"env: {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+            lines += [f"env: {k}={shlex.quote(v.replace(GUARD_DIR, 'AEGIS_GUARD_DIR'))}"
+                      for k, v in sorted(env.items())]
     if rendered.refused is not None:
         lines.append(f"refused: {rendered.refused}")
         return "\n".join(lines) + "\n"

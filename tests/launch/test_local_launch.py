@@ -89,6 +89,37 @@ def test_requests_without_the_key_are_refused(state):
         assert fleet.key not in (fleet.run_dir / name).read_text()
 
 
+def test_every_route_of_the_engine_needs_the_key(state):
+    """Issue 17: vLLM's --api-key guards only /v1, /v2, /inference and /cohere (its cli_args.py: "/invocations
+    ... remain unauthenticated"); aegis's key guard (vLLM's --middleware) covers every route but /health.
+    Every route vLLM's app lists in its own OpenAPI document is asked without the key, and with a wrong one."""
+    fleet = state["fleet"]
+    url = fleet.endpoints()["instances"][0]["url"]
+    req = urllib.request.Request(url + "/openapi.json", headers={"Authorization": f"Bearer {fleet.key}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        routes = {(path, method.upper()) for path, ops in json.loads(resp.read())["paths"].items() for method in ops}
+    assert ("/invocations", "POST") in routes and ("/tokenize", "POST") in routes  # the ones --api-key left open
+    assert len(routes) > 15
+    opened = []
+    for path, method in sorted(routes | {("/openapi.json", "GET"), ("/metrics", "GET"), ("/docs", "GET")}):
+        if "{" in path:
+            path = path.split("{")[0] + "x"
+        for key in (None, "wrong"):
+            req = urllib.request.Request(url + path, method=method, data=b"{}" if method == "POST" else None,
+                                         headers={"Content-Type": "application/json",
+                                                  **({"Authorization": f"Bearer {key}"} if key else {})})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    code = resp.status
+            except urllib.error.HTTPError as exc:
+                code = exc.code
+            if code != 401 and path != "/health":
+                opened.append((method, path, key, code))
+    assert not opened, f"answered without the key: {opened}"
+    code, _ = post(url + "/health", {}, None)
+    assert code in (200, 405)  # open: the health gate's and the agent's liveness probe
+
+
 def test_killed_instance_restarts_while_the_other_serves(state):
     fleet = state["fleet"]
     a, b = fleet.endpoints()["instances"]
