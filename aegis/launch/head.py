@@ -313,8 +313,9 @@ class Head:
             self.echo(f"aegis: staging {src} to {dest} on {len(self.alloc.hosts)} node(s)")
             t0 = time.monotonic()
             summary = stage(str(src), str(dest), launcher=per_node_step(self.site, len(self.alloc.hosts), []))
-            self.echo(f"aegis: staged {summary.get('bytes', 0) / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s"
-                      + (" (already there)" if summary.get("skipped") else ""))
+            skipped, nodes = summary.get("skipped_nodes", 0), len(self.alloc.hosts)
+            note = " (already there)" if skipped == nodes else f" ({skipped} node(s) had it already)" if skipped else ""
+            self.echo(f"aegis: staged {summary.get('bytes', 0) / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s{note}")
             # An HF cache repo is found by its id through HF_HOME; a plain directory is loaded by path.
             staged[spec.short_name] = {"hf_home": str(root), "model": spec.model} if hf_layout else \
                 {"model": str(dest)}
