@@ -13,9 +13,11 @@ Its engines get SIGTERM from the kernel when the agent dies, however it dies
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -40,6 +42,15 @@ def log_tail(path: Path, lines: int = LOG_TAIL) -> str:
             return "\n".join(fh.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def note(log, text: str) -> None:
+    """aegis's own line in an engine's log; lost, not fatal, when the filesystem is full."""
+    try:
+        log.write(text.encode())
+        log.flush()
+    except OSError:
+        pass
 
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # engines are never behind a proxy
@@ -69,6 +80,7 @@ class Agent:
         self.liveness_interval = liveness_interval
         self.liveness_misses = liveness_misses
         self.stopping = False
+        self.unwritten = False  # the last status write failed (retried every round)
         self.parent = os.getppid()
         run.nodes.mkdir(exist_ok=True)
 
@@ -96,20 +108,19 @@ class Agent:
                         continue
 
         rank.answered, rank.misses = False, 0  # liveness counts misses only once this process has answered
-        log = open(rank.log, "ab")
+        log = open(rank.log, "ab", buffering=0)  # unbuffered: a full disk fails a write, not close()
         rank.log_offset = log.tell()  # the new process's lines start here
         host, port = rank.listen or ("", 0)
         held = taken(host, port) if rank.listen else None
         if held:  # another run (or anything) serves there: never start, never let its answers count as ours
-            log.write(f"\n=== aegis: not starting {rank.key} at {time.ctime()}: port {port} on {host} is held "
-                      f"by {held}\n".encode())
+            note(log, f"\n=== aegis: not starting {rank.key} at {time.ctime()}: port {port} on {host} is held "
+                      f"by {held}\n")
             log.close()
             rank.proc, rank.exit_code = None, -1
             self._died(rank)  # retried with backoff; failed after max_restarts, this line in its error
             return
-        log.write(f"\n=== aegis: starting {rank.key} (attempt {rank.restarts + 1}) at {time.ctime()}: "
-                  f"{' '.join(rank.argv)}\n".encode())
-        log.flush()
+        note(log, f"\n=== aegis: starting {rank.key} (attempt {rank.restarts + 1}) at {time.ctime()}: "
+                  f"{shlex.join(rank.argv)}\n")
         try:
             rank.proc = subprocess.Popen(rank.argv, env=rank.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=bind,
@@ -119,7 +130,7 @@ class Agent:
             rank.first_started_at = rank.first_started_at or rank.started_at
             rank.exit_code = None
         except OSError as exc:
-            log.write(f"=== aegis: cannot start: {exc}\n".encode())
+            note(log, f"=== aegis: cannot start: {exc}\n")
             rank.proc = None
             rank.exit_code = -1
             self._died(rank)
@@ -184,9 +195,9 @@ class Agent:
     def _hung(self, rank: Rank) -> None:
         """A started engine stopped answering: kill its group; the next round restarts it like a crash."""
         assert rank.proc is not None
-        with open(rank.log, "ab") as log:
-            log.write(f"\n=== aegis: {rank.key} did not answer {rank.misses} liveness probes "
-                      f"({self.liveness_interval:g} s apart) at {time.ctime()}: killed, to be restarted\n".encode())
+        with open(rank.log, "ab", buffering=0) as log:
+            note(log, f"\n=== aegis: {rank.key} did not answer {rank.misses} liveness probes "
+                      f"({self.liveness_interval:g} s apart) at {time.ctime()}: killed, to be restarted\n")
         rank.misses = 0
         signal_group(rank.proc.pid, signal.SIGKILL)
 
@@ -231,8 +242,21 @@ class Agent:
         return NodeStatus(index=self.index, host=self.host, agent_pid=os.getpid(), updated=time.time(),
                           stopping=self.stopping, ranks={r.key: r.status() for r in self.ranks})
 
-    def write_status(self) -> None:
-        self.status().write(self.run.node_status(self.index))
+    def write_status(self) -> bool:
+        """Report to the head; a write that fails (a full filesystem) is said once on stderr and retried."""
+        try:
+            self.status().write(self.run.node_status(self.index))
+        except OSError as exc:
+            if not self.unwritten:
+                try:  # its stderr may be on the same full filesystem
+                    print(f"aegis agent on {self.host}: cannot write its status ({exc.strerror or exc}); its "
+                          "engines stay supervised", file=sys.stderr, flush=True)
+                except OSError:
+                    pass
+            self.unwritten = True
+            return False
+        self.unwritten = False
+        return True
 
     def run_until_stopped(self) -> int:
         signal.signal(signal.SIGTERM, lambda *a: setattr(self, "stopping", True))
@@ -243,7 +267,7 @@ class Agent:
         if self.liveness_interval > 0:
             threading.Thread(target=self._probe_forever, name="liveness", daemon=True).start()
         while not self.stopping:
-            if self.check():
+            if self.check() or self.unwritten:
                 self.write_status()
             if os.getppid() != self.parent:  # the launcher went away: do not leave engines behind
                 break

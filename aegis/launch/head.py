@@ -46,6 +46,16 @@ READY_PROBE_INTERVAL = 5.0  # seconds between health probes of a ready instance 
 QUIET_ABOVE = 32  # more instances than this: progress lines instead of one line per instance
 
 
+def safe(echo: Callable[[str], None]) -> Callable[[str], None]:
+    """`echo` that never raises: the head's output file may sit on a full filesystem."""
+    def say(msg: str) -> None:
+        try:
+            echo(msg)
+        except OSError:
+            pass
+    return say
+
+
 def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | None, since: float, now: float,
                startup_timeout: float) -> tuple[InstanceState, str | None]:
     """The new state of one instance (and its error) from its ranks' reports and its health probe.
@@ -99,7 +109,8 @@ class Head:
         self.cfg = cfg
         self.plan = plan
         self.alloc = alloc
-        self.echo = echo or (lambda msg: click.echo(msg, err=True))
+        self.echo = safe(echo or (lambda msg: click.echo(msg, err=True)))
+        self.unwritten = False  # the last endpoints.json write failed (retried every round)
         self.stop_requested = False
         self.step: subprocess.Popen | None = None
         self.key: str | None = None
@@ -151,7 +162,18 @@ class Head:
             self.since[inst.name] = self.t0
 
     def _publish(self) -> None:
-        self.doc.write(self.run.endpoints)
+        """Write endpoints.json; a write that fails (a full filesystem) is said once and retried every round."""
+        try:
+            self.doc.write(self.run.endpoints)
+        except OSError as exc:
+            if not self.unwritten:
+                self.echo(f"aegis: cannot write {self.run.endpoints} ({exc.strerror or exc}); the instances stay "
+                          "supervised and the file is written again once there is room")
+            self.unwritten = True
+            return
+        if self.unwritten:
+            self.unwritten = False
+            self.echo(f"aegis: {self.run.endpoints} written again")
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -265,7 +287,7 @@ class Head:
             for inst in self.instances:
                 changed |= self._update(inst, ranks.get(inst.name, []), probes.get(inst.name))
             state = overall_state([i.status for i in self.instances], self.doc.state)
-            if changed or state != self.doc.state:
+            if changed or state != self.doc.state or self.unwritten:
                 self.doc.state = state
                 self._publish()  # at most once a round, and rounds are a second or more apart
             self._progress(time.monotonic())

@@ -560,18 +560,26 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SimConfig]:
     return a, cfg
 
 
+def say(line: str, stream) -> None:
+    """A log line; lost, not fatal, when the log's filesystem is full (as a server's logging would do)."""
+    try:
+        print(line, file=stream, flush=True)
+    except OSError:
+        pass
+
+
 async def serve(host: str, port: int, cfg: SimConfig, startup_seconds: float = 0.0) -> None:
     t0 = perf()
     if startup_seconds > 0:
         await asyncio.sleep(startup_seconds)
     # The line aegis reads for the "loaded" startup phase, as vLLM's model loader prints it.
-    print(f"INFO simserver: Loading weights took {perf() - t0:.2f} seconds", file=sys.stderr, flush=True)
+    say(f"INFO simserver: Loading weights took {perf() - t0:.2f} seconds", sys.stderr)
     runner = web.AppRunner(SimServer(cfg).app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)
     await site.start()
     actual = runner.addresses[0][1]  # the bound socket's name: one site, so the first is ours
-    print(f"SIMSERVER READY http://{host}:{actual}", flush=True)
+    say(f"SIMSERVER READY http://{host}:{actual}", sys.stdout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

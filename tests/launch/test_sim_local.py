@@ -221,3 +221,57 @@ def test_a_killed_head_leaves_no_stale_ready(sim_fleet):
                for i in final.instances)
     view = json.loads(aegis("endpoints", sim_fleet.run_dir, "--format", "json").stdout)
     assert view["state"] == "failed" and {i["status"] for i in view["instances"]} == {"failed"}
+
+
+def test_a_full_run_directory_filesystem_loses_no_supervision(tmp_path):
+    """Issue 17: with the run directory's filesystem full, the agent crashed (leaving its engines alone), the head
+    died with a traceback and endpoints.json stayed `ready`. Now a killed engine is still restarted while nothing
+    can be written, the writes that failed are made again once there is room, and nothing prints a traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(fs)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    port = free_port_block(2)
+    cfg = {"site": "local-sim", "model": "sim-small", "engine": "sim", "instances": 2, "port_start": port,
+           "startup_timeout": 60, "shutdown_grace": 5, "liveness_interval": 0}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run, log = fs / "run", tmp_path / "launch.log"
+    proc = subprocess.Popen([sys.executable, "-m", "aegis", "launch", str(tmp_path / "c.yaml"), "--run-dir",
+                             str(run)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    fleet = Fleet(run, proc, log)
+    try:
+        doc = fleet.wait(lambda d: d.get("state") == "ready", 60, "2 sim instances ready")
+        victim = doc["instances"][0]
+        with open(fs / "filler", "wb") as fh:  # fill the filesystem up
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        os.kill(victim["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:  # a new engine serves the victim's port though nothing can be written
+            holders = [c.pid for c in psutil.net_connections("tcp")
+                       if c.status == psutil.CONN_LISTEN and c.laddr.port == victim["port"]]
+            if holders and holders[0] != victim["pid"]:
+                break
+            assert time.monotonic() < deadline, "the killed engine was not restarted on a full filesystem"
+            time.sleep(0.5)
+        assert proc.poll() is None  # the head lives
+        (fs / "filler").unlink()  # room again: the reports and endpoints.json catch up
+        doc = fleet.wait(lambda d: d["instances"][0]["restarts"] == 1 and d["instances"][0]["pid"] == holders[0]
+                         and d["state"] == "ready", 30, "endpoints.json written again")
+        aegis("shutdown", run, "--timeout", "60")
+        proc.wait(30)
+        outputs = log.read_text() + (run / "logs" / "agents.log").read_text()
+        assert "Traceback" not in outputs, outputs[-3000:]
+    finally:
+        if proc.poll() is None:
+            aegis("shutdown", run, "--timeout", "30", check=False)
+            proc.wait(30)
+        for p in fleet.processes():
+            os.killpg(p.pid, signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(fs)])
