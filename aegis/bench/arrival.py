@@ -97,10 +97,13 @@ def load_trace(path: str) -> tuple[float, ...]:
                         value = obj.get("timestamp", obj.get("time"))
                     else:
                         value = line.split(",")[0]
-                    out.append(float(value))
+                    number = float(value)
+                    if not math.isfinite(number) or number < 0:
+                        raise ValueError(value)
+                    out.append(number)
                 except (TypeError, ValueError):
-                    raise UsageError(f"trace file {path!r} line {lineno}: expected a timestamp "
-                                     "in seconds (a number, or JSON with \"timestamp\")") from None
+                    raise UsageError(f"trace file {path!r} line {lineno}: expected a timestamp in seconds "
+                                     "(a finite number >= 0, or JSON with \"timestamp\")") from None
     except OSError as exc:
         raise UsageError(f"cannot read trace file {path!r}: {exc.strerror}") from None
     if not out:

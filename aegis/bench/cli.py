@@ -16,6 +16,9 @@ from aegis.bench.slo import parse_goodput
 from aegis.errors import AegisError, UsageError
 from aegis.util.apikey import auth_headers, resolve_api_key
 
+MAX_REQUESTS = 10 ** 8  # a bench that plans more would fill memory with its schedule before it sent one
+MAX_RATE = 1e6  # requests/s: far beyond what one client process sends
+
 
 def _target_options(f):
     for opt in reversed([
@@ -52,7 +55,7 @@ def _load_options(f):
         click.option("--burstiness", type=float, default=1.0, show_default=True,
                      help="Gamma shape: <1 burstier, >1 smoother than Poisson."),
         click.option("--trace", type=click.Path(), default=None, help="Timestamps file for --arrival trace."),
-        click.option("--concurrency", type=int, default=None,
+        click.option("--concurrency", type=click.IntRange(1, MAX_REQUESTS), default=None,
                      help="Closed loop with this many in flight; with --rate, a cap on requests in flight."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--routing", type=click.Choice(["round-robin", "least-outstanding"]), default="round-robin",
@@ -67,7 +70,7 @@ def _load_options(f):
         click.option("--slo", default=None,
                      help="Goodput: per-request limits in ms, ttft=500,tpot=50,e2el=10000 (= max_ttft_ms=500,...)."),
         click.option("--scrape/--no-scrape", default=True, show_default=True, help="Scrape /metrics every interval."),
-        click.option("--scrape-interval", type=float, default=1.0, show_default=True),
+        click.option("--scrape-interval", type=click.FloatRange(0.05, 3600), default=1.0, show_default=True),
         click.option("--output-dir", type=click.Path(), default=None, help="Results directory."),
         click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal]."),
         click.option("--label", default=None, help="A name stored in the results."),
@@ -148,9 +151,11 @@ def _default_dir(prefix: str) -> str:
 @click.command("bench")
 @_target_options
 @_load_options
-@click.option("--rate", type=float, default=None, help="Open-loop arrival rate (req/s).")
-@click.option("--num-requests", type=int, default=None, help="Requests to send.")
-@click.option("--duration", type=float, default=None, help="Stop dispatching after this many seconds.")
+@click.option("--rate", type=click.FloatRange(0, MAX_RATE, min_open=True), default=None,
+              help="Open-loop arrival rate (req/s).")
+@click.option("--num-requests", type=click.IntRange(1, MAX_REQUESTS), default=None, help="Requests to send.")
+@click.option("--duration", type=click.FloatRange(0, 30 * 86400, min_open=True), default=None,
+              help="Stop dispatching after this many seconds.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir (its stored settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, duration, resume, as_json, **p):
@@ -170,6 +175,9 @@ def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, dur
     else:
         eps, model, key = _resolve_target(endpoints_path, urls, model, api_key_file)
         out = os.path.abspath(p["output_dir"]) if p["output_dir"] else _default_dir("bench")
+        if rate and duration and not num_requests and rate * duration > MAX_REQUESTS:
+            raise UsageError(f"--rate {rate:g} for --duration {duration:g} s plans {rate * duration:.3g} requests; "
+                             f"at most {MAX_REQUESTS:.0e}: lower one, or give --num-requests")
         cfg = _build_config(p, eps, model, out, rate, num_requests, duration)
         run = Run(cfg, key, progress=p["progress"])
     summary = run.execute()

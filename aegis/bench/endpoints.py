@@ -70,7 +70,11 @@ def normalize_url(url: str) -> str:
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 (a port out of range or not a number raises here)
+    except ValueError:  # "http://[::1": an unclosed IPv6 bracket
+        raise UsageError(f"invalid endpoint URL {url!r}; expected http://host:port") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UsageError(f"invalid endpoint URL {url!r}; expected http://host:port")
     path = parsed.path.rstrip("/")

@@ -226,7 +226,7 @@ class Config(_Strict):
     queue: StrictStr | None = None
     filesystems: StrictStr | None = None
     directives: list[StrictStr] = Field(default_factory=list)
-    nodes: StrictInt | None = Field(None, gt=0)
+    nodes: StrictInt | None = Field(None, gt=0, le=1_000_000)  # Aurora has 10,624; more is a typo
     hf_home: StrictStr | None = None
     hf_token_file: StrictStr | None = None
     pass_env: list[StrictStr] = Field(default_factory=list)
@@ -362,6 +362,8 @@ def load_yaml(path: str | os.PathLike, what: str = "config") -> dict:
         raise ConfigError(f"{path}: {what} file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what} file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a {what} is UTF-8 YAML)") from None
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:

@@ -169,6 +169,8 @@ class EndpointsFile(BaseModel):
                              "run directory or its endpoints.json") from None
         except OSError as exc:
             raise AegisError(f"{path}: cannot read the endpoints file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}: not an endpoints file (not UTF-8 JSON text)") from None
         return cls.parse(text, path)
 
     @staticmethod
@@ -182,7 +184,7 @@ class EndpointsFile(BaseModel):
         """The file, or None while there is none or it cannot be read."""
         try:
             return cls.parse(path.read_text(), path)
-        except (OSError, AegisError):
+        except (OSError, AegisError, UnicodeDecodeError):
             return None
 
     # -- views -------------------------------------------------------------------------------
