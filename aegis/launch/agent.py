@@ -69,7 +69,8 @@ def answers(url: str, deadline: float) -> bool:
 
 class Agent:
     def __init__(self, run: RunDir, index: int, ranks: list[Rank], max_restarts: int, grace: float, host: str,
-                 restart_window: float = 3600.0, liveness_interval: float = 0.0, liveness_misses: int = 3):
+                 restart_window: float = 3600.0, liveness_interval: float = 0.0, liveness_misses: int = 3,
+                 heartbeat: float = 30.0):
         self.run = run
         self.index = index
         self.ranks = ranks
@@ -79,6 +80,7 @@ class Agent:
         self.host = host
         self.liveness_interval = liveness_interval
         self.liveness_misses = liveness_misses
+        self.heartbeat = heartbeat
         self.stopping = False
         self.unwritten = False  # the last status write failed (retried every round)
         self.parent = os.getppid()
@@ -266,9 +268,11 @@ class Agent:
         self.write_status()
         if self.liveness_interval > 0:
             threading.Thread(target=self._probe_forever, name="liveness", daemon=True).start()
+        last = time.monotonic()
         while not self.stopping:
-            if self.check() or self.unwritten:
-                self.write_status()
+            if self.check() or self.unwritten or time.monotonic() - last >= self.heartbeat:
+                self.write_status()  # also a heartbeat: the head counts an agent silent for 4 of them as lost
+                last = time.monotonic()
             if os.getppid() != self.parent:  # the launcher went away: do not leave engines behind
                 break
             time.sleep(POLL)
@@ -291,5 +295,5 @@ def run_agent(run: RunDir) -> int:
     ranks = build_ranks(run, index, site, cfg, run.read_plan(), alloc.addresses, run.read_api_key())
     agent = Agent(run, index, ranks, cfg.max_restarts, cfg.shutdown_grace, socket.gethostname(),
                   restart_window=cfg.restart_window, liveness_interval=cfg.liveness_interval,
-                  liveness_misses=cfg.liveness_misses)
+                  liveness_misses=cfg.liveness_misses, heartbeat=cfg.heartbeat_interval)
     return agent.run_until_stopped()

@@ -42,6 +42,7 @@ from aegis.util.procs import stop_groups
 
 S = InstanceState
 log = logging.getLogger("aegis")
+LOST_AFTER = 4  # heartbeats an agent may miss before its node counts as lost
 READY_PROBE_INTERVAL = 5.0  # seconds between health probes of a ready instance (others: every round)
 QUIET_ABOVE = 32  # more instances than this: progress lines instead of one line per instance
 
@@ -73,6 +74,8 @@ def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | N
     if failed:
         r = failed[0]
         tail = r.log_tail.strip().splitlines()
+        if r.exit_code is None and tail:  # never exited as far as anyone saw: its agent was lost
+            return S.FAILED, f"{tail[-1]}; log: {r.log}"
         return S.FAILED, (f"exited {r.exit_code} after {r.restarts} restart(s); log: {r.log}"
                           + (f"; last line: {tail[-1][:200]}" if tail else ""))
     if replaced or any(r.state == RankState.RESTARTING for r in ranks) or (
@@ -190,11 +193,21 @@ class Head:
         return cached[1]
 
     def _agent_ranks(self) -> dict[str, list[RankStatus]]:
-        """instance name -> the states its ranks' agents report."""
+        """instance name -> the states its ranks' agents report; a lost agent's ranks come back failed."""
         out: dict[str, list[RankStatus]] = {}
+        now = time.time()
         for path in self.run.node_statuses():
             status = self._node_status(path)
-            for rank in status.ranks.values() if status else []:
+            if status is None:
+                continue
+            silent = now - status.updated
+            lost = not status.stopping and silent > LOST_AFTER * self.cfg.heartbeat_interval
+            for rank in status.ranks.values():
+                if lost and rank.state not in (RankState.FAILED, RankState.STOPPED):
+                    rank = rank.model_copy(update={
+                        "state": RankState.FAILED, "exit_code": None,
+                        "log_tail": f"its agent on {status.host} (pid {status.agent_pid}) sent no report for "
+                                    f"{silent:.0f} s: node or agent lost"})
                 out.setdefault(rank.instance, []).append(rank)
         return out
 

@@ -219,3 +219,29 @@ def test_runs_started_in_the_same_second_get_their_own_directory(tmp_path):
         got = list(pool.map(lambda _: claim(base), range(16)))
     assert len(set(got)) == 16 and base in got and base.with_name(base.name + "-16") in got
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in got)  # private to its user
+
+
+def test_an_agent_silent_for_four_heartbeats_is_lost(tmp_path):
+    """Issue 17: the head marks the instances of an agent that stopped reporting failed, saying why; a fresh
+    report (an agent writes one at least every heartbeat_interval) keeps them as they are."""
+    import time
+
+    from aegis.launch.allocation import Allocation
+    from aegis.launch.head import Head
+
+    site = load_site("h200").resolved()
+    cfg = resolve({"model": "m/x", "instances": 1, "heartbeat_interval": 5})
+    run = RunDir(tmp_path)
+    head = Head(run, site, cfg, make_plan(site, cfg, nodes=1), Allocation("slurm", "1", ["n1"]),
+                echo=lambda m: None)
+    head._prepare()
+    inst = head.instances[0]
+    run.nodes.mkdir(exist_ok=True)
+    for age, expect in ((5, S.READY), (25, S.FAILED)):
+        rank = RankStatus(instance=inst.name, rank=0, state=RankState.RUNNING, pid=10, log="L")
+        NodeStatus(index=0, host="n1", agent_pid=77, updated=time.time() - age,
+                   ranks={inst.name: rank}).write(run.node_status(0))
+        inst.status, inst.pid = S.READY, 10
+        head._update(inst, head._agent_ranks().get(inst.name, []), None)
+        assert inst.status is expect, (age, inst.error)
+    assert inst.error.startswith("its agent on n1 (pid 77) sent no report for 25 s: node or agent lost")

@@ -102,3 +102,38 @@ def test_300_sim_instances_survive_losing_10_percent(slurm_cluster, tmp_path):
         assert time.monotonic() < deadline, f"left behind: {[p.cmdline()[:4] for p in run_processes(run)][:5]}"
         time.sleep(1)
     assert endpoints(run)["state"] == "stopped"
+
+
+def test_a_lost_agent_on_another_node_is_noticed(slurm_cluster, tmp_path):
+    """Issue 17: an agent killed on one node while the launcher step goes on (srun --kill-on-bad-exit=0): its
+    engines die with it, and the head, on another node, marks its instances failed once the agent has missed
+    4 heartbeats (here 2 s apart) instead of showing them ready, then unhealthy, for startup_timeout."""
+    cfg = config(tmp_path, model="sim-fleet", engine="sim", instances=6, tensor_parallel_size=50,  # 2 per node
+                 startup_timeout=600, extra_args=["--decode-ms", "1"], heartbeat_interval=2, walltime="00:10:00")
+    run = tmp_path / "run"
+    proc = aegis(slurm_cluster, "submit", cfg, "--site-file", SITES / "testcluster-sim.yaml", "--run-dir", run,
+                 "--wait", "--timeout", "300", timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = endpoints(run)
+    assert len({i["hostname"] for i in doc["instances"]}) == 3
+    statuses = {json.loads(p.read_text())["host"]: json.loads(p.read_text()) for p in (run / "nodes").glob("*.json")}
+    head_host = json.loads(RunDir(run).head.read_text())["host"]
+    victim = next(h for h in statuses if h != head_host and any(i["hostname"] == h for i in doc["instances"]))
+    lost = {i["name"] for i in doc["instances"] if i["hostname"] == victim}
+    t0 = time.monotonic()
+    os.kill(statuses[victim]["agent_pid"], signal.SIGKILL)
+    deadline = t0 + 60
+    while True:
+        doc = endpoints(run)
+        by_name = {i["name"]: i for i in doc["instances"]}
+        if all(by_name[n]["status"] == "failed" for n in lost):
+            break
+        assert time.monotonic() < deadline, [by_name[n] for n in lost]
+        time.sleep(1)
+    took = time.monotonic() - t0
+    assert 8 <= took < 40, took
+    assert all("sent no report" in by_name[n]["error"] for n in lost)
+    assert all(i["status"] == "ready" for i in doc["instances"] if i["name"] not in lost)
+    assert doc["state"] == "degraded"
+    proc = aegis(slurm_cluster, "shutdown", run, "--timeout", "120", timeout=200)
+    assert proc.returncode == 0, proc.stderr
