@@ -16,13 +16,13 @@ def plan_for(site, instances=1, tp=1, pp=1, nodes=None, **extra):
 # site, tp, pp, instances, nodes_required, per-node count, first instance's devices, its cpus, its env
 CASES = [
     ("aurora", 1, 1, 24, 2, 12, ["0"], "1-8", {"ZE_AFFINITY_MASK": "0"}),
-    ("aurora", 2, 1, 12, 2, 6, ["0", "1"], "1-17", {"ZE_AFFINITY_MASK": "0,1"}),
-    ("aurora", 3, 1, 8, 2, 4, ["0", "1", "2"], "1-25", {"ZE_AFFINITY_MASK": "0,1,2"}),
-    ("aurora", 4, 1, 6, 2, 3, ["0", "1", "2", "3"], "1-34", {"ZE_AFFINITY_MASK": "0,1,2,3"}),
-    ("aurora", 6, 1, 4, 2, 2, [str(i) for i in range(6)], "1-51", {"ZE_AFFINITY_MASK": "0,1,2,3,4,5"}),
-    ("aurora", 8, 1, 3, 3, 1, [str(i) for i in range(8)], "1-51,53-69",
+    ("aurora", 2, 1, 12, 2, 6, ["0", "1"], "1-16", {"ZE_AFFINITY_MASK": "0,1"}),
+    ("aurora", 3, 1, 8, 2, 4, ["0", "1", "2"], "1-24", {"ZE_AFFINITY_MASK": "0,1,2"}),
+    ("aurora", 4, 1, 6, 2, 3, ["0", "1", "2", "3"], "1-32", {"ZE_AFFINITY_MASK": "0,1,2,3"}),
+    ("aurora", 6, 1, 4, 2, 2, [str(i) for i in range(6)], "1-48", {"ZE_AFFINITY_MASK": "0,1,2,3,4,5"}),
+    ("aurora", 8, 1, 3, 3, 1, [str(i) for i in range(8)], "1-48,53-68",
      {"ZE_AFFINITY_MASK": "0,1,2,3,4,5,6,7"}),
-    ("aurora", 12, 1, 2, 2, 1, [str(i) for i in range(12)], "1-51,53-103",
+    ("aurora", 12, 1, 2, 2, 1, [str(i) for i in range(12)], "1-48,53-100",
      {"ZE_AFFINITY_MASK": ",".join(str(i) for i in range(12))}),
     ("frontier", 1, 1, 16, 2, 8, ["0"], "49-55", {"ROCR_VISIBLE_DEVICES": "0"}),
     ("frontier", 2, 1, 8, 2, 4, ["0", "1"], "49-55,57-63", {"ROCR_VISIBLE_DEVICES": "0,1"}),
@@ -68,7 +68,7 @@ def test_aurora_tp3_stays_inside_sockets():
     plan = plan_for("aurora", 4, 3)
     assert [i.head.devices for i in plan.instances] == [
         ["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8"], ["9", "10", "11"]]
-    assert [i.head.cpus for i in plan.instances] == ["1-25", "26-51", "53-77", "78-103"]
+    assert [i.head.cpus for i in plan.instances] == ["1-24", "25-48", "53-76", "77-100"]  # ALCF: 8 cores per tile
 
 
 def test_aurora_tp5_prefers_one_socket_per_instance():
@@ -82,7 +82,7 @@ def test_aurora_tp4_packs_three_per_node_across_sockets():
     plan = plan_for("aurora", 3, 4)
     assert plan.nodes_required == 1
     assert plan.instances[1].head.devices == ["4", "5", "6", "7"]
-    assert plan.instances[1].head.cpus == "35-51,53-69"
+    assert plan.instances[1].head.cpus == "33-48,53-68"
 
 
 @pytest.mark.parametrize("site,tp,pp,span", [
@@ -188,11 +188,11 @@ def test_plan_json_shape():
     (block,) = doc["blocks"]
     assert {"model_name", "model", "engine", "tensor_parallel_size", "pipeline_parallel_size", "position",
             "first_index", "count", "first_node", "slots"} <= set(block)
-    assert block["slots"][0] == {"port": 8000, "devices": ["0", "1", "2", "3", "4", "5"], "cpus": "1-51",
+    assert block["slots"][0] == {"port": 8000, "devices": ["0", "1", "2", "3", "4", "5"], "cpus": "1-48",
                                  "env": {"ZE_AFFINITY_MASK": "0,1,2,3,4,5"}}
     inst = plan.expanded().to_dict()["instances"][0]  # `aegis plan --json --all`: every instance explicit
     assert {"name", "model", "port", "tensor_parallel_size", "pipeline_parallel_size", "placement"} <= set(inst)
-    assert inst["placement"] == [{"node": 0, "devices": ["0", "1", "2", "3", "4", "5"], "cpus": "1-51",
+    assert inst["placement"] == [{"node": 0, "devices": ["0", "1", "2", "3", "4", "5"], "cpus": "1-48",
                                   "env": {"ZE_AFFINITY_MASK": "0,1,2,3,4,5"}}]
 
 

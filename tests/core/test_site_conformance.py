@@ -212,7 +212,11 @@ def test_aurora_engine_environment_and_cores(tmp_path):
         assert r.env["https_proxy"] == "http://proxy.alcf.anl.gov:3128"
         assert 0 not in r.cpus and 52 not in r.cpus
         assert r.argv[r.argv.index("--host") + 1] == "x4102c5s2b0n0.hsn.cm.aurora.alcf.anl.gov"
-    assert set(ranks[0].cpus) <= set(parse_ranges("1-51"))
+    # ALCF-AJ: one rank per tile bound with --cpu-bind=list:1-8:9-16:17-24:25-32:33-40:41-48:53-60:...:93-100
+    alcf = "1-8:9-16:17-24:25-32:33-40:41-48:53-60:61-68:69-76:77-84:85-92:93-100".split(":")
+    site = load_site("aurora")
+    assert [site.cpus_of_device(t) for t in range(12)] == [parse_ranges(c) for c in alcf]
+    assert ranks[0].cpus == parse_ranges("1-32")
     assert load_site("aurora").engine_versions["vllm"] == "0.15.0"
 
 
