@@ -160,4 +160,5 @@ def test_pbs_backend_through_the_wrappers(slurm_cluster, tmp_path):
     proc = aegis(slurm_cluster, "submit", cfg, "--site-file", SITES / "testcluster-pbs.yaml", "--run-dir",
                  tmp_path / "r2", "--queue", "nosuch")
     assert proc.returncode == 1 and "invalid partition specified: nosuch" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    errors = [line for line in proc.stderr.strip().splitlines() if not line.startswith("aegis: warning: ")]
+    assert len(errors) == 1  # the warnings: the model's config.json is not on this machine
