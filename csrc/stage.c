@@ -36,7 +36,8 @@ static struct {
     uint64_t chunk;
     int window, threads, verify, force, unpack, json, per_rank;
     const char *hf_repo, *hf_revision;
-} O = {NULL, NULL, 16ull << 20, 8, 4, 0, 0, 0, 0, 0, NULL, NULL};
+    const char *private_dir; /* DEST's ancestor that must be this user's alone (0700) */
+} O = {NULL, NULL, 16ull << 20, 8, 4, 0, 0, 0, 0, 0, NULL, NULL, NULL};
 
 /* ---------------------------------------------------------------- node state */
 typedef struct {
@@ -785,6 +786,35 @@ static void setup_paths(void)
     }
 }
 
+/* Create DIR 0700, or fail this node when an existing DIR is not ours alone (another owner, group or
+ * other permissions, a link). */
+static void check_private_dir(const char *dir)
+{
+    char err[400], parent[PATH_MAX];
+    snprintf(parent, sizeof parent, "%s", dir);
+    char *slash = strrchr(parent, '/');
+    if (slash && slash != parent) {
+        *slash = 0;
+        if (mkdirs(parent, err, sizeof err) != 0) {
+            node_fail("%s", err);
+            return;
+        }
+    }
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+        node_fail("cannot create the private directory %s: %s", dir, strerror(errno));
+        return;
+    }
+    struct stat st;
+    if (lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        node_fail("%s is not a directory (a link or a file is in the way); remove it", dir);
+        return;
+    }
+    if (st.st_uid != geteuid() || (st.st_mode & 077))
+        node_fail("%s is not private (owner uid %u, mode %04o; this user is uid %u and needs 0700): another "
+                  "user may have put files there; remove it", dir, (unsigned)st.st_uid,
+                  (unsigned)(st.st_mode & 07777), (unsigned)geteuid());
+}
+
 /* Create directories, check space, remove a stale marker. */
 static void prepare(void)
 {
@@ -1086,6 +1116,7 @@ static void usage(FILE *f)
             "  --hf-repo ORG/NAME  write DEST as a Hugging Face hub cache (models--ORG--NAME/snapshots/REV)\n"
             "  --hf-revision REV   snapshot name (default: the manifest digest)\n"
             "  --json              print the summary as one JSON object\n"
+            "  --private-dir DIR   DEST's ancestor that must be this user's alone (created 0700, else refused)\n"
             "  --per-rank          testing only: every rank acts as its own node\n"
             "DEST may contain {rank}, {node} and {host}.\n");
 }
@@ -1098,6 +1129,7 @@ static void parse_args(int argc, char **argv)
         {"force", no_argument, 0, 'f'},            {"unpack", no_argument, 0, 'u'},
         {"hf-repo", required_argument, 0, 'r'},    {"hf-revision", required_argument, 0, 'R'},
         {"json", no_argument, 0, 'j'},             {"per-rank", no_argument, 0, 'p'},
+        {"private-dir", required_argument, 0, 'P'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     int c;
     opterr = 0;
@@ -1123,6 +1155,7 @@ static void parse_args(int argc, char **argv)
         case 'R': O.hf_revision = optarg; break;
         case 'j': O.json = 1; break;
         case 'p': O.per_rank = 1; break;
+        case 'P': O.private_dir = optarg; break;
         case 'h': usage(stdout); exit(0);
         default: die_usage("unknown option %s; see aegis-stage --help", argv[optind - 1]);
         }
@@ -1136,6 +1169,12 @@ static void parse_args(int argc, char **argv)
         if (!slash || strchr(slash + 1, '/') || slash == O.hf_repo || !slash[1] || strstr(O.hf_repo, ".."))
             die_usage("--hf-repo %s is not of the form ORG/NAME", O.hf_repo);
         if (O.unpack) die_usage("--hf-repo and --unpack cannot be combined");
+    }
+    if (O.private_dir) {
+        size_t n = strlen(O.private_dir);
+        while (n > 1 && O.private_dir[n - 1] == '/') n--;
+        if (strncmp(O.dest, O.private_dir, n) != 0 || O.dest[n] != '/')
+            die_usage("--private-dir %s must hold DEST (%s)", O.private_dir, O.dest);
     }
     if (O.hf_revision && (strchr(O.hf_revision, '/') || !O.hf_revision[0] || strstr(O.hf_revision, "..")))
         die_usage("--hf-revision %s must be a plain name", O.hf_revision);
@@ -1256,7 +1295,13 @@ int main(int argc, char **argv)
     int have = 0;
     char vbase[PATH_MAX];
     dest_base(vbase);
-    if (!O.force && read_marker(S.marker, &mk) == 0) {
+    /* only in a directory that is ours alone: a marker and files planted by another user never count */
+    if (O.private_dir) {
+        char priv[PATH_MAX];
+        expand_dest(O.private_dir, priv);
+        check_private_dir(priv);
+    }
+    if (!O.force && !S.failed && read_marker(S.marker, &mk) == 0) {
         have = !strcmp(mk.digest, S.digest);
         if (have && !O.unpack)
             have = tree_matches();

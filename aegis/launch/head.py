@@ -47,6 +47,16 @@ READY_PROBE_INTERVAL = 5.0  # seconds between health probes of a ready instance 
 QUIET_ABOVE = 32  # more instances than this: progress lines instead of one line per instance
 
 
+def user() -> str:
+    """This user's name (the node-local staging directory is aegis-<user>)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 def safe(echo: Callable[[str], None]) -> Callable[[str], None]:
     """`echo` that never raises: the head's output file may sit on a full filesystem."""
     def say(msg: str) -> None:
@@ -338,7 +348,8 @@ class Head:
         from aegis.staging import stage
 
         staged = {}
-        root = Path(os.path.expandvars(os.path.expanduser(self.site.local_storage))) / "aegis-models"
+        private = Path(os.path.expandvars(os.path.expanduser(self.site.local_storage))) / f"aegis-{user()}"
+        root = private / "models"  # inside a 0700 directory of this user's, checked on every node
         for spec in self.cfg.models:
             if not spec.model_source:
                 continue
@@ -347,7 +358,8 @@ class Head:
             dest = root / "hub" / src.name if hf_layout else root / spec.short_name
             self.echo(f"aegis: staging {src} to {dest} on {len(self.alloc.hosts)} node(s)")
             t0 = time.monotonic()
-            summary = stage(str(src), str(dest), launcher=per_node_step(self.site, len(self.alloc.hosts), []))
+            summary = stage(str(src), str(dest), launcher=per_node_step(self.site, len(self.alloc.hosts), []),
+                            private_dir=str(private))
             skipped, nodes = summary.get("skipped_nodes", 0), len(self.alloc.hosts)
             note = " (already there)" if skipped == nodes else f" ({skipped} node(s) had it already)" if skipped else ""
             self.echo(f"aegis: staged {summary.get('bytes', 0) / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s{note}")

@@ -14,6 +14,7 @@ import os
 import queue
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -94,10 +95,13 @@ class _Node:
                 os.close(fd)
 
     # ------------------------------------------------------------ paths and markers
+    def expand(self, path: str) -> str:
+        """{rank}, {node} and {host} of this rank in `path`."""
+        return path.replace("{rank}", str(self.wrank)).replace("{node}", str(self.lrank)).replace("{host}", self.host)
+
     def setup_paths(self) -> None:
         o = self.o
-        dest = o.dest.replace("{rank}", str(self.wrank)).replace("{node}", str(self.lrank))
-        self.dest = dest.replace("{host}", self.host)
+        self.dest = self.expand(o.dest)
         self.hf_model = None
         if o.unpack:
             self.root = os.path.dirname(self.dest) or "."
@@ -445,6 +449,24 @@ class _FileState:
         self.lock = threading.Lock()
 
 
+def private_dir_problem(path: str) -> str | None:
+    """Create `path` 0700, or say why an existing one is not private (another owner, open to others, a link)."""
+    try:
+        os.makedirs(os.path.dirname(path.rstrip("/")) or "/", exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return f"cannot create the private directory {path}: {exc.strerror}"
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory (a link or a file is in the way); remove it"
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return (f"{path} is not private (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}; this user is "
+                f"uid {os.geteuid()} and needs 0700): another user may have put files there; remove it")
+    return None
+
+
 def _mkdirs(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
@@ -524,9 +546,14 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
     node.src = os.fsencode(opts.src)
     node.setup_paths()
 
-    # 2. which nodes already hold exactly this content?
+    # 2. which nodes already hold exactly this content? (Only in a directory that is ours alone: a
+    # marker and files planted by another user must never count.)
+    if opts.private_dir:
+        why = private_dir_problem(node.expand(opts.private_dir))
+        if why:
+            node.fail(why)
     have = False
-    mk = None if opts.force else mf.read_marker(node.marker)
+    mk = None if (opts.force or node.failed) else mf.read_marker(node.marker)
     if mk and mk["manifest_sha256"] == node.digest:
         if opts.unpack:
             have = os.path.isdir(node.dest) and mk["chunk_size"] == node.C

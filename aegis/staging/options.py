@@ -37,6 +37,7 @@ class StageOptions:
     hf_revision: str | None = None
     json: bool = False
     per_rank: bool = False
+    private_dir: str | None = None  # DEST's private ancestor: created 0700, or refused unless ours and 0700
 
     def validate(self) -> StageOptions:
         """Raise UsageError for values both implementations reject."""
@@ -52,6 +53,8 @@ class StageOptions:
                 raise UsageError(f"--hf-repo {self.hf_repo} is not of the form ORG/NAME")
             if self.unpack:
                 raise UsageError("--hf-repo and --unpack cannot be combined")
+        if self.private_dir is not None and not self.dest.startswith(self.private_dir.rstrip("/") + "/"):
+            raise UsageError(f"--private-dir {self.private_dir} must hold DEST ({self.dest})")
         if self.hf_revision is not None and (not self.hf_revision or "/" in self.hf_revision
                                              or ".." in self.hf_revision):
             raise UsageError(f"--hf-revision {self.hf_revision} must be a plain name")
@@ -68,4 +71,6 @@ class StageOptions:
             out += ["--hf-repo", self.hf_repo]
         if self.hf_revision:
             out += ["--hf-revision", self.hf_revision]
+        if self.private_dir:
+            out += ["--private-dir", self.private_dir]
         return out + ["--", self.src, self.dest]

@@ -1,5 +1,7 @@
 """Launcher failure paths with real processes: an engine that cannot start, a startup timeout, TP=2."""
 import json
+import os
+import stat
 
 import pytest
 
@@ -35,11 +37,14 @@ def test_tensor_parallel_2_on_two_cores_from_staged_weights(fleet_factory, vllm_
     fleet = fleet_factory(tensor_parallel_size=2, model="aegis-test/tiny", name="tiny",
                           model_source=str(vllm_env.model_dir))
     staged = json.loads((fleet.run_dir / "staged.json").read_text())
-    assert staged == {"tiny": {"model": "/tmp/aegis-models/tiny"}}
+    import pwd
+    private = f"/tmp/aegis-{pwd.getpwuid(os.geteuid()).pw_name}"
+    assert staged == {"tiny": {"model": f"{private}/models/tiny"}}
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700  # ours alone (issue 17)
     inst = fleet.endpoints()["instances"][0]
     assert inst["devices"] == ["0", "1"] and inst["model"] == "aegis-test/tiny"
     cmdline = open(f"/proc/{inst['pid']}/cmdline", "rb").read().split(b"\0")
-    assert cmdline[cmdline.index(b"--model") + 1] == b"/tmp/aegis-models/tiny"
+    assert cmdline[cmdline.index(b"--model") + 1] == f"{private}/models/tiny".encode()
     assert "staging" in fleet.log.read_text()
     env = open(f"/proc/{inst['pid']}/environ", "rb").read().split(b"\0")
     assert b"VLLM_CPU_OMP_THREADS_BIND=0|1" in env

@@ -257,3 +257,25 @@ def test_native_binary_rejects_bad_options():
 
     proc = subprocess.run([find_binary(), "--chunk-size", "3", "a", "b"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("aegis: error: --chunk-size 3")
+
+
+@pytest.mark.slow
+def test_private_dir_is_created_0700_and_a_planted_one_refused(impl, model, tmp_path):
+    """Issue 17: staged weights lived at a shared, predictable node-local path; another user who planted a
+    marker and matching files there got them loaded. --private-dir (aegis launch passes
+    <local_storage>/aegis-<user>) is created 0700, and one owned by another user, or open to others, fails
+    that node before any marker is trusted."""
+    dest = tmp_path / "node{rank}" / "aegis-me" / "models" / "m"
+    s = ok(run_stage(impl, 2, model, dest, "--private-dir", str(tmp_path / "node{rank}" / "aegis-me"), *CHUNK))
+    assert s["failed_nodes"] == 0
+    for r in range(2):
+        assert os.stat(tmp_path / f"node{r}" / "aegis-me").st_mode & 0o777 == 0o700
+        assert tree_digest(tmp_path / f"node{r}" / "aegis-me" / "models" / "m") == tree_digest(model)
+    os.chown(tmp_path / "node1" / "aegis-me", 65534, 65534)  # as if another user (nobody) had made it first
+    os.chmod(tmp_path / "node0" / "aegis-me", 0o755)  # open to others
+    proc = run_stage(impl, 2, model, dest, "--private-dir", str(tmp_path / "node{rank}" / "aegis-me"), *CHUNK)
+    assert proc.returncode != 0 and summary(proc)["failed_nodes"] == 2 and summary(proc)["skipped_nodes"] == 0
+    assert "is not private (owner uid 65534, mode 0700" in proc.stderr
+    assert "mode 0755" in proc.stderr and "Traceback" not in proc.stderr
+    bad = run_stage(impl, 1, model, tmp_path / "elsewhere", "--private-dir", str(tmp_path / "priv"))
+    assert bad.returncode == 2 and "must hold DEST" in bad.stderr
