@@ -815,6 +815,18 @@ static void check_private_dir(const char *dir)
                   (unsigned)(st.st_mode & 07777), (unsigned)geteuid());
 }
 
+/* Remove temporaries an earlier, interrupted staging of other content left in DEST. */
+static int drop_stale_part(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    const char *name = path + ftw->base;
+    char mine[32];
+    snprintf(mine, sizeof mine, ".aegis-part.%.8s.", S.digest);
+    if (flag == FTW_F && !strncmp(name, ".aegis-part.", 12) && strncmp(name, mine, strlen(mine)) != 0)
+        unlink(path);
+    return 0;
+}
+
 /* Create directories, check space, remove a stale marker. */
 static void prepare(void)
 {
@@ -824,6 +836,7 @@ static void prepare(void)
         node_fail("%s", err);
         return;
     }
+    nftw(S.root, drop_stale_part, 32, FTW_PHYS);
     for (size_t i = 0; i < S.m.n; i++) {
         if (S.m.e[i].type != 'd')
             continue;

@@ -121,6 +121,17 @@ class _Node:
         self.broot = os.fsencode(self.root)
         self.vbase = self.broot + b"/" + self.m.entries[0].path if self.single else self.broot
 
+    def drop_stale_parts(self) -> None:
+        """Remove temporaries an earlier, interrupted staging of other content left in DEST."""
+        mine = f".aegis-part.{self.digest[:8]}."
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith(".aegis-part.") and not name.startswith(mine):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                    except OSError:
+                        pass
+
     def prepare(self) -> None:
         try:
             os.unlink(self.marker)
@@ -128,6 +139,7 @@ class _Node:
             pass
         try:
             _mkdirs(self.root)
+            self.drop_stale_parts()
             for e in self.m.entries:
                 if e.type == "d":
                     p = self.broot + b"/" + e.path

@@ -1,6 +1,7 @@
 """Options of `aegis stage`, validated once and turned into either implementation's argv."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -53,6 +54,11 @@ class StageOptions:
                 raise UsageError(f"--hf-repo {self.hf_repo} is not of the form ORG/NAME")
             if self.unpack:
                 raise UsageError("--hf-repo and --unpack cannot be combined")
+        src = os.path.realpath(self.src)
+        dest = os.path.realpath(self.dest.split("{", 1)[0] or ".")
+        if dest == src or dest.startswith(src.rstrip("/") + "/"):
+            raise UsageError(f"DEST {self.dest} is inside SRC {self.src}: each staging would copy the last one; "
+                             "choose a DEST outside SRC")
         if self.private_dir is not None and not self.dest.startswith(self.private_dir.rstrip("/") + "/"):
             raise UsageError(f"--private-dir {self.private_dir} must hold DEST ({self.dest})")
         if self.hf_revision is not None and (not self.hf_revision or "/" in self.hf_revision

@@ -236,7 +236,8 @@ def test_usage_errors_are_one_line(args, message, tmp_path):
 
 
 def test_missing_native_tool_is_a_usage_error(tmp_path):
-    proc = subprocess.run([os.sys.executable, "-m", "aegis", "stage", "--impl", "native", str(tmp_path),
+    (tmp_path / "src").mkdir()
+    proc = subprocess.run([os.sys.executable, "-m", "aegis", "stage", "--impl", "native", str(tmp_path / "src"),
                            str(tmp_path / "d")], capture_output=True, text=True,
                           env=mpi_env({"AEGIS_STAGE_BIN": str(tmp_path / "nope")}))
     assert proc.returncode == 2 and "the compiled aegis-stage is not installed" in proc.stderr
@@ -244,8 +245,9 @@ def test_missing_native_tool_is_a_usage_error(tmp_path):
 
 def test_fallback_without_mpi4py_is_one_line(tmp_path):
     """mpi4py is an extra (aegis-hpc[mpi]): without it the fallback says how to get it, no traceback."""
+    (tmp_path / "src").mkdir()
     code = ("import sys; sys.modules['mpi4py'] = None; from aegis.cli import main; "
-            f"main(['stage', '--impl', 'mpi4py', {str(tmp_path)!r}, {str(tmp_path / 'd')!r}])")
+            f"main(['stage', '--impl', 'mpi4py', {str(tmp_path / 'src')!r}, {str(tmp_path / 'd')!r}])")
     proc = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "pip install 'aegis-hpc[mpi]'" in proc.stderr and "Traceback" not in proc.stderr
@@ -279,3 +281,21 @@ def test_private_dir_is_created_0700_and_a_planted_one_refused(impl, model, tmp_
     assert "mode 0755" in proc.stderr and "Traceback" not in proc.stderr
     bad = run_stage(impl, 1, model, tmp_path / "elsewhere", "--private-dir", str(tmp_path / "priv"))
     assert bad.returncode == 2 and "must hold DEST" in bad.stderr
+
+
+@pytest.mark.slow
+def test_stale_temporaries_are_dropped_and_dest_inside_src_refused(impl, model, tmp_path):
+    """Issue 17: full-size .aegis-part.* temporaries of an interrupted staging of other content stayed in DEST
+    forever; DEST inside SRC was accepted (each staging would copy the last one)."""
+    dest = tmp_path / "node{rank}" / "model"
+    for r in range(2):
+        sub = tmp_path / f"node{r}" / "model" / "sub"
+        sub.mkdir(parents=True)
+        (sub.parent / ".aegis-part.deadbeef.0").write_bytes(b"\0" * 4096)
+        (sub / ".aegis-part.deadbeef.7").write_bytes(b"\0" * 4096)
+    ok(run_stage(impl, 2, model, dest, *CHUNK))
+    for r in range(2):
+        assert not leftovers(tmp_path / f"node{r}" / "model")
+        assert not list((tmp_path / f"node{r}" / "model").rglob(".aegis-part.*"))
+    inside = run_stage(impl, 1, model, model / "copy", *CHUNK)
+    assert inside.returncode == 2 and "is inside SRC" in inside.stderr and "Traceback" not in inside.stderr
