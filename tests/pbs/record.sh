@@ -1,0 +1,120 @@
+#!/bin/bash
+# shellcheck source-path=SCRIPTDIR
+# Record real command outputs from the running OpenPBS test complex (start.sh)
+# for the parser tests: qsub, qstat -f -F json -x and plain qstat -f of jobs in
+# every state aegis tells apart, qdel, and the error cases. Every file is the
+# command's stdout; NAME.stderr and NAME.rc hold its stderr (when not empty)
+# and exit status. The jobs run as $AEGIS_PBS_USER (qsub -u), as on a real
+# site; the root-*.json files show what differs when jobs run as root.
+#
+#   bash tests/pbs/record.sh [OUT_DIR]     # default: tests/pbs/recorded
+#
+# Takes about 30 s (the SIGTERM-ignoring job is killed 10 s after its qdel).
+set -uo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+out="$(realpath -m "${1:-$PBS_TESTS_DIR/recorded}")"
+[ -f "$STATE/pbs.env" ] || die "the complex is not running (bash tests/pbs/start.sh)"
+mkdir -p "$out"
+export PBS_CONF_FILE="$PBS_CONF"
+B="$PREFIX/bin"
+work="$STATE/shared/record"
+rm -rf "$work"
+mkdir -p "$work"
+chmod 1777 "$work"
+cd "$work" || exit 1
+
+# sub NAME QSUB_ARGS... <SCRIPT: submit, keep qsub's stdout/stderr/rc, print the id.
+sub() {
+    local name="$1"; shift
+    cat >"$work/$name.sh"
+    chmod 644 "$work/$name.sh"
+    "$B/qsub" -N "$name" -j oe -o "$work/$name.out" "$@" "$work/$name.sh" \
+        >"$out/qsub-$name.txt" 2>"$out/qsub-$name.txt.stderr"
+    echo $? >"$out/qsub-$name.txt.rc"
+    [ -s "$out/qsub-$name.txt.stderr" ] || rm -f "$out/qsub-$name.txt.stderr"
+    cat "$out/qsub-$name.txt"
+}
+state_of() {
+    "$B/qstat" -f -F json -x "$1" 2>/dev/null |
+        python3 -c 'import json,sys; print(next(iter(json.load(sys.stdin)["Jobs"].values()))["job_state"])' 2>/dev/null
+}
+# waitstate ID STATE SECONDS
+waitstate() {
+    local i
+    for ((i = 0; i < $3 * 5; i++)); do
+        [ "$(state_of "$1")" = "$2" ] && return 0
+        sleep 0.2
+    done
+    say "timed out waiting for $1 to reach state $2 (it is $(state_of "$1"))"
+    return 1
+}
+# rec FILE COMMAND...: stdout to FILE, stderr to FILE.stderr (if any), exit status to FILE.rc.
+rec() {
+    local f="$1"; shift
+    "$@" >"$out/$f" 2>"$out/$f.stderr"
+    echo $? >"$out/$f.rc"
+    [ -s "$out/$f.stderr" ] || rm -f "$out/$f.stderr"
+}
+
+U=(-u "$JOB_USER")
+# shellcheck disable=SC2016  # $(hostname) is for the job's shell
+ok=$(printf 'echo hello from $(hostname)\n' | sub ok "${U[@]}")
+failed=$(printf 'echo failing\nexit 3\n' | sub failed "${U[@]}")
+running=$(printf 'sleep 300\n' | sub running "${U[@]}" -l select=2:ncpus=1 -l place=scatter)
+deleted=$(printf 'sleep 300\n' | sub deleted "${U[@]}")
+walltime=$(printf 'sleep 300\n' | sub walltime "${U[@]}" -l walltime=00:00:05)
+held=$(printf 'true\n' | sub held "${U[@]}" -h)
+never=$(printf 'true\n' | sub never "${U[@]}" -l select=1:ncpus=999)
+stubborn=$(printf 'trap "" TERM\nsleep 300\n' | sub stubborn "${U[@]}")
+root_deleted=$(printf 'sleep 300\n' | sub root-deleted)
+for id in "$ok" "$failed"; do waitstate "$id" F 90; done
+for id in "$running" "$deleted" "$stubborn" "$root_deleted"; do waitstate "$id" R 90; done
+sleep 3   # let the moms sample the running jobs (resources_used)
+
+rec qstat-f-json-running.json "$B/qstat" -f -F json -x "$running"
+rec qstat-f-running.txt "$B/qstat" -f "$running"
+rec qstat-f-json-held.json "$B/qstat" -f -F json -x "$held"
+rec qstat-f-json-never-runs.json "$B/qstat" -f -F json -x "$never"
+rec qstat-f-json-no-ids.json "$B/qstat" -f -F json
+rec qdel-running.txt "$B/qdel" "$deleted"
+rec qdel-root-running.txt "$B/qdel" "$root_deleted"
+rec qdel-stubborn.txt "$B/qdel" "$stubborn"   # ignores SIGTERM: killed after kill_delay (10 s)
+rec qstat-f-json-stubborn-after-qdel.json "$B/qstat" -f -F json -x "$stubborn"
+rec qdel-held.txt "$B/qdel" "$held"
+rec qdel-never-runs.txt "$B/qdel" "$never"
+for id in "$deleted" "$root_deleted" "$held" "$never"; do waitstate "$id" F 90; done
+waitstate "$walltime" F 120
+waitstate "$stubborn" F 60
+
+for pair in ok:"$ok" failed:"$failed" deleted:"$deleted" walltime:"$walltime" \
+    held-deleted:"$held" never-runs-deleted:"$never" stubborn-deleted:"$stubborn"; do
+    rec "qstat-f-json-${pair%%:*}.json" "$B/qstat" -f -F json -x "${pair#*:}"
+    rec "qstat-fx-${pair%%:*}.txt" "$B/qstat" -f -x "${pair#*:}"
+done
+rec root-qstat-f-json-deleted.json "$B/qstat" -f -F json -x "$root_deleted"
+rec qstat-f-json-several.json "$B/qstat" -f -F json -x "$ok" "$failed" "$running" "$walltime"
+rec qstat-fx-several.txt "$B/qstat" -f -x "$ok" "$failed" "$running" "$walltime"
+rec qstat-f-finished-without-x.txt "$B/qstat" -f "$ok"
+rec qstat-f-json-finished-without-x.json "$B/qstat" -f -F json "$ok"
+rec qstat-f-json-bare-number.json "$B/qstat" -f -F json -x "${ok%%.*}"
+rec qstat-f-json-unknown.json "$B/qstat" -f -F json -x "99999.$SERVER_NAME"
+rec qstat-f-json-known-and-unknown.json "$B/qstat" -f -F json -x "$ok" "99999.$SERVER_NAME"
+rec qstat-f-unknown.txt "$B/qstat" -f -x "99999.$SERVER_NAME"
+rec qstat-x.txt "$B/qstat" -x
+rec qdel-unknown.txt "$B/qdel" "99999.$SERVER_NAME"
+rec qdel-finished.txt "$B/qdel" "$ok"
+rec qsub-bad-queue.txt "$B/qsub" -q nosuchqueue "$work/ok.sh"
+rec qsub-over-queue-limit.txt "$B/qsub" -q debug -l walltime=02:00:00 "$work/ok.sh"
+rec qstat-B.txt "$B/qstat" -B
+rec pbsnodes-av.txt "$B/pbsnodes" -av
+rec qstat-version.txt "$B/qstat" --version
+"$B/qdel" "$running" >/dev/null 2>&1
+waitstate "$running" F 60
+rec qstat-f-json-multinode-deleted.json "$B/qstat" -f -F json -x "$running"
+for f in "$work"/*.out; do cp "$f" "$out/job-$(basename "$f")"; done
+{
+    echo "ok=$ok failed=$failed running=$running deleted=$deleted walltime=$walltime"
+    echo "held=$held never=$never stubborn=$stubborn root_deleted=$root_deleted"
+} >"$out/job-ids.txt"
+say "recorded into $out: $(tr '\n' ' ' <"$out/job-ids.txt")"
