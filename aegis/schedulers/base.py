@@ -142,7 +142,7 @@ class Scheduler:
 
 
 def run_command(argv: list[str], timeout: float = 60, cwd: str | None = None,
-                what: str | None = None) -> subprocess.CompletedProcess:
+                what: str | None = None, ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     """Run a scheduler command; a missing binary, a hang or a failure is one clear SchedulerError."""
     what = what or argv[0]
     log.debug("$ %s%s", shlex.join(argv), f"  (in {cwd})" if cwd else "")
@@ -155,7 +155,7 @@ def run_command(argv: list[str], timeout: float = 60, cwd: str | None = None,
         raise SchedulerError(f"{what} did not answer within {timeout:.0f} s; the scheduler may be "
                              "overloaded, try again") from None
     log.debug("exit %d: %s", proc.returncode, " ".join((proc.stdout or proc.stderr or "").split())[:300])
-    if proc.returncode != 0:
+    if proc.returncode not in ok_codes:
         detail = " ".join((proc.stderr or proc.stdout or "").split()) or f"exit status {proc.returncode}"
         raise SchedulerError(f"{what} failed: {detail}")
     return proc

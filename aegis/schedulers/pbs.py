@@ -17,6 +17,9 @@ STATES = {
 }
 EXIT_WALLTIME = -29  # PBS Pro JOB_EXEC_KILL_WALLTIME
 SIGNAL_BASE = 256  # Exit_status 256+N: killed by signal N (qdel sends SIGTERM: 271)
+SUBSTATE_TERMINATED = "91"  # PBS Pro JOB_SUBSTATE_TERMINATED: finished because it was deleted
+UNKNOWN_JOB = 153  # qstat/qdel exit status for an id the server does not know (PBSE_UNKJOBID - 15000)
+JOB_FINISHED = 35  # qdel exit status for a job that has already finished
 
 
 def pbs_time(walltime: str) -> str:
@@ -26,7 +29,17 @@ def pbs_time(walltime: str) -> str:
 
 
 def _finished_state(attrs: dict) -> JobState:
+    """How a finished job (F/X) ended, as the real server records it (tests/pbs/recorded/): the walltime first
+    (Exit_status -29, "exceeded resource walltime"), then a deletion (substate 91, "... and terminated by
+    USER" whatever the exit status: 271, 143, or 0 for a root job; no Exit_status when it never ran), then
+    the exit status."""
     raw_code = attrs.get("Exit_status", attrs.get("exit_status"))
+    comment = str(attrs.get("comment", "")).lower()
+    substate = str(attrs.get("substate", ""))
+    if str(raw_code) == str(EXIT_WALLTIME) or "walltime" in comment:
+        return JobState.TIMEOUT
+    if substate == SUBSTATE_TERMINATED or "terminated" in comment or "deleted" in comment:
+        return JobState.CANCELLED
     if raw_code is None:
         # Torque-style 'C' without an exit status (e.g. Slurm's qstat wrapper): it ended, outcome unknown.
         return JobState.COMPLETED if attrs.get("job_state") in ("F", "X") else JobState.UNKNOWN
@@ -34,12 +47,9 @@ def _finished_state(attrs: dict) -> JobState:
         code = int(raw_code)
     except (TypeError, ValueError):
         return JobState.UNKNOWN
-    comment = str(attrs.get("comment", "")).lower()
     if code == 0:
         return JobState.COMPLETED
-    if code == EXIT_WALLTIME or "walltime" in comment:
-        return JobState.TIMEOUT
-    if "deleted" in comment or code == SIGNAL_BASE + 15:
+    if code == SIGNAL_BASE + 15:
         return JobState.CANCELLED
     return JobState.FAILED
 
@@ -81,7 +91,7 @@ def parse_qstat_full(text: str) -> dict[str, JobInfo]:
             key = m.group(1)
             current[key] = m.group(2)
         elif line.startswith("\t") and key:
-            current[key] += line.strip()
+            current[key] += line[1:]  # a long value wraps anywhere, even inside a word: only the tab goes
     return {jid: _info(jid, attrs) for jid, attrs in jobs.items()}
 
 
@@ -128,27 +138,36 @@ class PBSScheduler(Scheduler):
         return job_id
 
     def status(self, job_ids: list[str], run_dirs: dict | None = None) -> dict[str, JobInfo]:
-        """One qstat for all jobs (-x includes finished ones); plain `qstat -f` where JSON is missing."""
+        """One `qstat -f -F json -x` for all jobs, then plain `qstat -f -x` for those it left out.
+
+        OpenPBS prints only the first job of several in JSON (openpbs/openpbs#2672) and exits 153 when
+        one id is unknown, with the others still on stdout; servers without JSON get plain qstat -f.
+        """
         try:
-            proc = run_command(["qstat", "-f", "-F", "json", "-x", *job_ids], what="qstat", timeout=self.timeout)
-            found = parse_qstat_json(proc.stdout)
-        except (SchedulerError, ValueError) as exc:
-            if isinstance(exc, SchedulerError) and "Unknown Job Id" in str(exc):
-                found = {}
-            else:
-                try:
-                    proc = run_command(["qstat", "-f", *job_ids], what="qstat", timeout=self.timeout)
-                    found = parse_qstat_full(proc.stdout)
-                except SchedulerError as exc2:
-                    # PBS Pro: "Unknown Job Id"; Torque-style qstat: exit 153 and no message.
-                    if not any(m in str(exc2) for m in ("Unknown Job Id", "Invalid job id", "exit status 153")):
-                        raise
-                    found = {}
+            proc = run_command(["qstat", "-f", "-F", "json", "-x", *job_ids], what="qstat", timeout=self.timeout,
+                               ok_codes=(0, UNKNOWN_JOB))
+            found = parse_qstat_json(proc.stdout) if proc.stdout.strip() else {}
+            missing = [j for j in job_ids if not any(_same_job(key, j) for key in found)]
+            if missing and proc.returncode == 0:  # left out, not unknown: ask again in plain text
+                found.update(self._plain(missing, "-x"))
+        except (SchedulerError, ValueError):
+            found = self._plain(job_ids)
         out = {}
         for jid in job_ids:
             match = next((info for key, info in found.items() if _same_job(key, jid)), None)
             out[jid] = match or JobInfo(job_id=jid, state=JobState.UNKNOWN)
         return out
 
+    def _plain(self, job_ids: list[str], *flags: str) -> dict[str, JobInfo]:
+        try:
+            proc = run_command(["qstat", "-f", *flags, *job_ids], what="qstat", timeout=self.timeout,
+                               ok_codes=(0, UNKNOWN_JOB))
+        except SchedulerError as exc:
+            # Torque-style qstat: exit 153 and no message; older PBS: "Invalid job id".
+            if not any(m in str(exc) for m in ("Unknown Job Id", "Invalid job id", "exit status 153")):
+                raise
+            return {}
+        return parse_qstat_full(proc.stdout)
+
     def cancel(self, job_id: str) -> None:
-        run_command(["qdel", job_id], what="qdel", timeout=self.timeout)
+        run_command(["qdel", job_id], what="qdel", timeout=self.timeout, ok_codes=(0, JOB_FINISHED))
