@@ -23,19 +23,24 @@ from aegis.schedulers.jobs import describe
 from tests.launch.fleet import Fleet, aegis, free_port_block
 
 
-@pytest.fixture
-def sim_fleet(tmp_path):
-    port = free_port_block(4)
-    cfg = {"site": "local-sim", "model": "sim-small", "engine": "sim", "instances": 4, "port_start": port,
-           "extra_args": ["--decode-ms", "1", "--startup-seconds", "0.3"], "startup_timeout": 60,
-           "shutdown_grace": 10, "liveness_interval": 2, "liveness_misses": 3}
+def launch_sim(tmp_path, run, instances: int, port: int, **config) -> Fleet:
+    """`aegis launch` of `instances` simulated engines on local-sim, in the background (config: more keys)."""
+    cfg = {"site": "local-sim", "model": "sim-small", "engine": "sim", "instances": instances, "port_start": port,
+           **config}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    run = tmp_path / "run"
     log = tmp_path / "launch.log"
     proc = subprocess.Popen([sys.executable, "-m", "aegis", "launch", str(tmp_path / "c.yaml"), "--run-dir",
                              str(run)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "AEGIS_TEST_RUN": str(run)})
-    fleet = Fleet(run, proc, log)
+    return Fleet(run, proc, log)
+
+
+@pytest.fixture
+def sim_fleet(tmp_path):
+    fleet = launch_sim(tmp_path, tmp_path / "run", 4, free_port_block(4),
+                       extra_args=["--decode-ms", "1", "--startup-seconds", "0.3"], startup_timeout=60,
+                       shutdown_grace=10, liveness_interval=2, liveness_misses=3)
+    proc, run = fleet.proc, fleet.run_dir
     yield fleet
     if proc.poll() is None:
         aegis("shutdown", run, "--timeout", "60", check=False)
@@ -179,13 +184,9 @@ def test_a_port_held_by_someone_else_is_never_taken_for_ours(tmp_path):
     port = free_port_block(2)
     stranger = http.server.ThreadingHTTPServer(("127.0.0.1", port + 1), Stranger)
     threading.Thread(target=stranger.serve_forever, daemon=True).start()
-    cfg = {"site": "local-sim", "model": "sim-small", "engine": "sim", "instances": 2, "port_start": port,
-           "api_key": False, "max_restarts": 1, "startup_timeout": 60, "shutdown_grace": 5}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    run, log = tmp_path / "run", tmp_path / "launch.log"
-    proc = subprocess.Popen([sys.executable, "-m", "aegis", "launch", str(tmp_path / "c.yaml"), "--run-dir",
-                             str(run)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    fleet = Fleet(run, proc, log)
+    run = tmp_path / "run"
+    fleet = launch_sim(tmp_path, run, 2, port, api_key=False, max_restarts=1, startup_timeout=60, shutdown_grace=5)
+    proc = fleet.proc
     try:
         doc = fleet.wait(lambda d: [i["status"] for i in d["instances"]] == ["ready", "failed"], 60,
                          "instance 0 ready, instance 1 failed")
@@ -234,13 +235,9 @@ def test_a_full_run_directory_filesystem_loses_no_supervision(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(fs)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     port = free_port_block(2)
-    cfg = {"site": "local-sim", "model": "sim-small", "engine": "sim", "instances": 2, "port_start": port,
-           "startup_timeout": 60, "shutdown_grace": 5, "liveness_interval": 0}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    run, log = fs / "run", tmp_path / "launch.log"
-    proc = subprocess.Popen([sys.executable, "-m", "aegis", "launch", str(tmp_path / "c.yaml"), "--run-dir",
-                             str(run)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    fleet = Fleet(run, proc, log)
+    run = fs / "run"
+    fleet = launch_sim(tmp_path, run, 2, port, startup_timeout=60, shutdown_grace=5, liveness_interval=0)
+    proc, log = fleet.proc, fleet.log
     try:
         doc = fleet.wait(lambda d: d.get("state") == "ready", 60, "2 sim instances ready")
         victim = doc["instances"][0]
