@@ -146,6 +146,7 @@ def test_plan_commands_are_what_the_agent_runs(sim_fleet, tmp_path):
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
 
+@pytest.mark.slow  # the fault-injection suite (issue 17): in .ci/run, not the fast loop
 def test_a_hung_engine_is_restarted(sim_fleet):
     """Issue 17: an engine that is alive but does not answer (SIGSTOP) is killed and restarted after
     liveness_misses unanswered probes (here 3 x 2 s), not left holding its port until startup_timeout."""
@@ -163,6 +164,7 @@ def test_a_hung_engine_is_restarted(sim_fleet):
     assert "did not answer 3 liveness probes" in (sim_fleet.run_dir / "logs" / f"{victim['name']}.log").read_text()
 
 
+@pytest.mark.slow  # the fault-injection suite (issue 17): in .ci/run, not the fast loop
 def test_a_port_held_by_someone_else_is_never_taken_for_ours(tmp_path):
     """Issue 17: with a stranger listening on an instance's port, that instance must not be declared ready on
     the stranger's answers; its agent does not start it, says who holds the port, and it ends failed."""
@@ -201,6 +203,7 @@ def test_a_port_held_by_someone_else_is_never_taken_for_ours(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # the fault-injection suite (issue 17): in .ci/run, not the fast loop
 def test_a_killed_head_leaves_no_stale_ready(sim_fleet):
     """Issue 17: after the head is killed, endpoints.json said `ready` forever and `aegis shutdown` waited out its
     timeout. The engines go (their agents see their parent go, the engines die with their agents), and the next
@@ -224,6 +227,7 @@ def test_a_killed_head_leaves_no_stale_ready(sim_fleet):
     assert view["state"] == "failed" and {i["status"] for i in view["instances"]} == {"failed"}
 
 
+@pytest.mark.slow  # the fault-injection suite (issue 17): in .ci/run, not the fast loop
 def test_a_full_run_directory_filesystem_loses_no_supervision(tmp_path):
     """Issue 17: with the run directory's filesystem full, the agent crashed (leaving its engines alone), the head
     died with a traceback and endpoints.json stayed `ready`. Now a killed engine is still restarted while nothing
