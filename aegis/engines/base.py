@@ -99,6 +99,12 @@ class Engine:
         """Search-path variables the engine needs a folder first in (prepended to what the node has)."""
         return {}
 
+    def with_paths(self, env: dict[str, str], launch: EngineLaunch) -> dict[str, str]:
+        """`env` with path_env's folders first in their variables."""
+        for var, folder in self.path_env(launch).items():
+            env[var] = folder + (os.pathsep + env[var] if env.get(var) else "")
+        return env
+
     def key_env(self, api_key: str) -> dict[str, str]:
         """Environment that hands the engine its API key (never the command line)."""
         return {self.api_key_env: api_key} if self.api_key_env else {}

@@ -163,8 +163,7 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
             env.update(engine.feature_env(launch))
             if api_key:
                 env.update(engine.key_env(api_key))
-            for var, folder in engine.path_env(launch).items():
-                env[var] = folder + (os.pathsep + env[var] if env.get(var) else "")
+            engine.with_paths(env, launch)
             for path, text in engine.files(launch, api_key).items() if write else ():
                 engine_dir.mkdir(mode=0o700, exist_ok=True)
                 atomic_write(Path(path), text, mode=0o600)

@@ -59,7 +59,7 @@ def server(vllm_env, tmp_path_factory):
                           lora_adapters=opts.lora.resolved(), api_key=True)
     argv = engine.command(launch)
     key = secrets.token_urlsafe(24)
-    env = dict(os.environ, **BASE_ENV, **engine.feature_env(launch), **engine.key_env(key))
+    env = engine.with_paths(dict(os.environ, **BASE_ENV, **engine.feature_env(launch), **engine.key_env(key)), launch)
     log_path = tmp_path_factory.mktemp("engines-vllm") / "vllm.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
