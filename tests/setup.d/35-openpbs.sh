@@ -1,5 +1,5 @@
 # shellcheck shell=bash source=/dev/null
-# (Not yet in tests/setup.d/: see tests/pbs/README.md.)
+# (tests/pbs/README.md; tests/fixtures/pbs.py starts the complex for tests/sched/test_pbs_real.py.)
 # OpenPBS for the PBS test complex (tests/pbs/): its Debian packages
 # (tests/pbs/apt-packages.txt) and a build of the vendored source
 # (shared/vendor/openpbs-<commit>.tar.gz) into $AEGIS_CACHE/openpbs, once

@@ -1,0 +1,214 @@
+"""aegis's PBS paths against the real OpenPBS complex of tests/pbs (2 nodes): qsub, PBS_NODEFILE/PBS_JOBID,
+`qstat -f -F json -x`, qdel, walltime kills, and a simulated fleet on both nodes (issue 18).
+
+The site is tests/sched/sites/testpbs.yaml: one agent per node through Open MPI's mpiexec, whose daemons
+reach the other node through pbs_tmrsh (the fixture's aegis-tmrsh). Jobs run as root; `qsub` passes no
+environment, so every config exports PYTHONPATH (this checkout) for the job and its agents.
+"""
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from aegis.schedulers.base import JobState
+from aegis.schedulers.pbs import EXIT_WALLTIME, PBSScheduler, parse_qstat_json
+from tests.fixtures.pbs import pbs_complex  # noqa: F401
+
+SITE = Path(__file__).parent / "sites" / "testpbs.yaml"
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+# Startup too slow to finish: keeps a job running (its engines "loading") until it is ended.
+FOREVER = ["--decode-ms", "1", "--startup-seconds", "600"]
+
+
+def aegis(pbs, *args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "aegis", *map(str, args)], capture_output=True, text=True,
+                          env=pbs.env, cwd=REPO, timeout=timeout)
+
+
+def config(tmp_path, name="c.yaml", **raw):
+    path = tmp_path / name
+    raw.setdefault("env", {})["PYTHONPATH"] = str(REPO)  # the job's aegis is this checkout's
+    path.write_text(yaml.safe_dump({"model": "sim-small", "engine": "sim", "instances": 2,
+                                    "tensor_parallel_size": 2, **raw}))  # one instance per node: 2 nodes
+    return path
+
+
+def why(proc, run) -> str:
+    """A failed command's output and the end of its job's log (what the job said on the nodes)."""
+    log = run / "pbs.out"
+    tail = log.read_text()[-3000:] if log.exists() else "(no pbs.out)"
+    return f"{proc.stdout}{proc.stderr}--- {log}:\n{tail}"
+
+
+def status(pbs, run) -> dict:
+    proc = aegis(pbs, "status", run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def wait_status(pbs, run, wanted: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = status(pbs, run)
+        if doc["state"] == wanted or doc["state"] in ("completed", "failed", "cancelled", "timeout"):
+            return doc
+        assert time.monotonic() < deadline, f"still {doc['state']} after {timeout}s: {doc}"
+        time.sleep(0.5)
+
+
+def wait_engines(run, count: int, timeout: float = 60) -> None:
+    """Until `count` agents have reported and started their engines."""
+    deadline = time.monotonic() + timeout
+    while len(sim_servers()) < count or len(list((run / "nodes").glob("*.status.json"))) < count:
+        assert time.monotonic() < deadline, f"agents/engines did not start: {sim_servers()}"
+        time.sleep(0.3)
+
+
+def sim_servers() -> list[psutil.Process]:
+    """The simulated engines running on the complex's nodes (started with --host pbsnodeN)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "aegis.testing.simserver" in cmd and any(a.startswith("pbsnode") for a in cmd):
+            out.append(p)
+    return out
+
+
+def wait_no_servers(timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while sim_servers():
+        assert time.monotonic() < deadline, f"engines left behind: {[p.info['cmdline'] for p in sim_servers()]}"
+        time.sleep(0.3)
+
+
+@pytest.fixture(autouse=True)
+def delete_leftover_jobs(pbs_complex):  # noqa: F811
+    """Whatever a test submitted is deleted when it ends, also when it failed half-way."""
+    before = pbs_complex.job_ids()
+    yield
+    left = sorted(pbs_complex.job_ids() - before)
+    if left:
+        pbs_complex.run("qdel", "-W", "force", *left, check=False)
+    wait_no_servers()
+
+
+def test_check_job_on_both_nodes(pbs_complex, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    proc = aegis(pbs_complex, "submit", config(tmp_path), "--site-file", SITE, "--run-dir", run, "--check",
+                 "--wait", "--timeout", "120")
+    assert proc.returncode == 0, why(proc, run)
+    script = (run / "job.sh").read_text()
+    assert "#PBS -l select=2:ncpus=1\n" in script and "#PBS -l place=scatter\n" in script
+    assert "#PBS -q debug\n" in script and "#PBS -l filesystems=home:shared\n" in script
+    job_id = (run / "job_id").read_text().strip()
+    assert job_id.endswith(f".{pbs_complex.server}") and job_id.split(".")[0].isdigit()
+    alloc = json.loads((run / "allocation.json").read_text())  # from PBS_NODEFILE / PBS_JOBID inside the job
+    assert alloc["scheduler"] == "pbs" and alloc["job_id"] == job_id
+    assert alloc["hosts"] == list(pbs_complex.nodes)
+    check = json.loads((run / "check.json").read_text())
+    assert check["ok"] is True
+    assert [(r["index"], r["host"]) for r in check["reports"]] == list(enumerate(pbs_complex.nodes))
+    assert len({r["pid"] for r in check["reports"]}) == 2
+    # The server's own record, as the backend reads it (JSON, finished jobs with -x).
+    raw = pbs_complex.run("qstat", "-f", "-F", "json", "-x", job_id).stdout
+    info = parse_qstat_json(raw)[job_id]
+    assert info.state == JobState.COMPLETED and info.raw_state == "F" and info.exit_code == "0"
+    assert info.nodes == ",".join(pbs_complex.nodes)
+    doc = status(pbs_complex, run)
+    assert doc["job_id"] == job_id and doc["state"] == "completed" and doc["raw_state"] == "F"
+    assert doc["exit_code"] == "0" and doc["log"] == str(run / "pbs.out")
+
+
+def test_failed_job_reports_failed_with_its_exit_status(pbs_complex, tmp_path):  # noqa: F811
+    # Neither engine becomes healthy in time and none may restart: every instance fails, so does the job.
+    cfg = config(tmp_path, extra_args=FOREVER, startup_timeout=3, max_restarts=0)
+    run = tmp_path / "run"
+    proc = aegis(pbs_complex, "submit", cfg, "--site-file", SITE, "--run-dir", run, "--wait", "--timeout", "120")
+    assert proc.returncode == 3, why(proc, run)
+    job_id = (run / "job_id").read_text().strip()
+    attrs = pbs_complex.job(job_id)
+    code = attrs["Exit_status"]
+    assert attrs["job_state"] == "F" and code not in (0, EXIT_WALLTIME)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"job {job_id} ended (failed, exit code {code})" in last and str(run / "pbs.out") in last
+    doc = status(pbs_complex, run)
+    assert doc["state"] == "failed" and doc["exit_code"] == str(code)
+    ends = json.loads((run / "endpoints.json").read_text())
+    assert ends["state"] == "failed" and [i["status"] for i in ends["instances"]] == ["failed", "failed"]
+
+
+def test_cancel_running_job(pbs_complex, tmp_path, monkeypatch):  # noqa: F811
+    cfg = config(tmp_path, extra_args=FOREVER, startup_timeout=600)
+    run = tmp_path / "run"
+    proc = aegis(pbs_complex, "submit", cfg, "--site-file", SITE, "--run-dir", run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_id = json.loads(proc.stdout)["job_id"]
+    wait_engines(run, 2)
+    assert {p.info["cmdline"][p.info["cmdline"].index("--host") + 1] for p in sim_servers()} == set(
+        pbs_complex.nodes)
+    running = status(pbs_complex, run)
+    assert running["state"] == "running" and running["raw_state"] == "R"
+    assert aegis(pbs_complex, "cancel", run).returncode == 0
+    doc = wait_status(pbs_complex, run, "cancelled")
+    assert doc["state"] == "cancelled" and doc["raw_state"] == "F", doc
+    attrs = pbs_complex.job(job_id)
+    assert str(attrs["substate"]) == "91"  # deleted (root's job: its Exit_status says nothing)
+    wait_no_servers()  # the engines went with the job, on both nodes
+    for name in ("PATH", "PBS_CONF_FILE"):  # the backend in this process: the complex's qstat
+        monkeypatch.setenv(name, pbs_complex.env[name])
+    assert PBSScheduler().status([job_id])[job_id].state == JobState.CANCELLED
+    assert aegis(pbs_complex, "cancel", run).returncode == 0  # qdel of a finished job is not an error
+
+
+def test_walltime_exceeded_ends_timeout(pbs_complex, tmp_path):  # noqa: F811
+    cfg = config(tmp_path, extra_args=FOREVER, startup_timeout=600, walltime="00:00:10")
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = aegis(pbs_complex, "submit", cfg, "--site-file", SITE, "--run-dir", run, "--wait", "--timeout", "90")
+    took = time.monotonic() - t0
+    assert proc.returncode == 3, why(proc, run)
+    assert "#PBS -l walltime=00:00:10\n" in (run / "job.sh").read_text()
+    job_id = (run / "job_id").read_text().strip()
+    assert f"job {job_id} ended (timeout" in proc.stderr.strip().splitlines()[-1]
+    assert 10 <= took < 60, took
+    attrs = pbs_complex.job(job_id)
+    assert attrs["Exit_status"] == EXIT_WALLTIME
+    doc = status(pbs_complex, run)
+    assert doc["state"] == "timeout" and doc["exit_code"] == str(EXIT_WALLTIME)
+    wait_no_servers()
+
+
+def test_sim_fleet_ready_on_both_nodes_then_shutdown(pbs_complex, tmp_path):  # noqa: F811
+    cfg = config(tmp_path, extra_args=["--decode-ms", "1", "--startup-seconds", "0.3"], startup_timeout=60,
+                 shutdown_grace=10)
+    run = tmp_path / "run"
+    proc = aegis(pbs_complex, "submit", cfg, "--site-file", SITE, "--run-dir", run, "--wait", "--timeout", "120")
+    assert proc.returncode == 0, why(proc, run)
+    job_id = (run / "job_id").read_text().strip()
+    ends = json.loads((run / "endpoints.json").read_text())
+    assert ends["state"] == "ready" and ends["scheduler"] == "pbs" and ends["job_id"] == job_id
+    insts = ends["instances"]
+    assert [(i["hostname"], i["status"]) for i in insts] == [(n, "ready") for n in pbs_complex.nodes]
+    # Each engine answers from its node, with the run's key.
+    key = (run / "api_key").read_text().strip()
+    for inst in insts:
+        req = urllib.request.Request(inst["url"] + "/v1/completions", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+            data=json.dumps({"model": "sim-small", "prompt": "hi", "max_tokens": 3}).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read())["usage"]["completion_tokens"] == 3
+    assert status(pbs_complex, run)["state"] == "running"
+    proc = aegis(pbs_complex, "shutdown", run, "--timeout", "60")
+    assert proc.returncode == 0, why(proc, run)
+    doc = wait_status(pbs_complex, run, "completed")
+    assert doc["state"] == "completed" and doc["exit_code"] == "0", doc
+    assert doc["endpoints"]["state"] == "stopped"
+    assert all(i["status"] == "stopped" for i in doc["endpoints"]["instances"])
+    wait_no_servers()
