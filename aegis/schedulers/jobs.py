@@ -31,6 +31,13 @@ def describe(info: JobInfo, run: RunDir | None, site_name: str) -> list[str]:
         if log:
             lines.append(f"log: {log}")
         doc = run.read_endpoints()
+        if doc and info.state.finished and not doc.state.finished:
+            # The job is over but its head never wrote so (killed, its node lost): write the truth.
+            doc.mark_ended(f"the job ended ({info.state.value}) without its head stopping the run")
+            try:
+                doc.write(run.endpoints)
+            except OSError:
+                pass
         if doc:
             for inst in doc.instances[:SHOW_INSTANCES]:
                 lines.append(f"  {inst.name:<24} {inst.status.value:<10} {inst.url}")

@@ -245,3 +245,20 @@ def test_an_agent_silent_for_four_heartbeats_is_lost(tmp_path):
         head._update(inst, head._agent_ranks().get(inst.name, []), None)
         assert inst.status is expect, (age, inst.error)
     assert inst.error.startswith("its agent on n1 (pid 77) sent no report for 25 s: node or agent lost")
+
+
+def test_a_finished_job_leaves_no_stale_ready(tmp_path):
+    """Issue 17: a job that ended without its head writing so (killed, its node lost), seen from the login node:
+    `aegis status` writes the run and its live instances failed, with the job's end."""
+    from aegis.schedulers.base import JobInfo, JobState
+    from aegis.schedulers.jobs import describe
+
+    run = RunDir(tmp_path)
+    _endpoints(tmp_path).write(run.endpoints)
+    describe(JobInfo(job_id="7", state=JobState.RUNNING), run, "local")
+    assert EndpointsFile.read(tmp_path).state is RunState.DEGRADED  # running: nothing to repair
+    lines = describe(JobInfo(job_id="7", state=JobState.TIMEOUT), run, "local")
+    doc = EndpointsFile.read(tmp_path)
+    assert doc.state is RunState.FAILED and {i.status for i in doc.instances} == {S.FAILED}
+    assert doc.instances[0].error == "the job ended (timeout) without its head stopping the run"
+    assert any("a-0" in line and "failed" in line for line in lines)
