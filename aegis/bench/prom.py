@@ -96,7 +96,7 @@ class _Track:
     ok: int = 0
     failed: int = 0
 
-    def add(self, values: dict | None) -> None:
+    def add(self, values: dict | None, gauges: bool = True) -> None:
         if values is None:
             self.failed += 1
             return
@@ -104,7 +104,7 @@ class _Track:
         if self.first is None:
             self.first = values
         self.last = values
-        for g in GAUGES:
+        for g in GAUGES if gauges else ():
             if g in values:
                 self.gauges[g].append(values[g])
 
@@ -123,6 +123,10 @@ class _Track:
             if q is not None and h is not None:
                 out["prefix_cache_hit_rate"] = h / q if q > 0 else None
         return out
+
+
+SETTLE_S = 3.0  # seconds the scraper may wait after a run for the servers' counters to settle
+SETTLE_STEP_S = 0.25
 
 
 class Scraper:
@@ -157,20 +161,21 @@ class Scraper:
             row[k] = f"{v:.6g}" if isinstance(v, float) else v
         self._writer.writerow(row)
 
-    async def scrape_once(self, session: aiohttp.ClientSession) -> None:
+    async def scrape_once(self, session: aiohttp.ClientSession, settling: bool = False) -> None:
+        """One round over every endpoint; `settling` rounds (after the run) move the counters, not the gauges."""
         urls = list(self.targets)
         results = await asyncio.gather(*(self._one(session, u) for u in urls))
         now_rel = time.perf_counter() - self.t0
         good = []
         for url, values in zip(urls, results):
             name = self.targets[url]
-            self.tracks[name].add(values)
+            self.tracks[name].add(values, gauges=not settling)
             self._row(now_rel, name, values)
             if values is not None:
                 good.append(values)
         if good and len(good) == len(urls):
             combined = combine(good)
-            self.total.add(combined)
+            self.total.add(combined, gauges=not settling)
             self._row(now_rel, "ALL", combined)
         elif not good:
             self.total.add(None)
@@ -201,10 +206,25 @@ class Scraper:
                         await asyncio.wait_for(stop.wait(), max(nxt - time.perf_counter(), 0.0))
                     except asyncio.TimeoutError:
                         pass
-                    # one last scrape after the stop so counter deltas cover the whole run
+                # The servers count the last requests' tokens a moment after answering them: scrape
+                # again until the counters stop moving (at most SETTLE_S), so deltas cover the whole run.
+                deadline = time.perf_counter() + SETTLE_S
+                before = self._counters()
+                while before is not None and time.perf_counter() < deadline:
+                    await asyncio.sleep(SETTLE_STEP_S)
+                    await self.scrape_once(session, settling=True)
+                    now = self._counters()
+                    if now == before:
+                        break
+                    before = now
         finally:
             if self._fh:
                 self._fh.close()
+
+    def _counters(self) -> dict | None:
+        """The counters of the latest complete scrape of all endpoints (None before one)."""
+        last = self.total.last
+        return None if last is None else {c: last.get(c) for c in COUNTERS}
 
     def summary(self) -> dict:
         return {"interval_s": self.interval, "total": self.total.summary(),
