@@ -54,13 +54,13 @@ def submit(res: Resolved, run_dir: Path | None = None, check: bool = False) -> R
     if res.site.account_required and not res.config.account:
         raise ConfigError(f"site {res.site.name} needs a project to charge: set account: in the config "
                           "or pass --account NAME")
-    if run_dir:
-        path = Path(run_dir).absolute()
-        script = render_job(res, path, launch_args=("--check",) if check else ())
-    else:
-        render_job(res, default_run_dir(res.config))  # a bad config fails before any directory exists
-        path = claim(default_run_dir(res.config))
-        script = render_job(res, path, launch_args=("--check",) if check else ())
+    launch_args = ("--check",) if check else ()
+    path = Path(run_dir).absolute() if run_dir else default_run_dir(res.config)
+    script = render_job(res, path, launch_args=launch_args)  # a bad config fails before any directory exists
+    if not run_dir:
+        claimed = claim(path)  # this name, or -2, -3, ... when another run took it this second
+        if claimed != path:
+            path, script = claimed, render_job(res, claimed, launch_args=launch_args)
     run = RunDir(path)
     job_id = run.write_submission(res, script)
     log.info("submitted job %s on %s; run directory: %s", job_id, res.site.name, run.path)

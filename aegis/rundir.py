@@ -191,13 +191,17 @@ class RunDir:
         doc = EndpointsFile.read_optional(self.endpoints)
         if doc is not None and not doc.state.finished and self.head_status() == "gone":
             info = self.read_json(self.head) or {}
-            doc.mark_ended(f"the run's head (pid {info.get('pid')} on {info.get('host')}) ended without "
-                           "stopping the run")
-            try:
-                doc.write(self.endpoints)
-            except OSError:
-                pass  # a reader that cannot write still reports the truth
+            self.write_ended(doc, f"the run's head (pid {info.get('pid')} on {info.get('host')}) ended without "
+                                  "stopping the run")
         return doc
+
+    def write_ended(self, doc: EndpointsFile, reason: str) -> None:
+        """Mark a run that ended without its head saying so (EndpointsFile.mark_ended) and write it back."""
+        doc.mark_ended(reason)
+        try:
+            doc.write(self.endpoints)
+        except OSError:
+            pass  # a reader that cannot write still reports the truth
 
     def head_status(self) -> str:
         """'alive' or 'gone' for a head recorded on this host (pid and start time), else 'unknown'."""

@@ -33,11 +33,7 @@ def describe(info: JobInfo, run: RunDir | None, site_name: str) -> list[str]:
         doc = run.read_endpoints()
         if doc and info.state.finished and not doc.state.finished:
             # The job is over but its head never wrote so (killed, its node lost): write the truth.
-            doc.mark_ended(f"the job ended ({info.state.value}) without its head stopping the run")
-            try:
-                doc.write(run.endpoints)
-            except OSError:
-                pass
+            run.write_ended(doc, f"the job ended ({info.state.value}) without its head stopping the run")
         if doc:
             for inst in doc.instances[:SHOW_INSTANCES]:
                 lines.append(f"  {inst.name:<24} {inst.status.value:<10} {inst.url}")
