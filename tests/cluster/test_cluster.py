@@ -91,7 +91,12 @@ echo done
 """))
     assert slurm_cluster.wait_state(blocker, {"RUNNING"}) == "RUNNING"
     assert slurm_cluster.squeue_state(waiter) == "PENDING"
-    reason = slurm_cluster.run("squeue", "-h", "-j", waiter, "-o", "%r").stdout.strip()
+    deadline = time.monotonic() + 10  # "None" until slurmctld's scheduler has looked at the job
+    while True:
+        reason = slurm_cluster.run("squeue", "-h", "-j", waiter, "-o", "%r").stdout.strip()
+        if reason != "None" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert reason in {"Resources", "Priority"}  # "Priority" until the next scheduling pass
     (tmp_path / "go-blocker").touch()
     assert slurm_cluster.wait_state(waiter, {"RUNNING"}) == "RUNNING"
