@@ -41,6 +41,11 @@ COMMANDS = {
                "Stop every instance of a run cleanly (the launcher stops its agents, which stop the engines)."),
     "endpoints": ("aegis.launch.cli:endpoints_cmd",
                "Print the endpoints of a run."),
+    "gateway": ("aegis.gateway.cli:gateway_cmd",
+               "One OpenAI URL over the ready instances of RUN_DIRs (several models, runs and jobs), key-checked."),
+    "drain": ("aegis.gateway.cli:drain_cmd",
+               "Send no new requests to INSTANCEs (default: all of the run); wait until their in-flight requests "
+               "finish."),
     "health": ("aegis.launch.cli:health_cmd",
                "Check every endpoint (GET /health and /v1/models) concurrently; exit 1 unless all are healthy."),
     "demo": ("aegis.testing.demo:demo_cmd",

@@ -19,6 +19,9 @@ directory. Layout:
     nodes/N.json     an allocation-check report of node N      (agent --check)
     check.json       the allocation check's verdict            (head --check)
     shutdown         present: stop the run                     (aegis shutdown)
+    drain.json       instances that take no new requests       (aegis drain)
+    gateways/<host>-<pid>.json  a gateway following the run: its URL, in-flight counts (aegis gateway)
+    gateway.json     the run's own gateway: URL and key file   (gateway: true; its gateway)
     logs/            one log per engine rank, agents.log, step logs
     engine/          per-instance engine config files, mode 0600
     point.json, status.json, bench/   a sweep point's description, state and results
@@ -118,6 +121,21 @@ class RunDir:
     @property
     def shutdown(self) -> Path:
         return self.path / "shutdown"
+
+    @property
+    def drain(self) -> Path:
+        return self.path / "drain.json"
+
+    @property
+    def gateways(self) -> Path:
+        return self.path / "gateways"
+
+    def gateway_status(self, host: str, pid: int) -> Path:
+        return self.gateways / f"{host}-{pid}.json"
+
+    @property
+    def gateway(self) -> Path:
+        return self.path / "gateway.json"
 
     @property
     def nodes(self) -> Path:

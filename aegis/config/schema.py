@@ -243,6 +243,8 @@ class Config(_Strict):
     heartbeat_interval: StrictInt = Field(30, gt=0)  # seconds: an agent reports at least this often; 4 missed: lost
     shutdown_grace: StrictInt = Field(30, ge=0)  # seconds between SIGTERM and SIGKILL
     api_key: StrictBool = True  # generate a per-run API key the servers require
+    gateway: StrictBool = False  # start `aegis gateway` on the head node: one URL over every instance
+    gateway_port: StrictInt = Field(8090, ge=1024, le=65535)  # its port (on the first node's serving address)
     models: list[ModelSpec] = Field(min_length=1)
 
     @field_validator("walltime")
@@ -305,6 +307,9 @@ class Config(_Strict):
                                      "an API key; "
                                      "set api_key: false (its port is then open to anyone on the serving "
                                      f"network) or choose engine {keyed}")
+        if self.gateway and not self.api_key:
+            raise ValueError("gateway: true needs api_key: true (the gateway lets in only clients with the run's "
+                             "key); remove api_key: false")
         names = [m.short_name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

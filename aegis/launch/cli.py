@@ -100,14 +100,21 @@ def shutdown_cmd(run_dir, timeout):
 
 @click.command("endpoints")
 @click.argument("target", required=False, default=".", metavar="[RUN_DIR|ENDPOINTS_FILE]")
-@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "urls"]), default="yaml", show_default=True,
-              help="json: the whole file; yaml: model -> list of URLs; urls: one URL per line.")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml", "urls", "url"]), default="yaml",
+              show_default=True, help="json: the whole file; yaml: model -> list of URLs; urls: one URL per line; "
+              "url: the run's gateway (one URL over all instances).")
 @click.option("--all", "show_all", is_flag=True, help="Include instances that are not ready.")
 def endpoints_cmd(target, fmt, show_all):
     """Print the endpoints of a run."""
     doc = EndpointsFile.read(target)
     if fmt == "json":
         click.echo(json.dumps(doc.to_json(), indent=2))
+        return
+    if fmt == "url":
+        if not doc.gateway:
+            raise AegisError(f"{target}: this run has no gateway; set gateway: true in its config, or run "
+                             f"aegis gateway {target}")
+        click.echo(doc.gateway)
         return
     view = doc.url_view(only_ready=not show_all)
     if fmt == "yaml":

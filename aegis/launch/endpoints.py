@@ -9,7 +9,7 @@ read too: an instance needs only `url` (or `host` and `port`); without a
 
     {"version": 1, "job_id", "run_dir", "site", "scheduler", "state": RunState,
      "api_key_file": "<run_dir>/api_key" or null, "updated": <unix time>,
-     "revision": <writes so far>, "started": <unix time the job started>,
+     "revision": <writes so far>, "started": <unix time the job started>, "gateway": <URL> or null,
      "instances": [{"name", "model", "lora_adapters", "url", "host", "hostname", "port", "node",
                     "devices", "nodes", "engine", "status": InstanceState, "pid", "restarts",
                     "ready_seconds", "phases": {PHASE: seconds since "started"}, "log", "error"}]}
@@ -43,6 +43,7 @@ class InstanceState(str, enum.Enum):
     STARTING = "starting"
     READY = "ready"
     UNHEALTHY = "unhealthy"
+    DRAINING = "draining"  # `aegis drain`: serving its in-flight requests, taking no new ones
     RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -125,6 +126,7 @@ class EndpointsFile(BaseModel):
     updated: float = 0.0
     revision: int = 0  # how many times the head has written it (readers reload when it changes)
     started: float | None = None  # unix time the job (its head) started: phases count from here
+    gateway: str | None = None  # the run's own gateway (config `gateway: true`): one URL over its instances
     instances: list[InstanceEndpoint] = []
 
     # -- reading and writing (the only place) ------------------------------------------------

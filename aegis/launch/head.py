@@ -21,6 +21,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +135,8 @@ class Head:
         self.status_cache: dict[Path, tuple[int, NodeStatus | None]] = {}  # by mtime_ns
         self.quiet = len(plan.instances) > QUIET_ABOVE
         self.last_progress = 0.0
+        self.gateway: subprocess.Popen | None = None  # the run's own gateway (config `gateway: true`)
+        self.gateway_started = 0.0
         self.doc = EndpointsFile(job_id=alloc.job_id, run_dir=str(run.path), site=site.name,
                                  scheduler=alloc.scheduler, started=psutil.Process().create_time())
 
@@ -159,6 +162,8 @@ class Head:
         from aegis.engines import get_engine
 
         addresses = self.alloc.addresses or [self.site.serve_address.address(h) for h in self.alloc.hosts]
+        if self.cfg.gateway:
+            self.doc.gateway = f"http://{addresses[0]}:{self.cfg.gateway_port}"
         specs = {m.short_name: m for m in self.cfg.models}
         adapters = {s.short_name: (list(s.lora.resolved()) if s.lora is not None else []) for s in self.cfg.models}
         for inst in self.plan.instances:
@@ -221,7 +226,15 @@ class Head:
                 out.setdefault(rank.instance, []).append(rank)
         return out
 
-    def _update(self, inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | None) -> bool:
+    def _drained(self) -> frozenset[str]:
+        """The instances `aegis drain` named (all of them when it named none)."""
+        from aegis.gateway.backends import read_drain
+
+        every, names = read_drain(self.run)
+        return frozenset(i.name for i in self.instances) if every else names
+
+    def _update(self, inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | None,
+                drained: frozenset[str] = frozenset()) -> bool:
         """Apply next_state to one instance, tell the user what changed; True when something did."""
         before = (inst.status, inst.pid, inst.restarts, len(inst.phases))
         now = time.monotonic()
@@ -231,6 +244,8 @@ class Head:
             self._phase(inst, "started", head.first_started_at)
             self._phase(inst, "loaded", head.loaded_at)
         status, error = next_state(inst, ranks, probe, self.since[inst.name], now, self.cfg.startup_timeout)
+        if inst.name in drained and status in (S.READY, S.UNHEALTHY, S.DRAINING):
+            status = S.DRAINING  # it keeps serving what it has, and is still supervised
         if status != before[0]:
             if status == S.FAILED:
                 self.echo(f"aegis: {inst.name} failed: {error}")
@@ -288,6 +303,55 @@ class Head:
             self.last_progress = now
             self.echo("aegis: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
 
+    # -- the run's gateway ----------------------------------------------------------------
+
+    def _keep_gateway(self) -> None:
+        """Start the run's gateway, and start it again if it died (it holds no state: it reads this run's files)."""
+        if not self.cfg.gateway or self.doc.gateway is None:
+            return
+        proc = self.gateway
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return
+            if code == 2:  # a usage error (its port is taken ...): starting it again would fail the same way
+                self.echo(f"aegis: the gateway cannot start (see {self.run.log('gateway')}); the instances serve "
+                          "without it")
+                self.doc.gateway = None
+                self._publish()
+                return
+            if time.monotonic() - self.gateway_started < 5.0:
+                return
+            self.echo(f"aegis: the gateway exited ({code}); starting it again")
+        host = self.doc.gateway.rsplit(":", 1)[0].removeprefix("http://")
+        argv = [sys.executable, "-m", "aegis", "gateway", str(self.run.path), "--host", host,
+                "--port", str(self.cfg.gateway_port), "--info", str(self.run.gateway)]
+        with open(self.run.log("gateway"), "ab") as out:
+            self.gateway = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        self.gateway_started = time.monotonic()
+
+    def _drain_gateways(self) -> None:
+        """Before the engines get SIGTERM: wait (up to shutdown_grace) until no gateway has a request in flight
+        to this run; the gateways stopped sending new ones when the run became `stopping`."""
+        from aegis.gateway.server import POLL_SECONDS, STATUS_SECONDS, gateway_inflight
+
+        since = time.time() + POLL_SECONDS  # reports written after the gateways saw `stopping`
+        deadline = time.monotonic() + self.cfg.shutdown_grace
+        said = False
+        while time.monotonic() < deadline:
+            counts, waiting = gateway_inflight(self.run, since)
+            if counts is None:
+                return
+            busy = sum(counts.values())
+            if not busy and not waiting:
+                return
+            if busy and not said:
+                said = True
+                self.echo(f"aegis: waiting for {busy} request(s) in flight through the gateway(s)")
+            time.sleep(STATUS_SECONDS / 2)
+        self.echo(f"aegis: requests still in flight after {self.cfg.shutdown_grace} s; stopping anyway")
+
     async def _loop(self) -> None:
         announced = False
         assert self.step is not None
@@ -303,12 +367,14 @@ class Head:
                         inst.status, inst.error = S.FAILED, f"agent step exited ({code})"
                 self.exit_code = 1
                 break
+            self._keep_gateway()
+            drained = self._drained()
             ranks = self._agent_ranks()
             live = self._to_probe(time.monotonic())
             probes = dict(zip([i.name for i in live], await probe_all(live, self.key)))
             changed = False
             for inst in self.instances:
-                changed |= self._update(inst, ranks.get(inst.name, []), probes.get(inst.name))
+                changed |= self._update(inst, ranks.get(inst.name, []), probes.get(inst.name), drained)
             state = overall_state([i.status for i in self.instances], self.doc.state)
             if changed or state != self.doc.state or self.unwritten:
                 self.doc.state = state
@@ -330,10 +396,13 @@ class Head:
     def _stop(self) -> None:
         self.doc.state = RunState.STOPPING
         self._publish()
+        self._drain_gateways()
         grace = self.cfg.shutdown_grace + 15
         if self.step is not None:
             stop_groups([self.step], grace, linger=0,
                         on_kill=lambda: self.echo(f"aegis: agents still running after {grace} s; killing them"))
+        if self.gateway is not None:
+            stop_groups([self.gateway], 5.0, linger=0)
         for inst in self.instances:
             if inst.status != S.FAILED:
                 inst.status = S.STOPPED

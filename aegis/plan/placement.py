@@ -367,7 +367,8 @@ def per_host(spec: ModelSpec, devices_per_node: int) -> int:
 
 
 def assign_ports(cfg: Config, devices_per_node: int) -> dict[str, int]:
-    """model name -> first port; PlacementError when a range passes 65535 or two ranges overlap.
+    """model name -> first port; PlacementError when a range passes 65535, two ranges overlap or one holds the
+    gateway's port.
 
     A model without port_start continues after the previous one (in steps of AUTO_PORT_STEP).
     """
@@ -388,6 +389,11 @@ def assign_ports(cfg: Config, devices_per_node: int) -> dict[str, int]:
         ranges.append((spec.short_name, start, end))
         starts[spec.short_name] = start
         next_start = max(next_start, start + AUTO_PORT_STEP * (1 + (width - 1) // AUTO_PORT_STEP))
+    if cfg.gateway:
+        for other, o_start, o_end in ranges:
+            if o_start <= cfg.gateway_port <= o_end:
+                raise PlacementError(f"gateway_port {cfg.gateway_port} is in the port range of {other!r} "
+                                     f"({o_start}-{o_end}); set another gateway_port")
     return starts
 
 
