@@ -110,3 +110,42 @@ def gateway_cmd(run_dirs, host, port, key_file, policy, max_tries, info):
     say(f"aegis gateway: {len(followers)} run(s), policy {policy}, key: {key_where}")
     say(gw._summary())
     asyncio.run(serve_gateway(gw, host, port, Path(info) if info else None, lambda msg: click.echo(msg)))
+
+
+@click.command("drain")
+@click.argument("run_dir", metavar="RUN_DIR")
+@click.argument("instances", nargs=-1, metavar="[INSTANCE...]")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds to wait until the gateways report the drained instances idle (0: do not wait).")
+def drain_cmd(run_dir, instances, timeout):
+    """Send no new requests to INSTANCEs (default: all of the run); wait until their in-flight requests finish."""
+    from aegis.gateway.backends import write_drain
+    from aegis.gateway.server import STATUS_SECONDS, gateway_inflight
+    from aegis.launch.endpoints import EndpointsFile
+
+    run = RunDir(Path(run_dir))
+    doc = EndpointsFile.read(run.path)
+    names = [i.name for i in doc.instances]
+    unknown = [x for x in instances if x not in names]
+    if unknown:
+        raise UsageError(f"{run.path}: no instance {unknown[0]!r}; its instances: {', '.join(names)}")
+    since = time.time()
+    write_drain(run, list(instances) or None)
+    targets = list(instances) or names
+    click.echo(f"draining {len(targets)} instance(s) of {run.path}")
+    if timeout <= 0:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        counts, waiting = gateway_inflight(run, since)
+        if counts is None:
+            click.echo("no gateway follows this run: nothing in flight through one")
+            return
+        busy = {n: counts.get(n, 0) for n in targets if counts.get(n, 0)}
+        if not busy and not waiting:
+            click.echo(f"idle: {len(targets)} instance(s) drained, none has a request in flight")
+            return
+        if time.monotonic() > deadline:
+            raise AegisError(f"still busy after {timeout:.0f} s: " + ", ".join(f"{n} ({c} in flight)"
+                                                                                for n, c in busy.items()))
+        time.sleep(STATUS_SECONDS)
