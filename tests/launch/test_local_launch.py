@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import stat
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -10,7 +11,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.launch.fleet import aegis
+from tests.launch.fleet import aegis, free_port_block
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,8 @@ def state():
 
 
 def test_two_instances_become_healthy(fleet_factory, state):
-    fleet = fleet_factory(instances=2)
+    port = free_port_block(3)
+    fleet = fleet_factory(instances=2, port_start=port, gateway=True, gateway_port=port + 2)
     state["fleet"] = fleet
     doc = fleet.endpoints()
     assert doc["state"] == "ready" and doc["site"] == "local"
@@ -120,9 +122,56 @@ def test_every_route_of_the_engine_needs_the_key(state):
     assert code in (200, 405)  # open: the health gate's and the agent's liveness probe
 
 
-def test_killed_instance_restarts_while_the_other_serves(state):
+def gateway_served(fleet, url) -> dict[str, int]:
+    req = urllib.request.Request(url + "/aegis/status", headers={"Authorization": f"Bearer {fleet.key}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return {i["name"]: i["served"] for i in json.loads(resp.read())["runs"][0]["instances"]}
+
+
+def test_the_gateway_spreads_requests_and_needs_the_key(state):
+    """Issue 15: one URL (`aegis endpoints --format url`) over both real vLLM instances, key-checked."""
     fleet = state["fleet"]
+    url = aegis("endpoints", fleet.run_dir, "--format", "url").stdout.strip()
+    state["gateway"] = url
+    assert post(url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, None)[0] == 401
+    assert post(url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, "wrong")[0] == 401
+    codes: list[int] = []
+
+    def client(k: int) -> None:
+        for i in range(10):
+            codes.append(post(url + "/v1/completions", {"model": "tiny", "prompt": f"{k}-{i} tell me",
+                                                          "max_tokens": 4}, fleet.key)[0])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert codes == [200] * 60
+    served = gateway_served(fleet, url)
+    assert sum(served.values()) >= 60 and min(served.values()) >= 10, served  # both instances took a share
+    req = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {fleet.key}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert [m["id"] for m in json.loads(resp.read())["data"]] == ["tiny"]
+
+
+def test_killed_instance_restarts_while_the_other_serves(state):
+    """Also through the gateway: steady (non-streamed) load sees no failed request while one instance is
+    killed, restarts and rejoins (requests it was serving are sent again to the other before any byte)."""
+    fleet = state["fleet"]
+    url = state["gateway"]
     a, b = fleet.endpoints()["instances"]
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def steady() -> None:
+        while not stop.is_set():
+            codes.append(post(url + "/v1/completions", {"model": "tiny", "prompt": f"steady {len(codes)}",
+                                                          "max_tokens": 16}, fleet.key)[0])
+
+    loader = threading.Thread(target=steady)
+    loader.start()
+    time.sleep(1.0)
     os.kill(a["pid"], signal.SIGKILL)
     doc = fleet.wait(lambda d: d["instances"][0]["status"] in ("restarting", "unhealthy"), 30,
                      "the dead instance to be noticed")
@@ -134,6 +183,14 @@ def test_killed_instance_restarts_while_the_other_serves(state):
     doc = fleet.wait(lambda d: d["state"] == "ready", 600, "the restarted instance")
     new = doc["instances"][0]
     assert new["pid"] != a["pid"] and new["restarts"] == 1 and new["status"] == "ready"
+    rejoined = gateway_served(fleet, url)[a["name"]]
+    deadline = time.monotonic() + 60
+    while gateway_served(fleet, url)[a["name"]] == rejoined:  # the restarted instance takes requests again
+        assert time.monotonic() < deadline, "the restarted instance never rejoined the gateway"
+        time.sleep(0.5)
+    stop.set()
+    loader.join(120)
+    assert len(codes) > 10 and set(codes) == {200}, sorted(set(codes))
     # The killed server's own children (engine core, workers) were cleaned up too.
     import psutil
     assert not [p for p in psutil.process_iter() if _pgid(p) == a["pid"]]
@@ -149,8 +206,19 @@ def _pgid(p):
 def test_shutdown_leaves_no_process(state):
     fleet = state["fleet"]
     assert fleet.processes()
+    # Requests in flight through the gateway when shutdown starts finish before the engines are stopped.
+    codes: list[int] = []
+    threads = [threading.Thread(target=lambda: codes.append(post(
+        state["gateway"] + "/v1/completions", {"model": "tiny", "prompt": "last words", "max_tokens": 200,
+                                                 "ignore_eos": True}, fleet.key)[0])) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
     out = aegis("shutdown", fleet.run_dir, "--timeout", "120").stdout
     assert "stopped" in out
+    for t in threads:
+        t.join(60)
+    assert codes == [200] * 3
     fleet.proc.wait(30)
     assert fleet.proc.returncode == 0
     time.sleep(0.5)
