@@ -5,6 +5,7 @@ import urllib.request
 import pytest
 
 from tests.bench.conftest import aegis, records
+from tests.fixtures.gateway import GatewayProc, call
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +69,7 @@ def test_vllm_metrics_url_is_reachable(vllm_server):
         assert b"vllm:num_requests_running" in r.read()
 
 
-def test_lora_smoke_and_bench_against_vllm(vllm_env, vllm_servers, tmp_path):
+def test_lora_smoke_and_bench_against_vllm(vllm_env, vllm_servers, vllm_server, tmp_path):
     loras = dict(sorted(vllm_env.loras.items())[:2])
     server = vllm_servers(args=("--enable-lora", "--max-loras", "2", "--max-lora-rank", "8", "--lora-modules",
                                 *[f"{name}={path}" for name, path in loras.items()]))
@@ -90,3 +91,28 @@ def test_lora_smoke_and_bench_against_vllm(vllm_env, vllm_servers, tmp_path):
     summ = json.loads((out / "summary.json").read_text())
     assert {k: v["completed"] for k, v in summ["per_adapter"].items()} == {name: 3 for name in loras}
     assert summ["prometheus"]["total"]["generation_tokens_delta"] == 24
+    # Issue 15: the gateway over this LoRA server and the plain session server (two runs, two keys): a request
+    # naming an adapter reaches only the instance that lists it; the base model goes to both.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "key").write_text(vllm_server.api_key + "\n")
+    (plain / "key").chmod(0o600)
+    (plain / "endpoints.json").write_text(json.dumps({"api_key_file": str(plain / "key"), "instances": [
+        {"name": "plain-0", "model": vllm_server.model, "url": vllm_server.url, "status": "ready"}]}))
+    assert vllm_server.model == server.model
+    gw = GatewayProc(tmp_path, str(tmp_path), str(plain), "--key-file", str(tmp_path / "gw.key"))
+    try:
+        gkey = (tmp_path / "gw.key").read_text().strip()
+        code, models = call(gw.url + "/v1/models", gkey)
+        assert {(m["id"], m["parent"], m["instances"]) for m in models["data"]} == {
+            (server.model, None, 2), *((name, server.model, 1) for name in loras)}
+        for i in range(8):
+            for name in (*loras, server.model):
+                code, body = call(gw.url + "/v1/completions", gkey, {"model": name, "prompt": f"{i} {name} says",
+                                                                     "max_tokens": 2})
+                assert code == 200 and body["model"] == name, body
+        served = {i["name"]: i["served"] for r in gw.status(gkey)["runs"] for i in r["instances"]}
+        assert served["tiny-0"] >= 8 * len(loras) and served["plain-0"] >= 1, served
+        assert served["tiny-0"] + served["plain-0"] == 8 * (len(loras) + 1)
+    finally:
+        gw.stop()

@@ -9,54 +9,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.gateway import GatewayProc, call
 from tests.gateway.test_policy import write_endpoints
 from tests.launch.fleet import aegis, free_port_block
 from tests.launch.test_sim_local import launch_sim
 
 pytestmark = pytest.mark.slow
 SIM = {"extra_args": ["--decode-ms", "2"], "startup_timeout": 60, "shutdown_grace": 20}
-
-
-def call(url: str, key: str | None, payload: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
-    """POST payload (or GET when None); (status, JSON body)."""
-    req = urllib.request.Request(url, data=None if payload is None else json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {key}"} if key else {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
-class GatewayProc:
-    """`aegis gateway` as a user starts it, in the background."""
-
-    def __init__(self, tmp: Path, *args: str):
-        self.info = tmp / "gateway-info.json"
-        self.log = tmp / "gateway.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "aegis", "gateway", *args, "--port", "0",
-                                      "--info", str(self.info)], stdout=open(self.log, "w"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not self.info.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.1)
-        self.url = json.loads(self.info.read_text())["url"]
-
-    def status(self, key: str) -> dict:
-        return call(self.url + "/aegis/status", key)[1]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(15)
 
 
 def served(status: dict) -> dict[str, int]:
