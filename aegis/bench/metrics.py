@@ -43,6 +43,16 @@ def segment_duration(records: list[RequestRecord]) -> float:
     return float(sum(ends.values()))
 
 
+def offered_rate(records: list[RequestRecord]) -> float | None:
+    """The rate the client really offered: 1 / the mean gap between successive sends (within each segment)."""
+    sends: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        sends[r.get("segment", 0)].append(r["sent_s"])
+    gaps = sum(len(v) - 1 for v in sends.values())
+    span = sum(max(v) - min(v) for v in sends.values())
+    return gaps / span if gaps and span > 0 else None
+
+
 def compute(records: list[RequestRecord], duration: float | None = None,
             slo: dict[str, float] | None = None) -> dict:
     """vLLM's benchmark metrics (same keys) plus error kinds and dispatch lag.
@@ -83,6 +93,7 @@ def compute(records: list[RequestRecord], duration: float | None = None,
         out["goodput_slo_ms"] = dict(slo)
     for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
         _stats(name, values, out)
+    out["offered_rate"] = offered_rate(records)
     out["max_concurrent_requests"] = _max_concurrency(ok) if ok else 0
     out["errors_by_kind"] = dict(Counter(r["error_kind"] for r in records if not r["success"]))
     lags = np.asarray([r["dispatch_lag_ms"] for r in records], dtype=float) if records else np.zeros(1)

@@ -36,6 +36,9 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
     lines.append("{:-^60}".format("Client"))
     lag = s["dispatch_lag_ms"]
     lines.append(_line("Dispatch lag median / p99 (ms):", f"{lag['median']:>8.2f} / {lag['p99']:>7.2f}"))
+    if s.get("offered_rate") is not None:
+        asked = f" (asked {s['request_rate']:g})" if s.get("request_rate") else ""
+        lines.append(_line("Offered rate (req/s):", f"{s['offered_rate']:.2f}{asked}"))
     lines.append(_line("Worker processes:", s.get("num_workers", 0)))
     if s.get("errors_by_kind"):
         lines.append("Errors: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_kind"].items())))

@@ -86,6 +86,10 @@ class BenchConfig:
     def closed_loop(self) -> bool:
         return self.arrival.rate is None and self.arrival.process != "trace"
 
+    def schedule(self):
+        """The open loop's intended send offsets (one per request of the workload)."""
+        return schedule(self.arrival, self.num_requests, self.duration)
+
     def to_json(self) -> dict:
         d = {
             "model": self.model, "endpoints": [e.to_json() for e in self.endpoints],
@@ -160,12 +164,7 @@ class Run:
         if os.path.exists(self.path(REQUESTS_FILE)):
             raise UsageError(f"{self.dir} already holds a run; continue it with --resume or choose "
                              "another --output-dir")
-        if cfg.closed_loop:
-            n = cfg.num_requests or CLOSED_LOOP_POOL
-        elif cfg.num_requests is not None:
-            n = len(schedule(cfg.arrival, cfg.num_requests, cfg.duration))
-        else:
-            n = len(schedule(cfg.arrival, None, cfg.duration))
+        n = (cfg.num_requests or CLOSED_LOOP_POOL) if cfg.closed_loop else len(cfg.schedule())
         if n == 0:
             raise UsageError("the schedule holds no request; raise --duration or --rate")
         specs = asyncio.run(self._build_workload(n))
@@ -214,7 +213,10 @@ class Run:
         n_total = len(specs)
         offsets = None
         if not cfg.closed_loop:
-            offsets = schedule(cfg.arrival, n_total)
+            offsets = cfg.schedule()
+            if len(offsets) != n_total:
+                raise AegisError(f"{self.dir}: the stored workload holds {n_total} requests but the schedule "
+                                 f"{len(offsets)} (a run of another aegis version?); start a new run")
         remaining = [i for i in range(n_total) if i not in done_idx]
         if self.resume and not remaining and (cfg.num_requests or not cfg.closed_loop):
             self.out.write(f"aegis: {self.dir}: every request already finished; summary rewritten\n")
@@ -319,6 +321,7 @@ class Run:
         s = metrics.compute(records, slo=cfg.slo)
         reasons = client_bound_reasons(s, wstats)
         s.update({
+            "request_rate": cfg.arrival.rate,
             "status": "interrupted" if self.interrupted else "complete",
             "client_bound": bool(reasons), "client_bound_reasons": reasons,
             "label": cfg.label, "model": cfg.model, "endpoints": [e.name for e in cfg.endpoints],

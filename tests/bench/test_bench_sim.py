@@ -246,3 +246,16 @@ def test_rate_with_a_concurrency_cap(make_sim, tmp_path):
     # each request takes ~9 decode steps of 20 ms: the cap, not the client, delays the later sends
     assert max(r["queue_wait_ms"] for r in recs) > 100
     assert summ["dispatch_lag_ms"]["median"] < 5
+
+
+def test_the_offered_rate_is_the_asked_rate(sim, tmp_path):
+    reset(sim.url)
+    out = tmp_path / "run"
+    p = aegis("bench", "--url", sim.url, "--rate", "25", "--num-requests", "40", *FAST, "--output-dir", str(out))
+    sent = sorted(r["sent_s"] for r in records(out))
+    intended = sorted(r["intended_s"] for r in records(out))
+    assert 39 / (intended[-1] - intended[0]) == pytest.approx(25, rel=1e-4)   # the schedule (rounded to 1 us)
+    assert 39 / (sent[-1] - sent[0]) == pytest.approx(25, rel=0.03)           # what the server was offered
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["request_rate"] == 25 and summ["offered_rate"] == pytest.approx(39 / (sent[-1] - sent[0]))
+    assert "Offered rate (req/s):" in p.stdout and "(asked 25)" in p.stdout
