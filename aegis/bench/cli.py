@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 
@@ -12,6 +13,7 @@ from aegis.bench import workload
 from aegis.bench.arrival import PROCESSES, ArrivalSpec, load_trace
 from aegis.bench.client import RequestOptions
 from aegis.bench.endpoints import Fleet, fleet_from_urls, load_endpoints
+from aegis.bench.http import CONNECT_TIMEOUT_S
 from aegis.bench.slo import parse_goodput
 from aegis.errors import AegisError, UsageError
 from aegis.util.apikey import auth_headers, resolve_api_key
@@ -62,6 +64,8 @@ def _load_options(f):
                      show_default=True),
         click.option("--workers", type=int, default=None, help="Load-generating processes [default: auto]."),
         click.option("--timeout", type=float, default=600.0, show_default=True, help="Per-request timeout (s)."),
+        click.option("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, show_default=True,
+                     help="Seconds to open a connection; longer counts as a connect_timeout error."),
         click.option("--stream/--no-stream", default=True, show_default=True),
         click.option("--continuous-usage/--no-continuous-usage", default=True, show_default=True,
                      help="Ask for usage in every chunk (vLLM's continuous_usage_stats)."),
@@ -125,6 +129,8 @@ def _build_config(p: dict, eps, model, output_dir, rate, num_requests, duration)
         raise UsageError("--arrival trace needs --trace FILE")
     if p["timeout"] <= 0:
         raise UsageError("--timeout must be positive")
+    if not (p["connect_timeout"] > 0 and math.isfinite(p["connect_timeout"])):
+        raise UsageError("--connect-timeout must be a positive number of seconds, e.g. --connect-timeout 10")
     wl = workload.WorkloadSpec(
         kind=p["kind"], api=p["api"], input_len=p["input_len"], output_len=p["output_len"],
         range_ratio=p["range_ratio"], num_groups=p["num_groups"], prompts_per_group=p["prompts_per_group"],
@@ -135,7 +141,8 @@ def _build_config(p: dict, eps, model, output_dir, rate, num_requests, duration)
     cfg = BenchConfig(
         endpoints=eps, model=model, output_dir=output_dir, workload=wl,
         request=RequestOptions(api=p["api"], stream=p["stream"], continuous_usage=p["continuous_usage"],
-                               ignore_eos=p["ignore_eos"], timeout=p["timeout"], extra_body=extra),
+                               ignore_eos=p["ignore_eos"], timeout=p["timeout"],
+                               connect_timeout=p["connect_timeout"], extra_body=extra),
         arrival=ArrivalSpec(process=process, rate=rate, burstiness=p["burstiness"], trace=trace, seed=p["seed"]),
         num_requests=num_requests, duration=duration, concurrency=p["concurrency"], routing=p["routing"],
         workers=p["workers"], slo=parse_goodput(p["slo"]), scrape=p["scrape"], scrape_interval=p["scrape_interval"],

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from aegis.bench.http import MAX_ERROR_BODY, HTTPError, Pool, request
+from aegis.bench.http import CONNECT_TIMEOUT_S, MAX_ERROR_BODY, HTTPError, Pool, request
 
 perf = time.perf_counter
 
@@ -20,6 +20,7 @@ class RequestOptions:
     continuous_usage: bool = True
     ignore_eos: bool = True
     timeout: float = 600.0
+    connect_timeout: float = CONNECT_TIMEOUT_S
     extra_body: dict = field(default_factory=dict)
 
 

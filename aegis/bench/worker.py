@@ -128,7 +128,7 @@ class Worker:
         self.router = _Router(plan.endpoints, plan.routing)
         self.fd = -1
         self.sent = 0
-        self.pool = Pool(spare=SPARE_CONNECTIONS)
+        self.pool = Pool(spare=SPARE_CONNECTIONS, connect_timeout=plan.opts.connect_timeout)
         self.t0 = 0.0
 
     def _write(self, rec: RequestRecord) -> None:
