@@ -217,6 +217,8 @@ def probe_cmd(endpoints_path, urls, model, api_key_file, rates, duration, stop_e
     best = result["highest_ok_rate"]
     if any(r["client_bound"] for r in result["rates"]):
         click.echo("* CLIENT-BOUND: the load generator could not keep the schedule at this rate")
+    if any(r.get("client_starved") for r in result["rates"]):
+        click.echo("! CLIENT-STARVED: other work on this machine descheduled the load generator at this rate")
     click.echo(f"Highest OK rate: {best:g} req/s" if best is not None else "No rate was OK.")
     click.echo(f"Results: {out}")
 

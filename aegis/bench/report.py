@@ -65,6 +65,10 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
     if s.get("client_bound"):
         lines.append("CLIENT-BOUND: " + "; ".join(s["client_bound_reasons"])
                      + " -- the client, not the server, limited this run (add --workers or machines)")
+    if s.get("client_starved"):
+        lines.append("CLIENT-STARVED: " + "; ".join(s["client_starved_reasons"])
+                     + " -- other work on this machine held the load generator's CPU, not its own work: run the "
+                       "client on cores of its own (taskset -c) or on another machine; more --workers will not help")
     if out_dir:
         lines.append(f"Results: {out_dir}")
     return "\n".join(lines)
@@ -96,6 +100,6 @@ def _fmt_ms(ms: float | None) -> str:
 
 
 def probe_row(r: dict) -> str:
-    mark = "*" if r.get("client_bound") else ""
+    mark = ("*" if r.get("client_bound") else "") + ("!" if r.get("client_starved") else "")
     return _probe_line((f"{r['rate']:g}", f"{r['success_pct']:.1f}%", r["output_tokens"], _fmt_ms(r["ttft_median_ms"]),
                         _fmt_ms(r["ttft_p99_ms"]), _fmt_ms(r["latency_median_ms"]), r["status"] + mark))

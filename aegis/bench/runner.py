@@ -24,7 +24,7 @@ from aegis.bench.endpoints import Endpoint
 from aegis.bench.progress import Progress
 from aegis.bench.prom import Scraper
 from aegis.bench.records import RequestRecord, read_records
-from aegis.bench.worker import WorkerPlan, worker_main
+from aegis.bench.worker import SATURATED_CPU, WorkerPlan, worker_main
 from aegis.errors import AegisError, UsageError
 from aegis.util.apikey import auth_headers
 
@@ -319,11 +319,12 @@ class Run:
     def _summarize(self, records: list[RequestRecord], wstats: list[dict], scrape: dict | None) -> dict:
         cfg = self.cfg
         s = metrics.compute(records, slo=cfg.slo)
-        reasons = client_bound_reasons(s, wstats)
+        reasons, starved = client_limits(s, wstats)
         s.update({
             "request_rate": cfg.arrival.rate,
             "status": "interrupted" if self.interrupted else "complete",
             "client_bound": bool(reasons), "client_bound_reasons": reasons,
+            "client_starved": bool(starved), "client_starved_reasons": starved,
             "label": cfg.label, "model": cfg.model, "endpoints": [e.name for e in cfg.endpoints],
             "workers": wstats, "num_workers": len(wstats),
             "input_lengths_exact": all(sp.get("exact", False) for sp in _read_jsonl(self.path(WORKLOAD_FILE))),
@@ -342,17 +343,30 @@ class Run:
         return s
 
 
-def client_bound_reasons(summary: dict, wstats: list[dict]) -> list[str]:
-    """Why the client (not the server) limited a run: dispatch lag p99 > 5 ms, a saturated worker."""
-    reasons = []
-    if summary["dispatch_lag_ms"]["p99"] > metrics.CLIENT_BOUND_LAG_MS:
-        reasons.append(f"dispatch lag p99 {summary['dispatch_lag_ms']['p99']:.1f} ms > "
-                       f"{metrics.CLIENT_BOUND_LAG_MS:g} ms")
+def client_limits(summary: dict, wstats: list[dict]) -> tuple[list[str], list[str]]:
+    """Why the client, not the server, limited a run: (CPU-bound reasons, starved reasons).
+
+    CPU-bound: a worker saturated its CPU, or the schedule slipped (dispatch lag p99 > 5 ms) with no sign
+    of other work holding the CPU. Starved: the schedule slipped while a worker, not saturated, waited
+    runnable for a CPU (the kernel's run-queue wait, worker.STARVED_WAIT) -- other work on the machine
+    descheduled it; more workers on the same cores would not help.
+    """
+    bound, starved = [], []
     for w in wstats:
         if w.get("saturated"):
-            reasons.append(f"worker {w['worker']} saturated (CPU >= 90% in "
-                           f"{w['saturated_windows']}/{w['windows']} s)")
-    return reasons
+            bound.append(f"worker {w['worker']} saturated (CPU >= {100 * SATURATED_CPU:.0f}% in "
+                         f"{w['saturated_windows']}/{w['windows']} s)")
+    lag = summary["dispatch_lag_ms"]["p99"]
+    if lag > metrics.CLIENT_BOUND_LAG_MS:
+        why = f"dispatch lag p99 {lag:.1f} ms > {metrics.CLIENT_BOUND_LAG_MS:g} ms"
+        waiting = [w for w in wstats if w.get("starved") and not w.get("saturated")]
+        if bound or not waiting:
+            bound.insert(0, why)
+        else:
+            starved = [why] + [f"worker {w['worker']} waited for a CPU {100 * w['cpu_wait_mean']:.0f}% of the time "
+                               f"while using {100 * w['cpu_util_mean']:.0f}% (event-loop lag p99 "
+                               f"{w['loop_lag_p99_ms']:.0f} ms)" for w in waiting]
+    return bound, starved
 
 
 def _drain(q) -> list:

@@ -22,6 +22,8 @@ MONITOR_TICK_S = 0.01
 # loop: a sleeping process wakes up late (epoll's 1 ms rounding, scheduler latency).
 SPIN_S = float(os.environ.get("AEGIS_BENCH_SPIN_MS", "1.0")) / 1e3
 SATURATED_CPU = 0.9
+# A worker waiting runnable for a CPU this fraction of the time (50 ms a second) was starved by other work.
+STARVED_WAIT = 0.05
 WARM_CONNECTIONS = 4         # per endpoint, opened before the clock starts (more at high rates)
 SPARE_CONNECTIONS = 4        # idle connections kept ready per endpoint during the run
 
@@ -81,35 +83,65 @@ class _Router:
         return eps[index % len(eps)]
 
 
+def cpu_times() -> tuple[float, float | None]:
+    """(CPU seconds this process used, seconds its event-loop thread waited runnable for a CPU, or None).
+
+    The wait is the kernel's run_delay (/proc/thread-self/schedstat): time the thread could have run
+    but other work held the CPU (a CPU quota's throttling counts too). None where Linux does not say.
+    """
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            wait: float | None = int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        wait = None
+    return time.process_time(), wait
+
+
 class _Monitor:
-    """Event-loop lag and CPU use of this process, to tell when the client is the bottleneck."""
+    """Event-loop lag, CPU use and CPU wait of this process, to tell whether and why the client lagged."""
 
     def __init__(self):
         self.lags: list[float] = []
         self.cpu_windows: list[float] = []
+        self.wait_windows: list[float] = []
+        self.start = (perf(), *cpu_times())
+        self.last = self.start
+
+    def _window(self) -> tuple[float, float | None]:
+        (w0, c0, q0), now = self.last, (perf(), *cpu_times())
+        self.last = now
+        wall = max(now[0] - w0, 1e-9)
+        return (now[1] - c0) / wall, None if now[2] is None or q0 is None else (now[2] - q0) / wall
 
     async def run(self) -> None:
-        w_wall, w_cpu = perf(), time.process_time()
         while True:
             t = perf()
             await asyncio.sleep(MONITOR_TICK_S)
             self.lags.append(perf() - t - MONITOR_TICK_S)
-            now = perf()
-            if now - w_wall >= 1.0:
-                cpu = time.process_time()
-                self.cpu_windows.append((cpu - w_cpu) / (now - w_wall))
-                w_wall, w_cpu = now, cpu
+            if perf() - self.last[0] >= 1.0:
+                cpu, wait = self._window()
+                self.cpu_windows.append(cpu)
+                if wait is not None:
+                    self.wait_windows.append(wait)
 
     def stats(self) -> dict:
         lags = sorted(self.lags) or [0.0]
-        cpu = self.cpu_windows or [0.0]
+        (w0, c0, q0), (w1, c1, q1) = self.start, (perf(), *cpu_times())
+        wall = max(w1 - w0, 1e-9)
+        cpu = self.cpu_windows or [(c1 - c0) / wall]
         busy = sum(1 for c in cpu if c >= SATURATED_CPU)
+        run_wait = None if q0 is None or q1 is None else (q1 - q0) / wall
+        waits = self.wait_windows or ([run_wait] if run_wait is not None else [])
+        starved = sum(1 for w, c in zip(waits, cpu) if w >= STARVED_WAIT and c < SATURATED_CPU)
         return {"loop_lag_p50_ms": lags[len(lags) // 2] * 1e3,
                 "loop_lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1e3,
                 "loop_lag_max_ms": lags[-1] * 1e3,
-                "cpu_util_mean": sum(cpu) / len(cpu), "cpu_util_max": max(cpu),
+                "cpu_util_mean": (c1 - c0) / wall, "cpu_util_max": max(cpu),
                 "saturated_windows": busy, "windows": len(self.cpu_windows),
-                "saturated": bool(self.cpu_windows) and busy >= max(1, 0.2 * len(self.cpu_windows))}
+                "saturated": bool(self.cpu_windows) and busy >= max(1, 0.2 * len(self.cpu_windows)),
+                "cpu_wait_mean": run_wait, "cpu_wait_max": max(waits) if waits else None,
+                "starved_windows": starved,
+                "starved": bool(waits) and starved >= max(1, 0.2 * len(waits))}
 
 
 @overload
