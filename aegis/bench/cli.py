@@ -38,7 +38,8 @@ def _target_options(f):
 def _load_options(f):
     opts = [
         click.option("--workload", "kind", type=click.Choice(workload.WORKLOADS), default="random", show_default=True),
-        click.option("--api", type=click.Choice(workload.APIS), default="completions", show_default=True),
+        click.option("--api", type=click.Choice(workload.APIS), default=None,
+                     help="[default: completions; sessions: chat]"),
         click.option("--input-len", type=int, default=512, show_default=True, help="Prompt tokens (random)."),
         click.option("--output-len", type=int, default=None,
                      help="Generated tokens [default: 128; ShareGPT: the dataset's]."),
@@ -49,6 +50,16 @@ def _load_options(f):
         click.option("--prefix-len", type=int, default=256, show_default=True),
         click.option("--suffix-len", type=int, default=64, show_default=True),
         click.option("--dataset", type=click.Path(), default=None, help="ShareGPT-format JSON file."),
+        click.option("--num-sessions", type=click.IntRange(1, MAX_REQUESTS), default=4, show_default=True,
+                     help="Sessions: conversations held at once."),
+        click.option("--turns", type=click.IntRange(1, MAX_REQUESTS), default=None,
+                     help=f"Sessions: turns each [default: the dataset's; generated: {workload.GENERATED_TURNS}]."),
+        click.option("--think-time", type=float, default=0.0, show_default=True,
+                     help="Sessions: seconds from an answer to the next turn."),
+        click.option("--system-len", type=int, default=1024, show_default=True,
+                     help="Generated sessions: tokens of the shared system prompt."),
+        click.option("--turn-len", type=int, default=64, show_default=True,
+                     help="Generated sessions: tokens of each user (tool output) turn."),
         click.option("--lora", default=None, help="Adapters to spread requests over: NAME,NAME,... or 'auto'."),
         click.option("--lora-mix", type=click.Choice(workload.LORA_MIXES), default="uniform", show_default=True),
         click.option("--zipf-s", type=float, default=1.0, show_default=True, help="Zipf exponent for --lora-mix zipf."),
@@ -131,16 +142,19 @@ def _build_config(p: dict, eps, model, output_dir, rate, num_requests, duration)
         raise UsageError("--timeout must be positive")
     if not (p["connect_timeout"] > 0 and math.isfinite(p["connect_timeout"])):
         raise UsageError("--connect-timeout must be a positive number of seconds, e.g. --connect-timeout 10")
+    api = p["api"] or ("chat" if p["kind"] == "sessions" else "completions")
     wl = workload.WorkloadSpec(
-        kind=p["kind"], api=p["api"], input_len=p["input_len"], output_len=p["output_len"],
+        kind=p["kind"], api=api, input_len=p["input_len"], output_len=p["output_len"],
         range_ratio=p["range_ratio"], num_groups=p["num_groups"], prompts_per_group=p["prompts_per_group"],
         prefix_len=p["prefix_len"], suffix_len=p["suffix_len"], dataset=p["dataset"], lora=lora,
-        lora_mix=p["lora_mix"], zipf_s=p["zipf_s"], seed=p["seed"], tokenize=not p["no_tokenize"])
+        lora_mix=p["lora_mix"], zipf_s=p["zipf_s"], seed=p["seed"], tokenize=not p["no_tokenize"],
+        num_sessions=p["num_sessions"], turns=p["turns"], think_time=p["think_time"], system_len=p["system_len"],
+        turn_len=p["turn_len"])
     if wl.kind == "shared-prefix" and num_requests is None and duration is None:
         num_requests = wl.num_groups * wl.prompts_per_group
     cfg = BenchConfig(
         endpoints=eps, model=model, output_dir=output_dir, workload=wl,
-        request=RequestOptions(api=p["api"], stream=p["stream"], continuous_usage=p["continuous_usage"],
+        request=RequestOptions(api=api, stream=p["stream"], continuous_usage=p["continuous_usage"],
                                ignore_eos=p["ignore_eos"], timeout=p["timeout"],
                                connect_timeout=p["connect_timeout"], extra_body=extra),
         arrival=ArrivalSpec(process=process, rate=rate, burstiness=p["burstiness"], trace=trace, seed=p["seed"]),

@@ -111,3 +111,24 @@ def breakdown(records: list[RequestRecord], key: str, duration: float, slo: dict
     for r in records:
         groups[r.get(key) if r.get(key) is not None else "(base)"].append(r)
     return {str(k): compute(v, duration, slo) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+
+
+def sessions(records: list[RequestRecord], planned: dict[int, int]) -> dict:
+    """Per-session figures of a sessions workload; `planned`: turns of each session.
+
+    A session completed when all its planned turns succeeded; its completion time runs from its first
+    turn's send to its last answer's end (think times included): mean_session_ms, p99_session_ms, ...
+    """
+    turns: dict[int, list[RequestRecord]] = defaultdict(list)
+    for r in records:
+        if r.get("session") is not None:
+            turns[r["session"]].append(r)
+    times = []
+    for sid, n in planned.items():
+        rs = turns.get(sid, [])
+        if len(rs) == n and all(r["success"] for r in rs):
+            times.append((max(r["sent_s"] + r["e2el_ms"] / 1e3 for r in rs) - min(r["sent_s"] for r in rs)) * 1e3)
+    out: dict = {"num_sessions": len(planned), "completed": len(times), "failed": len(planned) - len(times),
+                 "turns": sum(planned.values())}
+    _stats("session", times, out)
+    return out

@@ -33,6 +33,18 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
         for stat in ("mean", "median", "p99"):
             label = f"{stat.capitalize() if stat != 'p99' else 'P99'} {key.upper()} (ms):"
             lines.append(_line(label, f"{s[f'{stat}_{key}_ms']:.2f}"))
+    if s.get("sessions"):
+        ses = s["sessions"]
+        lines.append("{:-^60}".format("Sessions"))
+        lines.append(_line("Sessions completed / planned:", f"{ses['completed']} / {ses['num_sessions']}"))
+        for stat in ("mean", "median", "p99"):
+            label = f"{stat.capitalize() if stat != 'p99' else 'P99'} session time (ms):"
+            lines.append(_line(label, f"{ses[f'{stat}_session_ms']:.2f}"))
+        turns = sorted((s.get("per_turn") or {}).items(), key=lambda kv: int(kv[0]))
+        turn_rows = [(k, m["completed"], f"{m['median_ttft_ms']:.2f}", f"{m['p99_ttft_ms']:.2f}",
+                 f"{m['total_input_tokens'] / m['completed']:.0f}" if m["completed"] else "-") for k, m in turns]
+        lines.append(format_table(("Turn", "OK", "TTFT med (ms)", "TTFT p99 (ms)", "Prompt tok"), turn_rows,
+                                  right=(0, 1, 2, 3, 4)))
     lines.append("{:-^60}".format("Client"))
     lag = s["dispatch_lag_ms"]
     lines.append(_line("Dispatch lag median / p99 (ms):", f"{lag['median']:>8.2f} / {lag['p99']:>7.2f}"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import multiprocessing as mp
@@ -67,9 +68,18 @@ class BenchConfig:
     def validate(self) -> None:
         if self.routing not in ROUTINGS:
             raise UsageError(f"unknown --routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
-        if self.arrival.rate is None and self.arrival.process != "trace" and not self.concurrency:
+        if self.sessions:
+            given = [f for f, v in (("--rate", self.arrival.rate), ("--arrival trace", self.arrival.trace),
+                                    ("--concurrency", self.concurrency), ("--num-requests", self.num_requests))
+                     if v is not None]
+            if given:
+                raise UsageError(f"--workload sessions holds --num-sessions conversations at once, each turn "
+                                 f"after the last answer (and --think-time); drop {given[0]}")
+        if self.arrival.rate is None and self.arrival.process != "trace" and not self.concurrency \
+                and not self.sessions:
             raise UsageError("give --rate (open loop), --concurrency (closed loop) or --arrival trace")
-        if self.num_requests is None and self.duration is None and self.arrival.process != "trace":
+        if self.num_requests is None and self.duration is None and self.arrival.process != "trace" \
+                and not self.sessions:
             raise UsageError("give --num-requests or --duration")
         if self.num_requests is not None and self.num_requests < 1:
             raise UsageError("--num-requests must be at least 1")
@@ -81,6 +91,10 @@ class BenchConfig:
             raise UsageError("--workers must be at least 1")
         self.workload.validate()
         self.arrival.validate()
+
+    @property
+    def sessions(self) -> bool:
+        return self.workload.kind == "sessions"
 
     @property
     def closed_loop(self) -> bool:
@@ -136,6 +150,8 @@ def _n_workers(cfg: BenchConfig, n_requests: int, offsets) -> int:
     if cfg.workers:
         return cfg.workers
     cores = os.cpu_count() or 1
+    if cfg.sessions:
+        return max(1, min(cores, math.ceil(cfg.workload.num_sessions / PER_WORKER_CONCURRENCY)))
     if cfg.closed_loop:
         return max(1, min(cores, math.ceil((cfg.concurrency or 1) / PER_WORKER_CONCURRENCY)))
     rate = cfg.arrival.rate
@@ -196,6 +212,9 @@ class Run:
             raise UsageError(f"{self.dir} holds no run to resume ({CONFIG_FILE} missing); start a new run") from None
         endpoints = self.cfg.endpoints
         self.cfg = BenchConfig.from_json(stored["config"], self.dir)
+        if self.cfg.sessions:
+            raise UsageError(f"{self.dir} is a sessions run: its conversations' replies are not stored, so it "
+                             "cannot be resumed; start a new run")
         if endpoints:
             self.cfg.endpoints = endpoints  # the fleet may have moved; the workload stays
         return workload.load(self.path(WORKLOAD_FILE)), stored["run_id"]
@@ -231,7 +250,13 @@ class Run:
                 headers=self.headers, opts=cfg.request, jsonl_path=self.path(REQUESTS_FILE),
                 run_id=run_id, segment=segment, duration=cfg.duration if not self.resume else None,
                 routing=cfg.routing, t0_unix_offset=time.time() - time.perf_counter())
-            if cfg.closed_loop:
+            if cfg.sessions:
+                by_session: dict[int, list[int]] = {}
+                for i in remaining:
+                    by_session.setdefault(specs[i].session or 0, []).append(i)
+                plan.sessions = [turns for sid, turns in sorted(by_session.items()) if sid % nw == w]
+                plan.think_time = cfg.workload.think_time
+            elif cfg.closed_loop:
                 assert cfg.concurrency is not None  # validate(): a closed loop is one with --concurrency
                 plan.closed_indices = mine if cfg.num_requests else None
                 plan.concurrency = cfg.concurrency // nw + (1 if w < cfg.concurrency % nw else 0)
@@ -241,7 +266,7 @@ class Run:
                 if cfg.concurrency:
                     plan.concurrency = max(1, cfg.concurrency // nw + (1 if w < cfg.concurrency % nw else 0))
             plans.append(plan)
-        expected = len(remaining) if (cfg.num_requests or not cfg.closed_loop) else None
+        expected = len(remaining) if (cfg.num_requests or cfg.sessions or not cfg.closed_loop) else None
         if not cfg.closed_loop and cfg.duration:
             assert offsets is not None  # scheduled above for every open loop
             expected = sum(1 for i in remaining if float(offsets[i]) - t_shift < cfg.duration)
@@ -336,6 +361,10 @@ class Run:
             s["per_adapter"] = metrics.breakdown(records, "adapter", s["duration"], cfg.slo)
         if cfg.workload.kind == "shared-prefix":
             s["per_group"] = metrics.breakdown(records, "group", s["duration"], cfg.slo)
+        if cfg.sessions:
+            planned = collections.Counter(int(sp["session"]) for sp in _read_jsonl(self.path(WORKLOAD_FILE)))
+            s["sessions"] = metrics.sessions(records, dict(planned))
+            s["per_turn"] = metrics.breakdown(records, "turn", s["duration"], cfg.slo)
         tmp = self.path(SUMMARY_FILE + ".tmp")
         with open(tmp, "w") as fh:
             json.dump(s, fh, indent=2)

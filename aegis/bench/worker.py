@@ -45,6 +45,8 @@ class WorkerPlan:
     items: list[tuple[int, float]] | None = None   # open loop: (index, offset); None: closed loop
     closed_indices: list[int] | None = None         # closed loop with a request count
     concurrency: int | None = None                  # this worker's share of the cap / closed-loop slots
+    sessions: list[list[int]] | None = None         # sessions: each one's turns (workload indices) in order
+    think_time: float = 0.0                         # sessions: seconds from an answer's end to the next turn
     duration: float | None = None
     routing: str = "round-robin"
     t0_unix_offset: float = 0.0                     # time.time() - perf_counter() in the parent
@@ -166,16 +168,19 @@ class Worker:
     def _write(self, rec: RequestRecord) -> None:
         write_record(self.fd, rec)
 
-    async def _one(self, index: int, intended: float, ready: float, waited: float) -> None:
+    async def _one(self, index: int, intended: float, ready: float, waited: float,
+                   messages: list[dict] | None = None) -> dict:
+        """Send request `index` (a session's turn: with the conversation so far), record it, return send()'s result."""
         p = self.plan
         spec = p.specs[index % len(p.specs)]
-        ep = self.router.pick(index, spec.adapter)
+        # a session's turns stay on one endpoint (its prefix cache holds the conversation)
+        ep = self.router.pick(index if spec.session is None else spec.session, spec.adapter)
         model = spec.adapter or p.model
         headers = {**p.headers, "X-Request-Id": f"aegis-{p.run_id}-{p.segment}-{index}"}
         self.router.outstanding[ep.name] += 1
         self.sent += 1
         try:
-            res = await send(self.pool, ep.url, p.opts, model, spec.prompt, spec.output_len, headers)
+            res = await send(self.pool, ep.url, p.opts, model, spec.prompt, spec.output_len, headers, messages)
         finally:
             self.router.outstanding[ep.name] -= 1
         t0, sent = self.t0, res["t_send"]
@@ -203,7 +208,45 @@ class Worker:
         }
         if any(n > 1 for n in res["chunk_tokens"]):
             rec["chunk_tokens"] = res["chunk_tokens"]
+        if spec.session is not None:
+            assert spec.turn is not None  # build_sessions numbers every session's turns
+            rec["session"], rec["turn"] = spec.session, spec.turn
         self._write(rec)
+        return res
+
+    async def _until(self, target: float) -> None:
+        """Sleep until just before `target`, then yield in a busy loop until it (see SPIN_S)."""
+        delay = target - perf()
+        if delay > SPIN_S:
+            await asyncio.sleep(delay - SPIN_S)
+        while perf() < target:
+            await asyncio.sleep(0)
+
+    async def _sessions(self) -> None:
+        """Each session's turns in order: the whole conversation so far plus the new user turn, the server's
+        actual replies in the history, `think_time` from an answer's end to the next turn. A failed turn
+        ends its session (the conversation has no reply to carry on from)."""
+        p = self.plan
+        assert p.sessions is not None  # run() takes this path only for a sessions workload
+        end = self.t0 + p.duration if p.duration else None
+
+        async def session(turns: list[int]) -> None:
+            history: list[dict] = []
+            due = self.t0
+            for index in turns:
+                if end is not None and due >= end:
+                    return
+                spec = p.specs[index]
+                if spec.system:
+                    history.append({"role": "system", "content": spec.system})
+                messages = [*history, {"role": "user", "content": spec.prompt}]
+                await self._until(due)
+                res = await self._one(index, due, due, 0.0, messages)
+                if not res["success"]:
+                    return
+                history = [*messages, {"role": "assistant", "content": res["reply"]}]
+                due = res["t_end"] + p.think_time
+        await asyncio.gather(*(session(t) for t in p.sessions))
 
     async def _open_loop(self) -> None:
         p, loop = self.plan, asyncio.get_running_loop()
@@ -215,11 +258,7 @@ class Worker:
             target = self.t0 + offset
             if end is not None and target >= end:
                 break
-            delay = target - perf()
-            if delay > SPIN_S:
-                await asyncio.sleep(delay - SPIN_S)
-            while perf() < target:
-                await asyncio.sleep(0)
+            await self._until(target)
             ready, waited = target, 0.0
             if sem is not None:
                 if sem.locked():
@@ -259,8 +298,8 @@ class Worker:
         """Connections per endpoint to open up front: about the requests in flight in 100 ms."""
         p = self.plan
         n = WARM_CONNECTIONS
-        if p.concurrency:
-            n = max(n, p.concurrency)
+        if p.concurrency or p.sessions:
+            n = max(n, p.concurrency or 0, len(p.sessions or ()))
         elif p.items and len(p.items) > 1:
             span = p.items[-1][1] - p.items[0][1]
             if span > 0:
@@ -278,7 +317,9 @@ class Worker:
             mon_task = asyncio.get_running_loop().create_task(mon.run())
             start = perf()
             try:
-                if p.items is not None:
+                if p.sessions is not None:
+                    await self._sessions()
+                elif p.items is not None:
                     await self._open_loop()
                 else:
                     await self._closed_loop()
