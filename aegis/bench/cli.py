@@ -178,11 +178,16 @@ def _default_dir(prefix: str) -> str:
 @click.option("--duration", type=click.FloatRange(0, 30 * 86400, min_open=True), default=None,
               help="Stop dispatching after this many seconds.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir (its stored settings).")
+@click.option("--repeat", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Run K times (OUTPUT_DIR/repeat-<i>/); summary: mean and 95% CI per headline metric.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, duration, resume, as_json, **p):
+def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, duration, resume, repeat, as_json,
+              **p):
     """Send load to OpenAI-compatible endpoints and measure it (vLLM's metrics)."""
     from aegis.bench.report import format_summary
     from aegis.bench.runner import BenchConfig, Run
+    if resume and repeat > 1:
+        raise UsageError("--resume continues one run; drop --repeat (or resume one repeat-<i> directory)")
     if resume:
         if not p["output_dir"]:
             raise UsageError("--resume needs --output-dir DIR (the run to continue)")
@@ -200,6 +205,13 @@ def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, dur
             raise UsageError(f"--rate {rate:g} for --duration {duration:g} s plans {rate * duration:.3g} requests; "
                              f"at most {MAX_REQUESTS:.0e}: lower one, or give --num-requests")
         cfg = _build_config(p, eps, model, out, rate, num_requests, duration)
+        if repeat > 1:
+            from aegis.bench.repeat import format_repeat, run_repeats
+            result, interrupted = run_repeats(cfg, repeat, key, p["progress"], lambda m: click.echo(m, err=as_json))
+            click.echo(json.dumps(result, indent=2) if as_json else format_repeat(result, out))
+            if interrupted:
+                raise AegisError(f"interrupted; the finished repeats are in {out}")
+            return
         run = Run(cfg, key, progress=p["progress"])
     summary = run.execute()
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary, run.dir))
