@@ -10,8 +10,6 @@ import numpy as np
 from aegis.errors import UsageError
 
 PROCESSES = ("poisson", "gamma", "constant", "trace")
-# Draw inter-arrival gaps in blocks of this many when only a duration is given.
-_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -54,9 +52,13 @@ def schedule(spec: ArrivalSpec, num_requests: int | None = None,
              duration: float | None = None) -> np.ndarray:
     """Intended send offsets (seconds from the start, non-decreasing) of each request.
 
-    The first request goes at 0; gaps follow the process. With a duration and no
-    count, requests are generated until the offset reaches `duration`. The same
-    seed gives the same schedule.
+    The first request goes at 0. With a rate, the n - 1 gaps are drawn from the
+    process and then scaled so that their mean is exactly 1/rate: n requests at
+    rate R span (n - 1)/R seconds, whatever the seed (the offered rate is the one
+    asked for; the seed shapes the gaps, not their sum). With only a duration, n
+    is the number of requests that fit at the rate, ceil(R * duration), so a
+    duration gives the same schedule as that count. With both, the count's
+    schedule is cut at the duration. The same seed gives the same schedule.
     """
     spec.validate()
     if spec.process == "trace":
@@ -69,16 +71,11 @@ def schedule(spec: ArrivalSpec, num_requests: int | None = None,
         raise UsageError("an open-loop schedule needs --rate (or use --concurrency for a closed loop)")
     if num_requests is None and duration is None:
         raise UsageError("give --num-requests or --duration")
-    rng = np.random.default_rng(spec.seed)
-    # gaps are drawn in fixed blocks so a count and a duration give the same prefix
-    parts, total, count = [np.zeros(1)], 0.0, 1
-    while (num_requests is None or count < num_requests) and (duration is None or total < duration):
-        g = np.cumsum(_gaps(spec, rng, _BLOCK)) + total
-        parts.append(g)
-        total, count = float(g[-1]), count + _BLOCK
-    t = np.concatenate(parts)
-    if num_requests is not None:
-        t = t[:num_requests]
+    n = num_requests if num_requests is not None else max(1, math.ceil(float(spec.rate) * float(duration or 0)))
+    gaps = _gaps(spec, np.random.default_rng(spec.seed), n - 1)
+    if n > 1 and gaps.sum() > 0:
+        gaps = gaps * ((n - 1) / float(spec.rate) / gaps.sum())
+    t = np.concatenate([np.zeros(1), np.cumsum(gaps)])
     return t[t < duration] if duration is not None else t
 
 

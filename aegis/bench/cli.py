@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 
@@ -12,6 +13,7 @@ from aegis.bench import workload
 from aegis.bench.arrival import PROCESSES, ArrivalSpec, load_trace
 from aegis.bench.client import RequestOptions
 from aegis.bench.endpoints import Fleet, fleet_from_urls, load_endpoints
+from aegis.bench.http import CONNECT_TIMEOUT_S
 from aegis.bench.slo import parse_goodput
 from aegis.errors import AegisError, UsageError
 from aegis.util.apikey import auth_headers, resolve_api_key
@@ -36,7 +38,8 @@ def _target_options(f):
 def _load_options(f):
     opts = [
         click.option("--workload", "kind", type=click.Choice(workload.WORKLOADS), default="random", show_default=True),
-        click.option("--api", type=click.Choice(workload.APIS), default="completions", show_default=True),
+        click.option("--api", type=click.Choice(workload.APIS), default=None,
+                     help="[default: completions; sessions: chat]"),
         click.option("--input-len", type=int, default=512, show_default=True, help="Prompt tokens (random)."),
         click.option("--output-len", type=int, default=None,
                      help="Generated tokens [default: 128; ShareGPT: the dataset's]."),
@@ -47,6 +50,16 @@ def _load_options(f):
         click.option("--prefix-len", type=int, default=256, show_default=True),
         click.option("--suffix-len", type=int, default=64, show_default=True),
         click.option("--dataset", type=click.Path(), default=None, help="ShareGPT-format JSON file."),
+        click.option("--num-sessions", type=click.IntRange(1, MAX_REQUESTS), default=4, show_default=True,
+                     help="Sessions: conversations held at once."),
+        click.option("--turns", type=click.IntRange(1, MAX_REQUESTS), default=None,
+                     help=f"Sessions: turns each [default: the dataset's; generated: {workload.GENERATED_TURNS}]."),
+        click.option("--think-time", type=float, default=0.0, show_default=True,
+                     help="Sessions: seconds from an answer to the next turn."),
+        click.option("--system-len", type=int, default=1024, show_default=True,
+                     help="Generated sessions: tokens of the shared system prompt."),
+        click.option("--turn-len", type=int, default=64, show_default=True,
+                     help="Generated sessions: tokens of each user (tool output) turn."),
         click.option("--lora", default=None, help="Adapters to spread requests over: NAME,NAME,... or 'auto'."),
         click.option("--lora-mix", type=click.Choice(workload.LORA_MIXES), default="uniform", show_default=True),
         click.option("--zipf-s", type=float, default=1.0, show_default=True, help="Zipf exponent for --lora-mix zipf."),
@@ -62,6 +75,8 @@ def _load_options(f):
                      show_default=True),
         click.option("--workers", type=int, default=None, help="Load-generating processes [default: auto]."),
         click.option("--timeout", type=float, default=600.0, show_default=True, help="Per-request timeout (s)."),
+        click.option("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, show_default=True,
+                     help="Seconds to open a connection; longer counts as a connect_timeout error."),
         click.option("--stream/--no-stream", default=True, show_default=True),
         click.option("--continuous-usage/--no-continuous-usage", default=True, show_default=True,
                      help="Ask for usage in every chunk (vLLM's continuous_usage_stats)."),
@@ -125,17 +140,23 @@ def _build_config(p: dict, eps, model, output_dir, rate, num_requests, duration)
         raise UsageError("--arrival trace needs --trace FILE")
     if p["timeout"] <= 0:
         raise UsageError("--timeout must be positive")
+    if not (p["connect_timeout"] > 0 and math.isfinite(p["connect_timeout"])):
+        raise UsageError("--connect-timeout must be a positive number of seconds, e.g. --connect-timeout 10")
+    api = p["api"] or ("chat" if p["kind"] == "sessions" else "completions")
     wl = workload.WorkloadSpec(
-        kind=p["kind"], api=p["api"], input_len=p["input_len"], output_len=p["output_len"],
+        kind=p["kind"], api=api, input_len=p["input_len"], output_len=p["output_len"],
         range_ratio=p["range_ratio"], num_groups=p["num_groups"], prompts_per_group=p["prompts_per_group"],
         prefix_len=p["prefix_len"], suffix_len=p["suffix_len"], dataset=p["dataset"], lora=lora,
-        lora_mix=p["lora_mix"], zipf_s=p["zipf_s"], seed=p["seed"], tokenize=not p["no_tokenize"])
+        lora_mix=p["lora_mix"], zipf_s=p["zipf_s"], seed=p["seed"], tokenize=not p["no_tokenize"],
+        num_sessions=p["num_sessions"], turns=p["turns"], think_time=p["think_time"], system_len=p["system_len"],
+        turn_len=p["turn_len"])
     if wl.kind == "shared-prefix" and num_requests is None and duration is None:
         num_requests = wl.num_groups * wl.prompts_per_group
     cfg = BenchConfig(
         endpoints=eps, model=model, output_dir=output_dir, workload=wl,
-        request=RequestOptions(api=p["api"], stream=p["stream"], continuous_usage=p["continuous_usage"],
-                               ignore_eos=p["ignore_eos"], timeout=p["timeout"], extra_body=extra),
+        request=RequestOptions(api=api, stream=p["stream"], continuous_usage=p["continuous_usage"],
+                               ignore_eos=p["ignore_eos"], timeout=p["timeout"],
+                               connect_timeout=p["connect_timeout"], extra_body=extra),
         arrival=ArrivalSpec(process=process, rate=rate, burstiness=p["burstiness"], trace=trace, seed=p["seed"]),
         num_requests=num_requests, duration=duration, concurrency=p["concurrency"], routing=p["routing"],
         workers=p["workers"], slo=parse_goodput(p["slo"]), scrape=p["scrape"], scrape_interval=p["scrape_interval"],
@@ -157,11 +178,16 @@ def _default_dir(prefix: str) -> str:
 @click.option("--duration", type=click.FloatRange(0, 30 * 86400, min_open=True), default=None,
               help="Stop dispatching after this many seconds.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir (its stored settings).")
+@click.option("--repeat", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Run K times (OUTPUT_DIR/repeat-<i>/); summary: mean and 95% CI per headline metric.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, duration, resume, as_json, **p):
+def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, duration, resume, repeat, as_json,
+              **p):
     """Send load to OpenAI-compatible endpoints and measure it (vLLM's metrics)."""
     from aegis.bench.report import format_summary
     from aegis.bench.runner import BenchConfig, Run
+    if resume and repeat > 1:
+        raise UsageError("--resume continues one run; drop --repeat (or resume one repeat-<i> directory)")
     if resume:
         if not p["output_dir"]:
             raise UsageError("--resume needs --output-dir DIR (the run to continue)")
@@ -179,6 +205,13 @@ def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, dur
             raise UsageError(f"--rate {rate:g} for --duration {duration:g} s plans {rate * duration:.3g} requests; "
                              f"at most {MAX_REQUESTS:.0e}: lower one, or give --num-requests")
         cfg = _build_config(p, eps, model, out, rate, num_requests, duration)
+        if repeat > 1:
+            from aegis.bench.repeat import format_repeat, run_repeats
+            result, interrupted = run_repeats(cfg, repeat, key, p["progress"], lambda m: click.echo(m, err=as_json))
+            click.echo(json.dumps(result, indent=2) if as_json else format_repeat(result, out))
+            if interrupted:
+                raise AegisError(f"interrupted; the finished repeats are in {out}")
+            return
         run = Run(cfg, key, progress=p["progress"])
     summary = run.execute()
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary, run.dir))
@@ -210,6 +243,8 @@ def probe_cmd(endpoints_path, urls, model, api_key_file, rates, duration, stop_e
     best = result["highest_ok_rate"]
     if any(r["client_bound"] for r in result["rates"]):
         click.echo("* CLIENT-BOUND: the load generator could not keep the schedule at this rate")
+    if any(r.get("client_starved") for r in result["rates"]):
+        click.echo("! CLIENT-STARVED: other work on this machine descheduled the load generator at this rate")
     click.echo(f"Highest OK rate: {best:g} req/s" if best is not None else "No rate was OK.")
     click.echo(f"Results: {out}")
 

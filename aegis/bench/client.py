@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from aegis.bench.http import MAX_ERROR_BODY, HTTPError, Pool, request
+from aegis.bench.http import CONNECT_TIMEOUT_S, MAX_ERROR_BODY, HTTPError, Pool, request
 
 perf = time.perf_counter
 
@@ -20,13 +20,16 @@ class RequestOptions:
     continuous_usage: bool = True
     ignore_eos: bool = True
     timeout: float = 600.0
+    connect_timeout: float = CONNECT_TIMEOUT_S
     extra_body: dict = field(default_factory=dict)
 
 
-def build_payload(opts: RequestOptions, model: str, prompt: str, output_len: int) -> dict:
+def build_payload(opts: RequestOptions, model: str, prompt: str, output_len: int,
+                  messages: list[dict] | None = None) -> dict:
+    """The request body; `messages` (chat only): the conversation so far, sent instead of one user message."""
     body: dict = {"model": model}
     if opts.api == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = messages if messages is not None else [{"role": "user", "content": prompt}]
         body["max_completion_tokens"] = output_len
     else:
         body["prompt"] = prompt
@@ -58,6 +61,7 @@ class StreamTimer:
         self.token_times: list[float] = []
         self.chunk_tokens: list[int] = []
         self.text_parts: list[str] = []
+        self.reply_parts: list[str] = []  # the answer without reasoning: what a chat client keeps in its history
         self.usage: dict | None = None
         self.usage_tokens = 0       # last cumulative completion_tokens seen
         self.continuous = False
@@ -113,13 +117,12 @@ class StreamTimer:
         n_tokens = 0
         usage = obj.get("usage")
         choices = obj.get("choices") or []
-        text = ""
+        text = reply = ""
         for ch in choices:
-            if "text" in ch:
-                text += ch.get("text") or ""
             delta = ch.get("delta") or ch.get("message") or {}
-            text += (delta.get("content") or "") + (delta.get("reasoning_content") or "") \
-                + (delta.get("reasoning") or "")
+            answer = (ch.get("text") or "") + (delta.get("content") or "")
+            reply += answer
+            text += answer + (delta.get("reasoning_content") or "") + (delta.get("reasoning") or "")
             if ch.get("finish_reason"):
                 self.finish_reason = ch["finish_reason"]
         if usage and isinstance(usage.get("completion_tokens"), int):
@@ -132,6 +135,8 @@ class StreamTimer:
             n_tokens = 1
         if text:
             self.text_parts.append(text)
+        if reply:
+            self.reply_parts.append(reply)
         if n_tokens:
             self.token_times.append(now)
             self.chunk_tokens.append(n_tokens)
@@ -142,10 +147,10 @@ def _error(kind: str, msg: str) -> tuple[str, str]:
 
 
 async def send(pool: Pool, url: str, opts: RequestOptions, model: str, prompt: str, output_len: int,
-               headers: dict[str, str]) -> dict:
+               headers: dict[str, str], messages: list[dict] | None = None) -> dict:
     """Send one request; returns timing and outcome (never raises, except cancellation)."""
     path = "/v1/chat/completions" if opts.api == "chat" else "/v1/completions"
-    body = json.dumps(build_payload(opts, model, prompt, output_len)).encode()
+    body = json.dumps(build_payload(opts, model, prompt, output_len, messages)).encode()
     hdrs = {"Content-Type": "application/json", "Accept": "text/event-stream" if opts.stream else
             "application/json", **headers}
     timer = StreamTimer(0.0)
@@ -178,6 +183,7 @@ async def send(pool: Pool, url: str, opts: RequestOptions, model: str, prompt: s
                 obj = json.loads(bytes(raw))
                 ch = (obj.get("choices") or [{}])[0]
                 timer.text_parts.append(ch.get("text") or (ch.get("message") or {}).get("content") or "")
+                timer.reply_parts.append(timer.text_parts[-1])
                 timer.finish_reason = ch.get("finish_reason")
                 timer.usage = obj.get("usage")
                 timer.model = obj.get("model")
@@ -219,5 +225,6 @@ async def send(pool: Pool, url: str, opts: RequestOptions, model: str, prompt: s
         "chunk_tokens": timer.chunk_tokens,
         "continuous_usage": timer.continuous,
         "text": "".join(timer.text_parts),
+        "reply": "".join(timer.reply_parts),
         "served_model": timer.model,
     }

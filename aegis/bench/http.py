@@ -14,10 +14,11 @@ from urllib.parse import urlsplit
 
 perf = time.perf_counter
 MAX_ERROR_BODY = 64 * 1024
+CONNECT_TIMEOUT_S = 10.0  # opening a TCP (and TLS) connection; a server that never accepts fails in this long
 
 
 class HTTPError(Exception):
-    """A transport-level failure: `kind` is connect, disconnect or bad_response."""
+    """A transport-level failure: `kind` is connect, connect_timeout, disconnect or bad_response."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -179,7 +180,8 @@ class Pool:
     number of requests in flight does not put TCP connects on the send path.
     """
 
-    def __init__(self, spare: int = 0):
+    def __init__(self, spare: int = 0, connect_timeout: float = CONNECT_TIMEOUT_S):
+        self.connect_timeout = connect_timeout
         self.idle: dict[tuple, list[_Conn]] = {}
         self._ssl: _ssl.SSLContext | None = None
         self.spare = spare
@@ -194,7 +196,11 @@ class Pool:
             ssl_ctx = self._ssl
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(_Conn, host, port, ssl=ssl_ctx)
+            _, conn = await asyncio.wait_for(loop.create_connection(_Conn, host, port, ssl=ssl_ctx),
+                                             self.connect_timeout)
+        except asyncio.TimeoutError:  # before OSError: TimeoutError is one (and so is the kernel's ETIMEDOUT)
+            raise HTTPError("connect_timeout", f"no connection to {host}:{port} within "
+                                               f"{self.connect_timeout:g} s") from None
         except OSError as exc:
             raise HTTPError("connect", f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
         return conn
@@ -267,7 +273,7 @@ async def request(pool: Pool, method: str, url: str, body: bytes, headers: dict[
 
     Returns {"status", "headers", "t_send", "connect_s", "t_done"} (t_done: when the
     last byte of the answer arrived); raises HTTPError
-    (connect, disconnect, bad_response) or asyncio.TimeoutError.
+    (connect, connect_timeout, disconnect, bad_response) or asyncio.TimeoutError.
     """
     key, (netloc, path) = split(url)
     head = [f"{method} {path} HTTP/1.1", f"Host: {netloc}", f"Content-Length: {len(body)}"]

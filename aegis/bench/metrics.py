@@ -43,6 +43,16 @@ def segment_duration(records: list[RequestRecord]) -> float:
     return float(sum(ends.values()))
 
 
+def offered_rate(records: list[RequestRecord]) -> float | None:
+    """The rate the client really offered: 1 / the mean gap between successive sends (within each segment)."""
+    sends: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        sends[r.get("segment", 0)].append(r["sent_s"])
+    gaps = sum(len(v) - 1 for v in sends.values())
+    span = sum(max(v) - min(v) for v in sends.values())
+    return gaps / span if gaps and span > 0 else None
+
+
 def compute(records: list[RequestRecord], duration: float | None = None,
             slo: dict[str, float] | None = None) -> dict:
     """vLLM's benchmark metrics (same keys) plus error kinds and dispatch lag.
@@ -83,6 +93,7 @@ def compute(records: list[RequestRecord], duration: float | None = None,
         out["goodput_slo_ms"] = dict(slo)
     for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
         _stats(name, values, out)
+    out["offered_rate"] = offered_rate(records)
     out["max_concurrent_requests"] = _max_concurrency(ok) if ok else 0
     out["errors_by_kind"] = dict(Counter(r["error_kind"] for r in records if not r["success"]))
     lags = np.asarray([r["dispatch_lag_ms"] for r in records], dtype=float) if records else np.zeros(1)
@@ -100,3 +111,24 @@ def breakdown(records: list[RequestRecord], key: str, duration: float, slo: dict
     for r in records:
         groups[r.get(key) if r.get(key) is not None else "(base)"].append(r)
     return {str(k): compute(v, duration, slo) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+
+
+def sessions(records: list[RequestRecord], planned: dict[int, int]) -> dict:
+    """Per-session figures of a sessions workload; `planned`: turns of each session.
+
+    A session completed when all its planned turns succeeded; its completion time runs from its first
+    turn's send to its last answer's end (think times included): mean_session_ms, p99_session_ms, ...
+    """
+    turns: dict[int, list[RequestRecord]] = defaultdict(list)
+    for r in records:
+        if r.get("session") is not None:
+            turns[r["session"]].append(r)
+    times = []
+    for sid, n in planned.items():
+        rs = turns.get(sid, [])
+        if len(rs) == n and all(r["success"] for r in rs):
+            times.append((max(r["sent_s"] + r["e2el_ms"] / 1e3 for r in rs) - min(r["sent_s"] for r in rs)) * 1e3)
+    out: dict = {"num_sessions": len(planned), "completed": len(times), "failed": len(planned) - len(times),
+                 "turns": sum(planned.values())}
+    _stats("session", times, out)
+    return out

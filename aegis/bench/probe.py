@@ -15,7 +15,7 @@ SLOW_P99_MS = 10000.0     # p99 TTFT
 TOO_HIGH_ERRORS = 0.01    # error rate
 PROBE_CSV_COLUMNS = ("rate", "status", "success_pct", "completed", "failed", "output_tokens",
                      "ttft_median_ms", "ttft_p99_ms", "latency_median_ms", "request_throughput",
-                     "output_throughput", "dispatch_lag_p99_ms", "client_bound", "output_dir")
+                     "output_throughput", "dispatch_lag_p99_ms", "client_bound", "client_starved", "output_dir")
 
 
 def classify(s: dict) -> str:
@@ -37,7 +37,8 @@ def row_from_summary(rate: float, s: dict, out_dir: str) -> dict:
             "ttft_median_ms": s["median_ttft_ms"], "ttft_p99_ms": s["p99_ttft_ms"],
             "latency_median_ms": s["median_e2el_ms"], "request_throughput": s["request_throughput"],
             "output_throughput": s["output_throughput"], "dispatch_lag_p99_ms": s["dispatch_lag_ms"]["p99"],
-            "client_bound": s["client_bound"], "errors_by_kind": s["errors_by_kind"], "output_dir": out_dir}
+            "client_bound": s["client_bound"], "client_starved": s.get("client_starved", False),
+            "errors_by_kind": s["errors_by_kind"], "output_dir": out_dir}
 
 
 def run_probe(base: BenchConfig, rates: list[float], api_key: str | None, echo, progress: bool | None = None,

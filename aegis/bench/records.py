@@ -43,6 +43,8 @@ class RequestRecord(TypedDict, total=False):
     finish_reason: str | None
     connect_ms: float | None
     chunk_tokens: list[int]  # only when a streamed chunk carried several tokens
+    session: int  # sessions workload: the conversation (only there)
+    turn: int  # sessions workload: the turn in it, from 0
 
 
 def write_record(fd: int, rec: RequestRecord) -> None:

@@ -33,9 +33,24 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
         for stat in ("mean", "median", "p99"):
             label = f"{stat.capitalize() if stat != 'p99' else 'P99'} {key.upper()} (ms):"
             lines.append(_line(label, f"{s[f'{stat}_{key}_ms']:.2f}"))
+    if s.get("sessions"):
+        ses = s["sessions"]
+        lines.append("{:-^60}".format("Sessions"))
+        lines.append(_line("Sessions completed / planned:", f"{ses['completed']} / {ses['num_sessions']}"))
+        for stat in ("mean", "median", "p99"):
+            label = f"{stat.capitalize() if stat != 'p99' else 'P99'} session time (ms):"
+            lines.append(_line(label, f"{ses[f'{stat}_session_ms']:.2f}"))
+        turns = sorted((s.get("per_turn") or {}).items(), key=lambda kv: int(kv[0]))
+        turn_rows = [(k, m["completed"], f"{m['median_ttft_ms']:.2f}", f"{m['p99_ttft_ms']:.2f}",
+                 f"{m['total_input_tokens'] / m['completed']:.0f}" if m["completed"] else "-") for k, m in turns]
+        lines.append(format_table(("Turn", "OK", "TTFT med (ms)", "TTFT p99 (ms)", "Prompt tok"), turn_rows,
+                                  right=(0, 1, 2, 3, 4)))
     lines.append("{:-^60}".format("Client"))
     lag = s["dispatch_lag_ms"]
     lines.append(_line("Dispatch lag median / p99 (ms):", f"{lag['median']:>8.2f} / {lag['p99']:>7.2f}"))
+    if s.get("offered_rate") is not None:
+        asked = f" (asked {s['request_rate']:g})" if s.get("request_rate") else ""
+        lines.append(_line("Offered rate (req/s):", f"{s['offered_rate']:.2f}{asked}"))
     lines.append(_line("Worker processes:", s.get("num_workers", 0)))
     if s.get("errors_by_kind"):
         lines.append("Errors: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_kind"].items())))
@@ -62,6 +77,10 @@ def format_summary(s: dict, out_dir: str | None = None) -> str:
     if s.get("client_bound"):
         lines.append("CLIENT-BOUND: " + "; ".join(s["client_bound_reasons"])
                      + " -- the client, not the server, limited this run (add --workers or machines)")
+    if s.get("client_starved"):
+        lines.append("CLIENT-STARVED: " + "; ".join(s["client_starved_reasons"])
+                     + " -- other work on this machine held the load generator's CPU, not its own work: run the "
+                       "client on cores of its own (taskset -c) or on another machine; more --workers will not help")
     if out_dir:
         lines.append(f"Results: {out_dir}")
     return "\n".join(lines)
@@ -93,6 +112,6 @@ def _fmt_ms(ms: float | None) -> str:
 
 
 def probe_row(r: dict) -> str:
-    mark = "*" if r.get("client_bound") else ""
+    mark = ("*" if r.get("client_bound") else "") + ("!" if r.get("client_starved") else "")
     return _probe_line((f"{r['rate']:g}", f"{r['success_pct']:.1f}%", r["output_tokens"], _fmt_ms(r["ttft_median_ms"]),
                         _fmt_ms(r["ttft_p99_ms"]), _fmt_ms(r["latency_median_ms"]), r["status"] + mark))

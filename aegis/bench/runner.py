@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import multiprocessing as mp
@@ -24,7 +25,7 @@ from aegis.bench.endpoints import Endpoint
 from aegis.bench.progress import Progress
 from aegis.bench.prom import Scraper
 from aegis.bench.records import RequestRecord, read_records
-from aegis.bench.worker import WorkerPlan, worker_main
+from aegis.bench.worker import SATURATED_CPU, WorkerPlan, worker_main
 from aegis.errors import AegisError, UsageError
 from aegis.util.apikey import auth_headers
 
@@ -67,9 +68,18 @@ class BenchConfig:
     def validate(self) -> None:
         if self.routing not in ROUTINGS:
             raise UsageError(f"unknown --routing {self.routing!r}; choose one of {', '.join(ROUTINGS)}")
-        if self.arrival.rate is None and self.arrival.process != "trace" and not self.concurrency:
+        if self.sessions:
+            given = [f for f, v in (("--rate", self.arrival.rate), ("--arrival trace", self.arrival.trace),
+                                    ("--concurrency", self.concurrency), ("--num-requests", self.num_requests))
+                     if v is not None]
+            if given:
+                raise UsageError(f"--workload sessions holds --num-sessions conversations at once, each turn "
+                                 f"after the last answer (and --think-time); drop {given[0]}")
+        if self.arrival.rate is None and self.arrival.process != "trace" and not self.concurrency \
+                and not self.sessions:
             raise UsageError("give --rate (open loop), --concurrency (closed loop) or --arrival trace")
-        if self.num_requests is None and self.duration is None and self.arrival.process != "trace":
+        if self.num_requests is None and self.duration is None and self.arrival.process != "trace" \
+                and not self.sessions:
             raise UsageError("give --num-requests or --duration")
         if self.num_requests is not None and self.num_requests < 1:
             raise UsageError("--num-requests must be at least 1")
@@ -83,8 +93,16 @@ class BenchConfig:
         self.arrival.validate()
 
     @property
+    def sessions(self) -> bool:
+        return self.workload.kind == "sessions"
+
+    @property
     def closed_loop(self) -> bool:
         return self.arrival.rate is None and self.arrival.process != "trace"
+
+    def schedule(self):
+        """The open loop's intended send offsets (one per request of the workload)."""
+        return schedule(self.arrival, self.num_requests, self.duration)
 
     def to_json(self) -> dict:
         d = {
@@ -132,6 +150,8 @@ def _n_workers(cfg: BenchConfig, n_requests: int, offsets) -> int:
     if cfg.workers:
         return cfg.workers
     cores = os.cpu_count() or 1
+    if cfg.sessions:
+        return max(1, min(cores, math.ceil(cfg.workload.num_sessions / PER_WORKER_CONCURRENCY)))
     if cfg.closed_loop:
         return max(1, min(cores, math.ceil((cfg.concurrency or 1) / PER_WORKER_CONCURRENCY)))
     rate = cfg.arrival.rate
@@ -160,12 +180,7 @@ class Run:
         if os.path.exists(self.path(REQUESTS_FILE)):
             raise UsageError(f"{self.dir} already holds a run; continue it with --resume or choose "
                              "another --output-dir")
-        if cfg.closed_loop:
-            n = cfg.num_requests or CLOSED_LOOP_POOL
-        elif cfg.num_requests is not None:
-            n = len(schedule(cfg.arrival, cfg.num_requests, cfg.duration))
-        else:
-            n = len(schedule(cfg.arrival, None, cfg.duration))
+        n = (cfg.num_requests or CLOSED_LOOP_POOL) if cfg.closed_loop else len(cfg.schedule())
         if n == 0:
             raise UsageError("the schedule holds no request; raise --duration or --rate")
         specs = asyncio.run(self._build_workload(n))
@@ -197,6 +212,9 @@ class Run:
             raise UsageError(f"{self.dir} holds no run to resume ({CONFIG_FILE} missing); start a new run") from None
         endpoints = self.cfg.endpoints
         self.cfg = BenchConfig.from_json(stored["config"], self.dir)
+        if self.cfg.sessions:
+            raise UsageError(f"{self.dir} is a sessions run: its conversations' replies are not stored, so it "
+                             "cannot be resumed; start a new run")
         if endpoints:
             self.cfg.endpoints = endpoints  # the fleet may have moved; the workload stays
         return workload.load(self.path(WORKLOAD_FILE)), stored["run_id"]
@@ -214,7 +232,10 @@ class Run:
         n_total = len(specs)
         offsets = None
         if not cfg.closed_loop:
-            offsets = schedule(cfg.arrival, n_total)
+            offsets = cfg.schedule()
+            if len(offsets) != n_total:
+                raise AegisError(f"{self.dir}: the stored workload holds {n_total} requests but the schedule "
+                                 f"{len(offsets)} (a run of another aegis version?); start a new run")
         remaining = [i for i in range(n_total) if i not in done_idx]
         if self.resume and not remaining and (cfg.num_requests or not cfg.closed_loop):
             self.out.write(f"aegis: {self.dir}: every request already finished; summary rewritten\n")
@@ -229,7 +250,13 @@ class Run:
                 headers=self.headers, opts=cfg.request, jsonl_path=self.path(REQUESTS_FILE),
                 run_id=run_id, segment=segment, duration=cfg.duration if not self.resume else None,
                 routing=cfg.routing, t0_unix_offset=time.time() - time.perf_counter())
-            if cfg.closed_loop:
+            if cfg.sessions:
+                by_session: dict[int, list[int]] = {}
+                for i in remaining:
+                    by_session.setdefault(specs[i].session or 0, []).append(i)
+                plan.sessions = [turns for sid, turns in sorted(by_session.items()) if sid % nw == w]
+                plan.think_time = cfg.workload.think_time
+            elif cfg.closed_loop:
                 assert cfg.concurrency is not None  # validate(): a closed loop is one with --concurrency
                 plan.closed_indices = mine if cfg.num_requests else None
                 plan.concurrency = cfg.concurrency // nw + (1 if w < cfg.concurrency % nw else 0)
@@ -239,7 +266,7 @@ class Run:
                 if cfg.concurrency:
                     plan.concurrency = max(1, cfg.concurrency // nw + (1 if w < cfg.concurrency % nw else 0))
             plans.append(plan)
-        expected = len(remaining) if (cfg.num_requests or not cfg.closed_loop) else None
+        expected = len(remaining) if (cfg.num_requests or cfg.sessions or not cfg.closed_loop) else None
         if not cfg.closed_loop and cfg.duration:
             assert offsets is not None  # scheduled above for every open loop
             expected = sum(1 for i in remaining if float(offsets[i]) - t_shift < cfg.duration)
@@ -317,10 +344,12 @@ class Run:
     def _summarize(self, records: list[RequestRecord], wstats: list[dict], scrape: dict | None) -> dict:
         cfg = self.cfg
         s = metrics.compute(records, slo=cfg.slo)
-        reasons = client_bound_reasons(s, wstats)
+        reasons, starved = client_limits(s, wstats)
         s.update({
+            "request_rate": cfg.arrival.rate,
             "status": "interrupted" if self.interrupted else "complete",
             "client_bound": bool(reasons), "client_bound_reasons": reasons,
+            "client_starved": bool(starved), "client_starved_reasons": starved,
             "label": cfg.label, "model": cfg.model, "endpoints": [e.name for e in cfg.endpoints],
             "workers": wstats, "num_workers": len(wstats),
             "input_lengths_exact": all(sp.get("exact", False) for sp in _read_jsonl(self.path(WORKLOAD_FILE))),
@@ -332,6 +361,10 @@ class Run:
             s["per_adapter"] = metrics.breakdown(records, "adapter", s["duration"], cfg.slo)
         if cfg.workload.kind == "shared-prefix":
             s["per_group"] = metrics.breakdown(records, "group", s["duration"], cfg.slo)
+        if cfg.sessions:
+            planned = collections.Counter(int(sp["session"]) for sp in _read_jsonl(self.path(WORKLOAD_FILE)))
+            s["sessions"] = metrics.sessions(records, dict(planned))
+            s["per_turn"] = metrics.breakdown(records, "turn", s["duration"], cfg.slo)
         tmp = self.path(SUMMARY_FILE + ".tmp")
         with open(tmp, "w") as fh:
             json.dump(s, fh, indent=2)
@@ -339,17 +372,30 @@ class Run:
         return s
 
 
-def client_bound_reasons(summary: dict, wstats: list[dict]) -> list[str]:
-    """Why the client (not the server) limited a run: dispatch lag p99 > 5 ms, a saturated worker."""
-    reasons = []
-    if summary["dispatch_lag_ms"]["p99"] > metrics.CLIENT_BOUND_LAG_MS:
-        reasons.append(f"dispatch lag p99 {summary['dispatch_lag_ms']['p99']:.1f} ms > "
-                       f"{metrics.CLIENT_BOUND_LAG_MS:g} ms")
+def client_limits(summary: dict, wstats: list[dict]) -> tuple[list[str], list[str]]:
+    """Why the client, not the server, limited a run: (CPU-bound reasons, starved reasons).
+
+    CPU-bound: a worker saturated its CPU, or the schedule slipped (dispatch lag p99 > 5 ms) with no sign
+    of other work holding the CPU. Starved: the schedule slipped while a worker, not saturated, waited
+    runnable for a CPU (the kernel's run-queue wait, worker.STARVED_WAIT) -- other work on the machine
+    descheduled it; more workers on the same cores would not help.
+    """
+    bound, starved = [], []
     for w in wstats:
         if w.get("saturated"):
-            reasons.append(f"worker {w['worker']} saturated (CPU >= 90% in "
-                           f"{w['saturated_windows']}/{w['windows']} s)")
-    return reasons
+            bound.append(f"worker {w['worker']} saturated (CPU >= {100 * SATURATED_CPU:.0f}% in "
+                         f"{w['saturated_windows']}/{w['windows']} s)")
+    lag = summary["dispatch_lag_ms"]["p99"]
+    if lag > metrics.CLIENT_BOUND_LAG_MS:
+        why = f"dispatch lag p99 {lag:.1f} ms > {metrics.CLIENT_BOUND_LAG_MS:g} ms"
+        waiting = [w for w in wstats if w.get("starved") and not w.get("saturated")]
+        if bound or not waiting:
+            bound.insert(0, why)
+        else:
+            starved = [why] + [f"worker {w['worker']} waited for a CPU {100 * w['cpu_wait_mean']:.0f}% of the time "
+                               f"while using {100 * w['cpu_util_mean']:.0f}% (event-loop lag p99 "
+                               f"{w['loop_lag_p99_ms']:.0f} ms)" for w in waiting]
+    return bound, starved
 
 
 def _drain(q) -> list:

@@ -33,7 +33,7 @@ async def smoke(endpoints: list[Endpoint], headers: dict[str, str], prompt: str 
     opts = RequestOptions(api=api, stream=True, continuous_usage=False, ignore_eos=True, timeout=timeout)
     pattern = re.compile(expect) if expect else None
     rows: list[dict] = []
-    pool = Pool()
+    pool = Pool(connect_timeout=opts.connect_timeout)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         async def check(ep: Endpoint, name: str, kind: str) -> dict:
             res = await send(pool, ep.url, opts, name, prompt, max_tokens, headers)

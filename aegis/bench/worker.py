@@ -22,6 +22,8 @@ MONITOR_TICK_S = 0.01
 # loop: a sleeping process wakes up late (epoll's 1 ms rounding, scheduler latency).
 SPIN_S = float(os.environ.get("AEGIS_BENCH_SPIN_MS", "1.0")) / 1e3
 SATURATED_CPU = 0.9
+# A worker waiting runnable for a CPU this fraction of the time (50 ms a second) was starved by other work.
+STARVED_WAIT = 0.05
 WARM_CONNECTIONS = 4         # per endpoint, opened before the clock starts (more at high rates)
 SPARE_CONNECTIONS = 4        # idle connections kept ready per endpoint during the run
 
@@ -43,6 +45,8 @@ class WorkerPlan:
     items: list[tuple[int, float]] | None = None   # open loop: (index, offset); None: closed loop
     closed_indices: list[int] | None = None         # closed loop with a request count
     concurrency: int | None = None                  # this worker's share of the cap / closed-loop slots
+    sessions: list[list[int]] | None = None         # sessions: each one's turns (workload indices) in order
+    think_time: float = 0.0                         # sessions: seconds from an answer's end to the next turn
     duration: float | None = None
     routing: str = "round-robin"
     t0_unix_offset: float = 0.0                     # time.time() - perf_counter() in the parent
@@ -81,35 +85,65 @@ class _Router:
         return eps[index % len(eps)]
 
 
+def cpu_times() -> tuple[float, float | None]:
+    """(CPU seconds this process used, seconds its event-loop thread waited runnable for a CPU, or None).
+
+    The wait is the kernel's run_delay (/proc/thread-self/schedstat): time the thread could have run
+    but other work held the CPU (a CPU quota's throttling counts too). None where Linux does not say.
+    """
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            wait: float | None = int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        wait = None
+    return time.process_time(), wait
+
+
 class _Monitor:
-    """Event-loop lag and CPU use of this process, to tell when the client is the bottleneck."""
+    """Event-loop lag, CPU use and CPU wait of this process, to tell whether and why the client lagged."""
 
     def __init__(self):
         self.lags: list[float] = []
         self.cpu_windows: list[float] = []
+        self.wait_windows: list[float] = []
+        self.start = (perf(), *cpu_times())
+        self.last = self.start
+
+    def _window(self) -> tuple[float, float | None]:
+        (w0, c0, q0), now = self.last, (perf(), *cpu_times())
+        self.last = now
+        wall = max(now[0] - w0, 1e-9)
+        return (now[1] - c0) / wall, None if now[2] is None or q0 is None else (now[2] - q0) / wall
 
     async def run(self) -> None:
-        w_wall, w_cpu = perf(), time.process_time()
         while True:
             t = perf()
             await asyncio.sleep(MONITOR_TICK_S)
             self.lags.append(perf() - t - MONITOR_TICK_S)
-            now = perf()
-            if now - w_wall >= 1.0:
-                cpu = time.process_time()
-                self.cpu_windows.append((cpu - w_cpu) / (now - w_wall))
-                w_wall, w_cpu = now, cpu
+            if perf() - self.last[0] >= 1.0:
+                cpu, wait = self._window()
+                self.cpu_windows.append(cpu)
+                if wait is not None:
+                    self.wait_windows.append(wait)
 
     def stats(self) -> dict:
         lags = sorted(self.lags) or [0.0]
-        cpu = self.cpu_windows or [0.0]
+        (w0, c0, q0), (w1, c1, q1) = self.start, (perf(), *cpu_times())
+        wall = max(w1 - w0, 1e-9)
+        cpu = self.cpu_windows or [(c1 - c0) / wall]
         busy = sum(1 for c in cpu if c >= SATURATED_CPU)
+        run_wait = None if q0 is None or q1 is None else (q1 - q0) / wall
+        waits = self.wait_windows or ([run_wait] if run_wait is not None else [])
+        starved = sum(1 for w, c in zip(waits, cpu) if w >= STARVED_WAIT and c < SATURATED_CPU)
         return {"loop_lag_p50_ms": lags[len(lags) // 2] * 1e3,
                 "loop_lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1e3,
                 "loop_lag_max_ms": lags[-1] * 1e3,
-                "cpu_util_mean": sum(cpu) / len(cpu), "cpu_util_max": max(cpu),
+                "cpu_util_mean": (c1 - c0) / wall, "cpu_util_max": max(cpu),
                 "saturated_windows": busy, "windows": len(self.cpu_windows),
-                "saturated": bool(self.cpu_windows) and busy >= max(1, 0.2 * len(self.cpu_windows))}
+                "saturated": bool(self.cpu_windows) and busy >= max(1, 0.2 * len(self.cpu_windows)),
+                "cpu_wait_mean": run_wait, "cpu_wait_max": max(waits) if waits else None,
+                "starved_windows": starved,
+                "starved": bool(waits) and starved >= max(1, 0.2 * len(waits))}
 
 
 @overload
@@ -128,22 +162,25 @@ class Worker:
         self.router = _Router(plan.endpoints, plan.routing)
         self.fd = -1
         self.sent = 0
-        self.pool = Pool(spare=SPARE_CONNECTIONS)
+        self.pool = Pool(spare=SPARE_CONNECTIONS, connect_timeout=plan.opts.connect_timeout)
         self.t0 = 0.0
 
     def _write(self, rec: RequestRecord) -> None:
         write_record(self.fd, rec)
 
-    async def _one(self, index: int, intended: float, ready: float, waited: float) -> None:
+    async def _one(self, index: int, intended: float, ready: float, waited: float,
+                   messages: list[dict] | None = None) -> dict:
+        """Send request `index` (a session's turn: with the conversation so far), record it, return send()'s result."""
         p = self.plan
         spec = p.specs[index % len(p.specs)]
-        ep = self.router.pick(index, spec.adapter)
+        # a session's turns stay on one endpoint (its prefix cache holds the conversation)
+        ep = self.router.pick(index if spec.session is None else spec.session, spec.adapter)
         model = spec.adapter or p.model
         headers = {**p.headers, "X-Request-Id": f"aegis-{p.run_id}-{p.segment}-{index}"}
         self.router.outstanding[ep.name] += 1
         self.sent += 1
         try:
-            res = await send(self.pool, ep.url, p.opts, model, spec.prompt, spec.output_len, headers)
+            res = await send(self.pool, ep.url, p.opts, model, spec.prompt, spec.output_len, headers, messages)
         finally:
             self.router.outstanding[ep.name] -= 1
         t0, sent = self.t0, res["t_send"]
@@ -171,7 +208,45 @@ class Worker:
         }
         if any(n > 1 for n in res["chunk_tokens"]):
             rec["chunk_tokens"] = res["chunk_tokens"]
+        if spec.session is not None:
+            assert spec.turn is not None  # build_sessions numbers every session's turns
+            rec["session"], rec["turn"] = spec.session, spec.turn
         self._write(rec)
+        return res
+
+    async def _until(self, target: float) -> None:
+        """Sleep until just before `target`, then yield in a busy loop until it (see SPIN_S)."""
+        delay = target - perf()
+        if delay > SPIN_S:
+            await asyncio.sleep(delay - SPIN_S)
+        while perf() < target:
+            await asyncio.sleep(0)
+
+    async def _sessions(self) -> None:
+        """Each session's turns in order: the whole conversation so far plus the new user turn, the server's
+        actual replies in the history, `think_time` from an answer's end to the next turn. A failed turn
+        ends its session (the conversation has no reply to carry on from)."""
+        p = self.plan
+        assert p.sessions is not None  # run() takes this path only for a sessions workload
+        end = self.t0 + p.duration if p.duration else None
+
+        async def session(turns: list[int]) -> None:
+            history: list[dict] = []
+            due = self.t0
+            for index in turns:
+                if end is not None and due >= end:
+                    return
+                spec = p.specs[index]
+                if spec.system:
+                    history.append({"role": "system", "content": spec.system})
+                messages = [*history, {"role": "user", "content": spec.prompt}]
+                await self._until(due)
+                res = await self._one(index, due, due, 0.0, messages)
+                if not res["success"]:
+                    return
+                history = [*messages, {"role": "assistant", "content": res["reply"]}]
+                due = res["t_end"] + p.think_time
+        await asyncio.gather(*(session(t) for t in p.sessions))
 
     async def _open_loop(self) -> None:
         p, loop = self.plan, asyncio.get_running_loop()
@@ -183,11 +258,7 @@ class Worker:
             target = self.t0 + offset
             if end is not None and target >= end:
                 break
-            delay = target - perf()
-            if delay > SPIN_S:
-                await asyncio.sleep(delay - SPIN_S)
-            while perf() < target:
-                await asyncio.sleep(0)
+            await self._until(target)
             ready, waited = target, 0.0
             if sem is not None:
                 if sem.locked():
@@ -227,8 +298,8 @@ class Worker:
         """Connections per endpoint to open up front: about the requests in flight in 100 ms."""
         p = self.plan
         n = WARM_CONNECTIONS
-        if p.concurrency:
-            n = max(n, p.concurrency)
+        if p.concurrency or p.sessions:
+            n = max(n, p.concurrency or 0, len(p.sessions or ()))
         elif p.items and len(p.items) > 1:
             span = p.items[-1][1] - p.items[0][1]
             if span > 0:
@@ -246,7 +317,9 @@ class Worker:
             mon_task = asyncio.get_running_loop().create_task(mon.run())
             start = perf()
             try:
-                if p.items is not None:
+                if p.sessions is not None:
+                    await self._sessions()
+                elif p.items is not None:
                     await self._open_loop()
                 else:
                     await self._closed_loop()

@@ -1,4 +1,4 @@
-"""Builds the requests of a run: random, shared-prefix, ShareGPT prompts, LoRA adapter mix."""
+"""Builds the requests of a run: random, shared-prefix, ShareGPT prompts, multi-turn sessions, LoRA adapter mix."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,9 @@ import numpy as np
 
 from aegis.errors import AegisError, UsageError
 
-WORKLOADS = ("random", "shared-prefix", "sharegpt")
+WORKLOADS = ("random", "shared-prefix", "sharegpt", "sessions")
+ANSWER_ROLES = ("gpt", "assistant", "chatgpt", "bard", "bing")
+GENERATED_TURNS = 8  # turns of a generated (agentic) session unless --turns
 APIS = ("completions", "chat")
 LORA_MIXES = ("uniform", "zipf", "round-robin")
 _SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
@@ -49,6 +51,11 @@ class WorkloadSpec:
     zipf_s: float = 1.0
     seed: int = 0
     tokenize: bool = True
+    num_sessions: int = 4            # sessions: conversations held at once
+    turns: int | None = None         # sessions: turns each (default: the dataset's, else GENERATED_TURNS)
+    think_time: float = 0.0          # sessions: seconds between an answer and the next turn
+    system_len: int = 1024           # generated sessions: the shared system prompt's tokens
+    turn_len: int = 64               # generated sessions: tokens of each user (tool output) turn
 
     def validate(self) -> None:
         if self.kind not in WORKLOADS:
@@ -66,6 +73,16 @@ class WorkloadSpec:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
         if self.output_len is not None and self.output_len < 1:
             raise UsageError("--output-len must be positive")
+        if self.kind == "sessions":
+            if self.api != "chat":
+                raise UsageError("--workload sessions sends conversations: use --api chat")
+            for name in ("num_sessions", "system_len", "turn_len"):
+                if getattr(self, name) < 1:
+                    raise UsageError(f"--{name.replace('_', '-')} must be positive")
+            if self.turns is not None and self.turns < 1:
+                raise UsageError("--turns must be positive")
+            if not (self.think_time >= 0 and math.isfinite(self.think_time)):
+                raise UsageError("--think-time must be a number of seconds >= 0")
 
 
 @dataclass
@@ -79,6 +96,9 @@ class RequestSpec:
     adapter: str | None = None
     group: int | None = None
     exact: bool = False
+    session: int | None = None   # sessions: the conversation, its turn, and (turn 0) its system prompt
+    turn: int | None = None
+    system: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -174,8 +194,8 @@ def assign_adapters(spec: WorkloadSpec, n: int) -> list[str | None]:
     return [spec.lora[int(i)] for i in picks]
 
 
-def load_sharegpt(path: str) -> list[tuple[str, str]]:
-    """(first user turn, first assistant answer) pairs from a ShareGPT-format JSON file."""
+def load_conversations(path: str) -> list[list[tuple[str, str]]]:
+    """Each conversation of a ShareGPT-format JSON file as its (user turn, assistant answer) pairs, in order."""
     try:
         with open(path) as fh:
             data = json.load(fh)
@@ -185,31 +205,78 @@ def load_sharegpt(path: str) -> list[tuple[str, str]]:
         raise UsageError(f"dataset {path!r} is not valid JSON: {exc}") from None
     if not isinstance(data, list):
         raise UsageError(f"dataset {path!r} must be a JSON list of conversations (ShareGPT format)")
-    pairs = []
+    convs = []
     for entry in data:
         if not isinstance(entry, dict):
             continue
         turns = entry.get("conversations") or entry.get("conversation") or []
         texts = []
-        for t in turns:
+        for t in turns if isinstance(turns, list) else []:
             if not isinstance(t, dict):
                 continue
             role = t.get("from", t.get("role"))
             value = t.get("value", t.get("content"))
             if isinstance(value, str):
                 texts.append((role, value))
-        for (r1, v1), (r2, v2) in zip(texts, texts[1:]):
-            if r1 in ("human", "user") and r2 in ("gpt", "assistant", "chatgpt", "bard", "bing"):
+        pairs, i = [], 0
+        while i + 1 < len(texts):
+            (r1, v1), (r2, v2) = texts[i], texts[i + 1]
+            if r1 in ("human", "user") and r2 in ANSWER_ROLES:
                 pairs.append((v1, v2))
+                i += 2
+            elif pairs:        # the conversation stops alternating: keep the turns before
                 break
-    if not pairs:
+            else:
+                i += 1
+        if pairs:
+            convs.append(pairs)
+    if not convs:
         raise UsageError(f"dataset {path!r} holds no (human, gpt) conversation pairs")
-    return pairs
+    return convs
+
+
+def load_sharegpt(path: str) -> list[tuple[str, str]]:
+    """(first user turn, first assistant answer) pairs from a ShareGPT-format JSON file."""
+    return [conv[0] for conv in load_conversations(path)]
+
+
+async def build_sessions(spec: WorkloadSpec, tok: ServerTokenizer | None) -> list[RequestSpec]:
+    """The turns of `num_sessions` conversations, session by session (index = position in this list).
+
+    From a ShareGPT file: conversation i (seeded order) gives the user turns, and its answers' lengths the
+    output lengths (unless --output-len). Generated (agentic): one shared system prompt of system_len
+    tokens, turns of turn_len tokens (tool output sized). The replies are the server's, made at run time.
+    """
+    plans: list[tuple[str | None, list[tuple[str, int, int, bool]]]] = []  # (system, [(user, len, out, exact)])
+
+    async def count(text):
+        return len(await tok.tokenize(text)) if tok else len(text.split())
+    if spec.dataset:
+        convs = load_conversations(spec.dataset)
+        order = np.random.default_rng([spec.seed, 11]).permutation(len(convs))
+        for i in range(spec.num_sessions):
+            conv = convs[int(order[i % len(convs)])][:spec.turns or None]
+            plans.append((None, [(u, await count(u), spec.output_len or max(await count(a), 1), tok is not None)
+                                 for u, a in conv]))
+    else:
+        system, s_exact = await fit_text(tok, np.random.default_rng([spec.seed, 9]), spec.system_len)
+        for i in range(spec.num_sessions):
+            turns = [await fit_text(tok, np.random.default_rng([spec.seed, 10, i, k]), spec.turn_len)
+                     for k in range(spec.turns or GENERATED_TURNS)]
+            plans.append((system, [(text, spec.turn_len, spec.output_len or 128, exact and s_exact)
+                                   for text, exact in turns]))
+    adapters = assign_adapters(spec, len(plans))
+    flat = [(i, k, system, turn) for i, (system, turns) in enumerate(plans) for k, turn in enumerate(turns)]
+    return [RequestSpec(j, text, plen, olen, adapters[i], None, exact, session=i, turn=k,
+                        system=system if k == 0 else None)
+            for j, (i, k, system, (text, plen, olen, exact)) in enumerate(flat)]
 
 
 async def build(spec: WorkloadSpec, n: int, tok: ServerTokenizer | None) -> list[RequestSpec]:
     """The `n` requests of a run; deterministic for a seed (and a server tokenizer)."""
     spec.validate()
+    if spec.kind == "sessions":
+        return await build_sessions(spec, tok)
     adapters = assign_adapters(spec, n)
     out_default = spec.output_len or 128
     if spec.kind == "random":

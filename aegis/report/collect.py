@@ -88,6 +88,7 @@ def summary_metrics(s: dict, devices: int | None) -> dict:
     m["success_pct"] = 100.0 * s.get("completed", 0) / total if total else 0.0
     m["dispatch_lag_p99_ms"] = float((s.get("dispatch_lag_ms") or {}).get("p99") or 0.0)
     m["client_bound"] = 1.0 if s.get("client_bound") else 0.0
+    m["client_starved"] = 1.0 if s.get("client_starved") else 0.0
     m["endpoints"] = float(len(s.get("endpoints") or []))
     if devices:
         m["devices"] = float(devices)
@@ -112,6 +113,8 @@ def _notes(s: dict) -> list[str]:
         notes.append("interrupted run")
     if s.get("client_bound"):
         notes.append("client-bound: " + "; ".join(s.get("client_bound_reasons") or []))
+    if s.get("client_starved"):
+        notes.append("client starved by other work: " + "; ".join(s.get("client_starved_reasons") or []))
     return notes
 
 

@@ -38,13 +38,32 @@ def test_same_seed_same_schedule_other_seed_differs():
     assert not np.array_equal(a, c)
 
 
-def test_count_and_duration_give_the_same_prefix():
+def test_a_duration_gives_the_count_that_fits_at_the_rate():
     spec = ArrivalSpec("gamma", rate=50.0, burstiness=0.5, seed=3)
     by_time = schedule(spec, None, duration=200.0)
-    by_count = schedule(spec, len(by_time))
-    assert np.array_equal(by_time, by_count)
-    assert by_time[-1] < 200.0 and len(by_time) == pytest.approx(50 * 200, rel=0.05)
-    assert by_time[0] == 0.0 and np.all(np.diff(by_time) >= 0)
+    assert len(by_time) == 50 * 200                      # offsets k/R < 200 for k = 0 .. 9999
+    assert np.array_equal(by_time, schedule(spec, len(by_time)))
+    assert by_time[-1] < 200.0 and by_time[0] == 0.0 and np.all(np.diff(by_time) >= 0)
+    # a count cut by a shorter duration
+    both = schedule(spec, 10000, duration=100.0)
+    assert np.array_equal(both, by_time[by_time < 100.0])
+
+
+@pytest.mark.parametrize("process", ["poisson", "constant", "gamma"])
+@pytest.mark.parametrize("n", [2, 3, 17, 100, 1001])
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_the_mean_gap_is_exactly_one_over_the_rate(process, n, seed):
+    """The issue's case: --arrival poisson --rate 4 --num-requests 100 offered 3.37 req/s (seed 0)."""
+    rate = 4.0
+    t = schedule(ArrivalSpec(process, rate=rate, burstiness=0.5 if process == "gamma" else 1.0, seed=seed), n)
+    assert len(t) == n and t[0] == 0.0 and np.all(np.diff(t) >= 0)
+    assert np.diff(t).mean() == pytest.approx(1 / rate, rel=1e-12)
+    assert (n - 1) / (t[-1] - t[0]) == pytest.approx(rate, rel=1e-12)
+
+
+def test_a_single_request_goes_at_zero():
+    assert list(schedule(ArrivalSpec("poisson", rate=4.0), 1)) == [0.0]
+    assert list(schedule(ArrivalSpec("poisson", rate=4.0), None, duration=0.1)) == [0.0]
 
 
 def test_trace_is_sorted_and_shifted_to_zero(tmp_path):

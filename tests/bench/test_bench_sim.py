@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from aegis.bench.runner import client_bound_reasons
+from aegis.bench.runner import client_limits
 from tests.bench.conftest import REPO, aegis, records, reset, segments, truth
 
 FAST = ("--input-len", "32", "--output-len", "8", "--no-progress")
@@ -182,13 +182,58 @@ def test_sigint_writes_an_interrupted_summary(make_sim, tmp_path):
     assert summ["status"] == "interrupted" and 5 <= summ["completed"] < 200
 
 
-def test_client_bound_reasons():
-    s = {"dispatch_lag_ms": {"p99": 7.5}}
-    assert client_bound_reasons(s, []) == ["dispatch lag p99 7.5 ms > 5 ms"]
-    s = {"dispatch_lag_ms": {"p99": 0.5}}
-    assert client_bound_reasons(s, [{"worker": 0, "saturated": False}]) == []
-    assert "worker 1 saturated" in client_bound_reasons(
-        s, [{"worker": 1, "saturated": True, "saturated_windows": 3, "windows": 4}])[0]
+def test_client_limits_tell_cpu_bound_from_starved():
+    lagged, kept = {"dispatch_lag_ms": {"p99": 7.5}}, {"dispatch_lag_ms": {"p99": 0.5}}
+    assert client_limits(lagged, []) == (["dispatch lag p99 7.5 ms > 5 ms"], [])
+    assert client_limits(kept, [{"worker": 0, "saturated": False}]) == ([], [])
+    hot = {"worker": 1, "saturated": True, "saturated_windows": 3, "windows": 4, "starved": False}
+    assert "worker 1 saturated" in client_limits(kept, [hot])[0][0]
+    # lag while the worker used 3% CPU and waited for one 20% of the time: starved, not CPU-bound
+    cold = {"worker": 0, "saturated": False, "starved": True, "cpu_wait_mean": 0.2, "cpu_util_mean": 0.03,
+            "loop_lag_p99_ms": 148.0}
+    bound, starved = client_limits(lagged, [cold])
+    assert bound == [] and starved[0] == "dispatch lag p99 7.5 ms > 5 ms"
+    assert "waited for a CPU 20% of the time while using 3%" in starved[1]
+    assert client_limits(kept, [cold]) == ([], [])                    # the schedule was kept: nothing to say
+    assert client_limits(lagged, [cold, hot])[1] == []                # a saturated worker: CPU-bound
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores: one for the server")
+def test_a_client_sharing_its_core_with_a_hog_is_starved_not_cpu_bound(make_sim, tmp_path):
+    cores = sorted(os.sched_getaffinity(0))
+    client_core, server_core = cores[0], cores[1]
+    s = make_sim("--decode-ms", "2")
+    os.sched_setaffinity(s.proc.pid, {server_core})
+    pin = lambda: os.sched_setaffinity(0, {client_core})  # noqa: E731
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("AEGIS_API_KEY", None)
+
+    def pinned_and_niced():   # niced (as a batch job's helper would be): it waits longer behind the hogs
+        pin()
+        os.nice(10)
+    bench = subprocess.Popen([sys.executable, "-m", "aegis", "bench", "--url", s.url, "--rate", "20",
+                              "--num-requests", "60", *FAST, "--workers", "1", "--output-dir", str(out)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=pinned_and_niced)
+    deadline = time.monotonic() + 60
+    while not (out / "requests.jsonl").exists() and time.monotonic() < deadline:   # the worker is up
+        time.sleep(0.02)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=pin) for _ in range(2)]
+    try:
+        stdout, stderr = bench.communicate(timeout=120)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert bench.returncode == 0, stderr
+    summ = json.loads((out / "summary.json").read_text())
+    w = summ["workers"][0]
+    assert summ["dispatch_lag_ms"]["p99"] > 5, summ["dispatch_lag_ms"]      # the schedule slipped ...
+    assert w["cpu_util_mean"] < 0.5 and w["cpu_wait_mean"] > 0.05            # ... with the CPU held by the hogs
+    assert summ["client_starved"] and not summ["client_bound"], (summ["client_bound_reasons"], w)
+    assert "CLIENT-STARVED" in stdout and "CLIENT-BOUND" not in stdout
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -246,3 +291,16 @@ def test_rate_with_a_concurrency_cap(make_sim, tmp_path):
     # each request takes ~9 decode steps of 20 ms: the cap, not the client, delays the later sends
     assert max(r["queue_wait_ms"] for r in recs) > 100
     assert summ["dispatch_lag_ms"]["median"] < 5
+
+
+def test_the_offered_rate_is_the_asked_rate(sim, tmp_path):
+    reset(sim.url)
+    out = tmp_path / "run"
+    p = aegis("bench", "--url", sim.url, "--rate", "25", "--num-requests", "40", *FAST, "--output-dir", str(out))
+    sent = sorted(r["sent_s"] for r in records(out))
+    intended = sorted(r["intended_s"] for r in records(out))
+    assert 39 / (intended[-1] - intended[0]) == pytest.approx(25, rel=1e-4)   # the schedule (rounded to 1 us)
+    assert 39 / (sent[-1] - sent[0]) == pytest.approx(25, rel=0.03)           # what the server was offered
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["request_rate"] == 25 and summ["offered_rate"] == pytest.approx(39 / (sent[-1] - sent[0]))
+    assert "Offered rate (req/s):" in p.stdout and "(asked 25)" in p.stdout
