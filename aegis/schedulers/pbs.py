@@ -7,6 +7,7 @@ import re
 from aegis.config.schema import walltime_seconds
 from aegis.errors import SchedulerError
 from aegis.schedulers.base import JobInfo, JobState, RenderContext, Scheduler, run_command
+from aegis.schedulers.deps import StartAfter
 
 # PBS job_state letters -> JobState ('F' and 'X' are refined by Exit_status).
 STATES = {
@@ -103,6 +104,9 @@ class PBSScheduler(Scheduler):
     name = "pbs"
     template = "pbs.sh.j2"
     directive_prefix = "#PBS"
+    job_id_re = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9][A-Za-z0-9.-]*)?$")  # SEQ[.SERVER], arrays SEQ[]
+    job_id_example = "4242.pbs01"
+
 
     def directives(self, ctx: RenderContext) -> list[str]:
         cfg, site = ctx.config, ctx.site
@@ -128,6 +132,17 @@ class PBSScheduler(Scheduler):
             # Names only: qsub copies each value from the submitting environment.
             out.append("-v " + ",".join(cfg.pass_env))
         out.extend(cfg.directives)
+        return out
+
+    def start_directives(self, start: StartAfter) -> list[str]:
+        """qsub.1B (OpenPBS doc/man1): -W depend=afterany:ID[:ID...],afterok:ID[:ID...];
+        -a [[[[CC]YY]MM]DD]hhmm[.SS] (local time)."""
+        out = []
+        deps = start.dependency_list(self.check_job_id)
+        if deps:
+            out.append(f"-W depend={deps}")
+        if start.begin:
+            out.append(f"-a {start.begin:%Y%m%d%H%M.%S}")
         return out
 
     def submit(self, script_path: str, run_dir: str) -> str:
