@@ -5,6 +5,7 @@ The site is tests/sched/sites/testpbs.yaml: one agent per node through Open MPI'
 reach the other node through pbs_tmrsh (the fixture's aegis-tmrsh). Jobs run as root; `qsub` passes no
 environment, so every config exports PYTHONPATH (this checkout) for the job and its agents.
 """
+import datetime
 import json
 import subprocess
 import sys
@@ -38,6 +39,11 @@ def config(tmp_path, name="c.yaml", **raw):
     path.write_text(yaml.safe_dump({"model": "sim-small", "engine": "sim", "instances": 2,
                                     "tensor_parallel_size": 2, **raw}))  # one instance per node: 2 nodes
     return path
+
+
+def ctime(text: str) -> datetime.datetime:
+    """qstat's times ("Fri Dec  4 16:33:43 2026", ctime(3)) as a naive local datetime."""
+    return datetime.datetime.strptime(text, "%a %b %d %H:%M:%S %Y")
 
 
 def why(proc, run) -> str:
@@ -212,3 +218,60 @@ def test_sim_fleet_ready_on_both_nodes_then_shutdown(pbs_complex, tmp_path):  # 
     assert doc["endpoints"]["state"] == "stopped"
     assert all(i["status"] == "stopped" for i in doc["endpoints"]["instances"])
     wait_no_servers()
+
+
+def test_job_after_another_waits_held_then_runs(pbs_complex, tmp_path):  # noqa: F811
+    """qsub.1B, -W depend=afterany:<job ID>: "may be scheduled for execution after all jobs in arg list have
+    finished execution, with any exit status". While A runs, B is H (substate 22, JOB_SUBSTATE_DEPNHOLD)."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    proc = aegis(pbs_complex, "submit", config(tmp_path, "a.yaml", extra_args=FOREVER, startup_timeout=600),
+                 "--site-file", SITE, "--run-dir", run_a, "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_a = json.loads(proc.stdout)["job_id"]
+    wait_status(pbs_complex, run_a, "running")
+    proc = aegis(pbs_complex, "submit", config(tmp_path, "b.yaml"), "--site-file", SITE, "--run-dir", run_b,
+                 "--check", "--after", run_a, "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_b = json.loads(proc.stdout)["job_id"]
+    assert f"#PBS -W depend=afterany:{job_a}\n" in (run_b / "job.sh").read_text()
+    attrs = pbs_complex.job(job_b)  # the server's own record
+    assert (attrs["job_state"], attrs["substate"], attrs["Hold_Types"]) == ("H", 22, "s"), attrs
+    assert attrs["depend"] == f"afterany:{job_a}@{pbs_complex.server}"
+    doc = status(pbs_complex, run_b)
+    assert (doc["state"], doc["raw_state"]) == ("pending", "H")
+    assert doc["reason"] == f"Dependency (afterany:{job_a}@{pbs_complex.server})"
+    text = aegis(pbs_complex, "status", run_b).stdout
+    assert f"job {job_b} (testpbs): pending [H] (Dependency (afterany:{job_a}@" in text
+    time.sleep(3)  # a scheduling cycle later, B still waits (both nodes would be free for it: it is the hold)
+    assert pbs_complex.job(job_b)["job_state"] == "H"
+    assert aegis(pbs_complex, "cancel", run_a).returncode == 0
+    proc = aegis(pbs_complex, "submit", config(tmp_path, "c.yaml"), "--site-file", SITE, "--run-dir",
+                 tmp_path / "c", "--check", "--after", job_a, "--after-ok", job_b, "--json")
+    assert proc.returncode == 0, proc.stderr  # a finished job (in the history) and a held one: both allowed
+    job_c = json.loads(proc.stdout)["job_id"]
+    done = pbs_complex.wait_finished(job_b, timeout=120)
+    assert done["Exit_status"] == 0
+    # qsub.1B: "PBS adds before dependencies automatically to the targets of after dependencies".
+    assert done["depend"] == f"beforeok:{job_c}@{pbs_complex.server}"
+    assert status(pbs_complex, run_b)["state"] == "completed"
+    assert json.loads((run_b / "check.json").read_text())["ok"] is True
+    assert ctime(pbs_complex.job(job_a)["obittime"]) <= ctime(done["stime"])  # B started once A had ended
+    assert pbs_complex.wait_finished(job_c, timeout=120)["Exit_status"] == 0  # afterok of B: B exited 0
+
+
+def test_begin_time_waits_then_runs(pbs_complex, tmp_path):  # noqa: F811
+    """qsub.1B, -a [[[[CC]YY]MM]DD]hhmm[.SS]: "Point in time after which the job is eligible for execution";
+    until then the job is W (substate 30, JOB_SUBSTATE_WAITING) with that Execution_Time."""
+    run = tmp_path / "run"
+    begin = (datetime.datetime.now() + datetime.timedelta(seconds=12)).replace(microsecond=0)
+    proc = aegis(pbs_complex, "submit", config(tmp_path), "--site-file", SITE, "--run-dir", run, "--check",
+                 "--begin", begin.isoformat(), "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_id = json.loads(proc.stdout)["job_id"]
+    attrs = pbs_complex.job(job_id)
+    assert (attrs["job_state"], attrs["substate"]) == ("W", 30), attrs
+    assert attrs["Execution_Time"] == begin.strftime("%a %b %e %H:%M:%S %Y")  # qstat's ctime(3) form
+    doc = status(pbs_complex, run)
+    assert (doc["state"], doc["raw_state"], doc["reason"]) == ("pending", "W", f"BeginTime ({attrs['Execution_Time']})")
+    done = pbs_complex.wait_finished(job_id, timeout=120)
+    assert done["Exit_status"] == 0 and ctime(done["stime"]) >= begin
