@@ -24,8 +24,9 @@ WHEN = dt.datetime(2027, 1, 2, 3, 4, 5)
 PBS_A = re.compile(r"^(((((\d\d)?\d\d)?\d\d)?\d\d)?\d\d\d\d)(\.\d\d)?$")
 PBS_DEPEND = re.compile(r"^(after|afterok|afternotok|afterany):[^:,]+(:[^:,]+)*(,(after|afterok|afternotok|afterany)"
                         r":[^:,]+(:[^:,]+)*)*$")
-# sbatch(1), --begin=<time>: "YYYY-MM-DD[THH:MM[:SS]]"; --dependency=<dependency_list>, "type:job_id[:job_id]
-# [,type:job_id[:job_id]]" (',': all must be satisfied).
+# sbatch(1) of Slurm 22.05 (this machine's): -b, --begin=<time>, "YYYY-MM-DD[THH:MM[:SS]]"; -d, --dependency=
+# <dependency_list>, "<type:job_id[:job_id][,type:job_id[:job_id]]>" ("All dependencies must be satisfied if the
+# "," separator is used").
 SLURM_BEGIN = re.compile(r"^\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d)?)?$")
 SLURM_DEPEND = re.compile(r"^(after|afterany|afterok|afternotok)(:\d+(_\d+)?)+(,(after|afterany|afterok|afternotok)"
                           r"(:\d+(_\d+)?)+)*$")
