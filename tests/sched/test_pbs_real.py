@@ -275,3 +275,47 @@ def test_begin_time_waits_then_runs(pbs_complex, tmp_path):  # noqa: F811
     assert (doc["state"], doc["raw_state"], doc["reason"]) == ("pending", "W", f"BeginTime ({attrs['Execution_Time']})")
     done = pbs_complex.wait_finished(job_id, timeout=120)
     assert done["Exit_status"] == 0 and ctime(done["stime"]) >= begin
+
+
+def test_launch_inside_an_interactive_qsub_finds_its_nodes(pbs_complex, tmp_path):  # noqa: F811
+    """`aegis launch --check` typed into a `qsub -I` shell (docs/schedulers.md, "Interactive allocations").
+
+    qsub -I insists on a terminal (src/cmds/qsub.c: "standard input and output must be a terminal for
+    interactive job submission"), so util-linux's script(1) gives it a pty; the shell's lines are typed once
+    qsub says "job ... ready". The site's `setup:` lines are what a user runs first by hand.
+    """
+    run = tmp_path / "run"
+    cfg = config(tmp_path)
+    setup = yaml.safe_load(SITE.read_text())["setup"]
+    lines = [*setup, f"export PYTHONPATH={REPO}", f"cd {tmp_path}",
+             # </dev/null: mpiexec forwards its stdin to rank 0, which would swallow the lines typed after it
+             f"{sys.executable} -m aegis launch {cfg} --site-file {SITE} --check --run-dir {run} </dev/null",
+             "echo AEGIS_RC=$?", "exit"]
+    qsub = "qsub -I -q debug -l select=2:ncpus=1 -l place=scatter -l walltime=00:05:00"
+    proc = subprocess.Popen(["script", "-qec", qsub, "/dev/null"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=pbs_complex.env, cwd=tmp_path, text=True)
+    assert proc.stdin and proc.stdout
+    seen = []
+    try:
+        for line in proc.stdout:  # qsub: waiting for job 12.pbshead to start / qsub: job 12.pbshead ready
+            seen.append(line)
+            if line.startswith("qsub: job ") and line.strip().endswith(" ready"):
+                break
+        job_id = seen[-1].split()[2]
+        proc.stdin.write("".join(f"{line}\n" for line in lines))
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the interactive job did not end: {''.join(seen)}{exc.output!r}"[-4000:])
+    finally:
+        proc.kill()
+    text = "".join(seen) + out
+    assert "AEGIS_RC=0" in text.replace("\r", ""), text[-4000:]
+    assert f"qsub: job {job_id} completed" in text
+    alloc = json.loads((run / "allocation.json").read_text())  # PBS_NODEFILE / PBS_JOBID in the shell
+    assert alloc["scheduler"] == "pbs" and alloc["job_id"] == job_id and alloc["hosts"] == list(pbs_complex.nodes)
+    check = json.loads((run / "check.json").read_text())
+    assert check["ok"] is True
+    assert [(r["index"], r["host"]) for r in check["reports"]] == list(enumerate(pbs_complex.nodes))
+    attrs = pbs_complex.wait_finished(job_id)
+    assert attrs["interactive"] in (True, "True"), attrs  # the server's record: an interactive job
