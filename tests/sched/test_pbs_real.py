@@ -319,3 +319,32 @@ def test_launch_inside_an_interactive_qsub_finds_its_nodes(pbs_complex, tmp_path
     assert [(r["index"], r["host"]) for r in check["reports"]] == list(enumerate(pbs_complex.nodes))
     attrs = pbs_complex.wait_finished(job_id)
     assert attrs["interactive"] in (True, "True"), attrs  # the server's record: an interactive job
+
+
+def test_sweep_one_job_per_configuration(pbs_complex, tmp_path):  # noqa: F811
+    """`aegis sweep --mode jobs` (docs/sweep.md) on the complex: one qsub per point, each running
+    `aegis sweep-point DIR` with a simulated engine, followed through qstat until every job has ended."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "pbsjobs",
+        "base": {"model": "sim-small", "engine": "sim", "instances": 1, "tensor_parallel_size": 2,
+                 "env": {"PYTHONPATH": str(REPO)}, "extra_args": ["--decode-ms", "1"], "startup_timeout": 60},
+        "axes": {"max_num_seqs": [4, 8]},
+        "bench": {"input_len": 16, "output_len": 4, "rate": 20, "num_requests": 8}}))
+    d = tmp_path / "sweep"
+    proc = aegis(pbs_complex, "sweep", spec, "--site-file", SITE, "--site", "testpbs", "--mode", "jobs",
+                 "--dir", d, timeout=400)
+    logs = "".join(p.read_text()[-2000:] for p in d.glob("*/pbs.out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert proc.stderr.count("submitted job") == 2
+    points = {f.parent: json.loads(f.read_text()) for f in d.glob("*/status.json")}
+    assert len(points) == 2 and all(s["state"] == "done" for s in points.values()), points
+    for point, st in points.items():
+        job_id = (point / "job_id").read_text().strip()
+        assert st["job_id"] == job_id and st["host"] in pbs_complex.nodes  # ran inside its own PBS job
+        attrs = pbs_complex.job(job_id)
+        assert (attrs["job_state"], attrs["Exit_status"]) == ("F", 0), attrs
+        assert (point / "job.sh").read_text().rstrip().endswith(f"sweep-point {point}")
+        summary = json.loads((point / "bench" / "summary.json").read_text())
+        assert summary["completed"] == 8 and summary["failed"] == 0
+    assert (d / "report" / "summary.csv").exists()
