@@ -26,6 +26,7 @@ from aegis.config.sites import Site, choose_site, run_site
 from aegis.errors import AegisError, ConfigError, UsageError
 from aegis.launch.endpoints import EndpointsFile, RunState
 from aegis.rundir import RunDir, claim
+from aegis.schedulers.deps import StartAfter
 
 log = logging.getLogger("aegis")
 
@@ -37,30 +38,35 @@ def default_run_dir(cfg: Config, now: _dt.datetime | None = None) -> Path:
 
 
 def render_job(res: Resolved, run_dir: Path, aegis_command: str | None = None,
-               launch_args: Sequence[str] = (), payload: list | None = None) -> str:
+               launch_args: Sequence[str] = (), payload: list | None = None, start: StartAfter | None = None) -> str:
     """The job script of `res` for its site's scheduler, run from `run_dir` (nothing is written)."""
     from aegis.schedulers.base import RenderContext, get_scheduler
 
     run = RunDir(run_dir)
     ctx = RenderContext(site=res.site, config=res.config, plan=res.plan, run_dir=str(run.path),
                         config_path=str(run.config), aegis_command=aegis_command,
-                        launch_args=["--site-file", str(run.site), *launch_args], payload=payload)
+                        launch_args=["--site-file", str(run.site), *launch_args], payload=payload,
+                        start=start or StartAfter())
     return get_scheduler(res.site.scheduler).render(ctx)
 
 
-def submit(res: Resolved, run_dir: Path | None = None, check: bool = False) -> Run:
-    """Check the paths, write the run directory, submit its job script; the Run to follow."""
+def submit(res: Resolved, run_dir: Path | None = None, check: bool = False, start: StartAfter | None = None) -> Run:
+    """Check the paths, write the run directory, submit its job script; the Run to follow.
+
+    `start`: jobs to wait for and a time to wait until (aegis.schedulers.deps.StartAfter).
+    """
     check_paths(res.config)
     if res.site.account_required and not res.config.account:
         raise ConfigError(f"site {res.site.name} needs a project to charge: set account: in the config "
                           "or pass --account NAME")
     launch_args = ("--check",) if check else ()
     path = Path(run_dir).absolute() if run_dir else default_run_dir(res.config)
-    script = render_job(res, path, launch_args=launch_args)  # a bad config fails before any directory exists
+    # A bad config (or --after/--begin value) fails before any directory exists.
+    script = render_job(res, path, launch_args=launch_args, start=start)
     if not run_dir:
         claimed = claim(path)  # this name, or -2, -3, ... when another run took it this second
         if claimed != path:
-            path, script = claimed, render_job(res, claimed, launch_args=launch_args)
+            path, script = claimed, render_job(res, claimed, launch_args=launch_args, start=start)
     run = RunDir(path)
     job_id = run.write_submission(res, script)
     log.info("submitted job %s on %s; run directory: %s", job_id, res.site.name, run.path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import shlex
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from aegis._version import __version__
 from aegis.config.resolve import job_nodes
 from aegis.config.schema import DIRECTIVE_VALUE_RE, Config
 from aegis.config.sites import Site
-from aegis.errors import ConfigError, SchedulerError
+from aegis.errors import ConfigError, SchedulerError, UsageError
 from aegis.plan.placement import Plan
+from aegis.schedulers.deps import StartAfter
 from aegis.templates import environment
 
 log = logging.getLogger("aegis")
@@ -71,6 +73,7 @@ class RenderContext:
     aegis_command: str | None = None  # default: this Python's `-m aegis`
     launch_args: list = field(default_factory=list)  # extra `aegis launch` flags, e.g. --check
     payload: list | None = None  # run `aegis PAYLOAD...` instead of `aegis launch` (a sweep point)
+    start: StartAfter = field(default_factory=StartAfter)  # other jobs to wait for, a time to wait until
 
     @property
     def nodes(self) -> int:
@@ -117,9 +120,25 @@ class Scheduler:
     template = ""
     directive_prefix = ""
     timeout = 60.0  # seconds a scheduler command may take before it is reported as hanging
+    job_id_re = re.compile(r"^$")  # the ids this scheduler gives jobs (a job to wait for must have one)
+    job_id_example = ""
 
     def directives(self, ctx: RenderContext) -> list[str]:
         raise NotImplementedError
+
+    def start_directives(self, start: StartAfter) -> list[str]:
+        """The directives that hold the job until `start`'s jobs have ended and its begin time has come."""
+        if start:
+            raise UsageError(f"the {self.name} scheduler starts a job at once and cannot hold it: --after, "
+                             "--after-ok and --begin need a site with Slurm or PBS")
+        return []
+
+    def check_job_id(self, job_id: str) -> str:
+        """`job_id` if this scheduler could have given it (a job to wait for), else one clear UsageError."""
+        if not self.job_id_re.match(job_id):
+            raise UsageError(f"--after/--after-ok {job_id!r}: not a {self.name} job id (e.g. {self.job_id_example}); "
+                             "give the id `aegis submit` printed, or its run directory")
+        return job_id
 
     def render(self, ctx: RenderContext) -> str:
         if not DIRECTIVE_VALUE_RE.match(ctx.run_dir):
@@ -127,7 +146,7 @@ class Scheduler:
                               "job-script directive (spaces, quotes, '#', '$', ';'); choose another --run-dir")
         return _env().get_template(self.template).render(
             ctx=ctx, site=ctx.site, config=ctx.config, plan=ctx.plan, version=__version__,
-            prefix=self.directive_prefix, directives=self.directives(ctx))
+            prefix=self.directive_prefix, directives=self.directives(ctx) + self.start_directives(ctx.start))
 
     # The next three run commands; tests exercise them against a real Slurm.
     def submit(self, script_path: str, run_dir: str) -> str:

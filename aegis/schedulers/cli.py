@@ -11,6 +11,7 @@ from aegis.config.flags import config_options, resolve_from_cli
 from aegis.config.sites import Site, choose_site
 from aegis.run import Run, default_run_dir, render_job, submit
 from aegis.rundir import find_run_dir
+from aegis.schedulers.deps import BEGIN_FORMS, StartAfter, parse_begin
 
 
 @click.command("submit")
@@ -24,14 +25,21 @@ from aegis.rundir import find_run_dir
               help="Seconds --wait waits.")
 @click.option("--check", is_flag=True, help="Submit a job that only checks the allocation (one step per "
               "node reports its host, devices and local storage) instead of starting engines.")
-def submit_cmd(dry_run, run_dir, as_json, wait, timeout, check, **kw):
+@click.option("--after", "after_any", multiple=True, metavar="JOB_ID|RUN_DIR",
+              help="Start only after this job has ended, however it ended (afterany; repeatable).")
+@click.option("--after-ok", "after_ok", multiple=True, metavar="JOB_ID|RUN_DIR",
+              help="Start only after this job has completed with exit status 0 (afterok; repeatable).")
+@click.option("--begin", metavar="TIME", help=f"Start no earlier than TIME: {BEGIN_FORMS}.")
+def submit_cmd(dry_run, run_dir, as_json, wait, timeout, check, after_any, after_ok, begin, **kw):
     """Render the job script for CONFIG and submit it (sbatch, qsub, or locally)."""
     res = resolve_from_cli(kw)
+    start = StartAfter(after_any=tuple(map(_job_id, after_any)), after_ok=tuple(map(_job_id, after_ok)),
+                       begin=parse_begin(begin) if begin else None)
     run_path = Path(run_dir).absolute() if run_dir else default_run_dir(res.config)
     if dry_run:
-        click.echo(render_job(res, run_path, launch_args=("--check",) if check else ()), nl=False)
+        click.echo(render_job(res, run_path, launch_args=("--check",) if check else (), start=start), nl=False)
         return
-    run = submit(res, run_path, check=check)
+    run = submit(res, run_path, check=check, start=start)
     if as_json:
         click.echo(json.dumps({"job_id": run.job_id, "run_dir": str(run.path), "site": res.site.name}))
     else:
@@ -40,6 +48,12 @@ def submit_cmd(dry_run, run_dir, as_json, wait, timeout, check, **kw):
         from aegis.schedulers.jobs import wait_for_run
 
         sys.exit(wait_for_run(run.dir, res.site, timeout, echo=click.echo, until_finished=check))
+
+
+def _job_id(arg: str) -> str:
+    """A job to wait for: a JOB_ID as given, or the job of a submitted RUN_DIR."""
+    found = find_run_dir(arg)
+    return arg if found is None else Run(found.path).require_job_id()
 
 
 def _target(arg: str | None, site_opt: str | None) -> tuple[str, Site, Run | None]:

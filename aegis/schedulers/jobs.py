@@ -20,11 +20,12 @@ def endpoints_ready(doc: EndpointsFile | None) -> bool:
 
 
 def describe(info: JobInfo, run: RunDir | None, site_name: str) -> list[str]:
+    never_ran = info.state == JobState.CANCELLED and info.exit_code is None  # the reason says why (PBS)
     lines = [f"job {info.job_id} ({site_name}): {info.state.value}"
              + (f" [{info.raw_state}]" if info.raw_state and info.raw_state.lower() != info.state.value else "")
              + (f" on {info.nodes}" if info.nodes else "")
              + (f", exit code {info.exit_code}" if info.exit_code not in (None, "", "0:0", "0") else "")
-             + (f" ({info.reason})" if info.reason and info.state == JobState.PENDING else "")]
+             + (f" ({info.reason})" if info.reason and (info.state == JobState.PENDING or never_ran) else "")]
     if run is not None:
         lines.append(f"run directory: {run.path}")
         log = run.job_log()

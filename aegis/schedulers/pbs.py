@@ -7,6 +7,7 @@ import re
 from aegis.config.schema import walltime_seconds
 from aegis.errors import SchedulerError
 from aegis.schedulers.base import JobInfo, JobState, RenderContext, Scheduler, run_command
+from aegis.schedulers.deps import StartAfter
 
 # PBS job_state letters -> JobState ('F' and 'X' are refined by Exit_status).
 STATES = {
@@ -18,6 +19,8 @@ STATES = {
 EXIT_WALLTIME = -29  # PBS Pro JOB_EXEC_KILL_WALLTIME
 SIGNAL_BASE = 256  # Exit_status 256+N: killed by signal N (qdel sends SIGTERM: 271)
 SUBSTATE_TERMINATED = "91"  # PBS Pro JOB_SUBSTATE_TERMINATED: finished because it was deleted
+SUBSTATE_DEPNHOLD = "22"  # JOB_SUBSTATE_DEPNHOLD: held (H, Hold_Types s) until its `depend` jobs have ended
+SUBSTATE_WAITING = "30"  # JOB_SUBSTATE_WAITING: waiting (W) for its Execution_Time (qsub -a)
 UNKNOWN_JOB = 153  # qstat/qdel exit status for an id the server does not know (PBSE_UNKJOBID - 15000)
 JOB_FINISHED = 35  # qdel exit status for a job that has already finished
 
@@ -41,6 +44,8 @@ def _finished_state(attrs: dict) -> JobState:
     if substate == SUBSTATE_TERMINATED or "terminated" in comment or "deleted" in comment:
         return JobState.CANCELLED
     if raw_code is None:
+        if attrs.get("depend"):
+            return JobState.CANCELLED  # never ran: the server deleted it, its dependency cannot be met
         # Torque-style 'C' without an exit status (e.g. Slurm's qstat wrapper): it ended, outcome unknown.
         return JobState.COMPLETED if attrs.get("job_state") in ("F", "X") else JobState.UNKNOWN
     try:
@@ -54,6 +59,23 @@ def _finished_state(attrs: dict) -> JobState:
     return JobState.FAILED
 
 
+def _reason(attrs: dict, state: JobState) -> str:
+    """The server's comment; for what it leaves uncommented (tests/pbs/recorded/README.md), the words Slurm
+    uses: 'Dependency (depend)' while held for other jobs, 'BeginTime (Execution_Time)' while waiting for
+    qsub -a's time, and why a job that never ran was deleted."""
+    comment = str(attrs.get("comment", ""))
+    substate, depend = str(attrs.get("substate", "")), attrs.get("depend")
+    if comment:
+        return comment
+    if attrs.get("job_state") == "H" and substate == SUBSTATE_DEPNHOLD:
+        return f"Dependency ({depend})" if depend else "Dependency"
+    if attrs.get("job_state") == "W" and substate == SUBSTATE_WAITING:
+        return f"BeginTime ({attrs['Execution_Time']})" if attrs.get("Execution_Time") else "BeginTime"
+    if state == JobState.CANCELLED and depend and attrs.get("Exit_status", attrs.get("exit_status")) is None:
+        return f"deleted by the server: its dependency cannot be met ({depend})"
+    return ""
+
+
 def _info(job_id: str, attrs: dict) -> JobInfo:
     raw = str(attrs.get("job_state", "?"))
     state = STATES.get(raw, JobState.UNKNOWN)
@@ -63,7 +85,7 @@ def _info(job_id: str, attrs: dict) -> JobInfo:
     exit_code = attrs.get("Exit_status", attrs.get("exit_status"))
     if raw == "C" and exit_code is None:
         raw = "C (ended; this qstat does not say how)"
-    return JobInfo(job_id=job_id, state=state, raw_state=raw, reason=str(attrs.get("comment", "")),
+    return JobInfo(job_id=job_id, state=state, raw_state=raw, reason=_reason(attrs, state),
                    nodes=",".join(hosts), exit_code=None if exit_code is None else str(exit_code))
 
 
@@ -103,6 +125,8 @@ class PBSScheduler(Scheduler):
     name = "pbs"
     template = "pbs.sh.j2"
     directive_prefix = "#PBS"
+    job_id_re = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9][A-Za-z0-9.-]*)?$")  # SEQ[.SERVER], arrays SEQ[]
+    job_id_example = "4242.pbs01"
 
     def directives(self, ctx: RenderContext) -> list[str]:
         cfg, site = ctx.config, ctx.site
@@ -128,6 +152,17 @@ class PBSScheduler(Scheduler):
             # Names only: qsub copies each value from the submitting environment.
             out.append("-v " + ",".join(cfg.pass_env))
         out.extend(cfg.directives)
+        return out
+
+    def start_directives(self, start: StartAfter) -> list[str]:
+        """qsub.1B (OpenPBS doc/man1): -W depend=afterany:ID[:ID...],afterok:ID[:ID...];
+        -a [[[[CC]YY]MM]DD]hhmm[.SS] (local time)."""
+        out = []
+        deps = start.dependency_list(self.check_job_id)
+        if deps:
+            out.append(f"-W depend={deps}")
+        if start.begin:
+            out.append(f"-a {start.begin:%Y%m%d%H%M.%S}")
         return out
 
     def submit(self, script_path: str, run_dir: str) -> str:

@@ -1,9 +1,12 @@
 """Slurm: #SBATCH directives, sbatch --parsable, squeue (then sacct), scancel."""
 from __future__ import annotations
 
+import re
+
 from aegis.config.schema import walltime_seconds
 from aegis.errors import SchedulerError
 from aegis.schedulers.base import JobInfo, JobState, RenderContext, Scheduler, run_command
+from aegis.schedulers.deps import StartAfter
 
 # Slurm's job states (squeue %T / sacct State) -> the normalised JobState.
 STATES = {
@@ -64,6 +67,8 @@ class SlurmScheduler(Scheduler):
     name = "slurm"
     template = "slurm.sh.j2"
     directive_prefix = "#SBATCH"
+    job_id_re = re.compile(r"^[0-9]+(_[0-9]+)?$")  # JOBID, or ARRAYID_TASK
+    job_id_example = "4242"
 
     def directives(self, ctx: RenderContext) -> list[str]:
         cfg, site = ctx.config, ctx.site
@@ -89,6 +94,17 @@ class SlurmScheduler(Scheduler):
         if ctx.stages:
             out.extend(site.storage_directives)
         out.extend(cfg.directives)
+        return out
+
+    def start_directives(self, start: StartAfter) -> list[str]:
+        """sbatch(1): --dependency=afterany:ID[:ID...],afterok:ID[:ID...];
+        --begin=YYYY-MM-DD[THH:MM[:SS]] (local time)."""
+        out = []
+        deps = start.dependency_list(self.check_job_id)
+        if deps:
+            out.append(f"--dependency={deps}")
+        if start.begin:
+            out.append(f"--begin={start.begin:%Y-%m-%dT%H:%M:%S}")
         return out
 
     def submit(self, script_path: str, run_dir: str) -> str:

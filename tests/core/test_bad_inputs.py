@@ -20,6 +20,7 @@ def files(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
 
 
+SUBMIT_AT = ["submit", "--model", "m", "--account", "a", "--dry-run", "--site"]
 BENCH = ["bench", "--url", "http://127.0.0.1:9", "--model", "m"]
 CASES = [
     (["plan", "{d}/binary.yaml"], "not a text file"),
@@ -45,6 +46,11 @@ CASES = [
     (["plan", "--model", "m", "--tp", "0"], "--tensor-parallel-size"),
     (["plan", "--model", "m", "--walltime", "1h"], "walltime"),
     (["plan", "--site", "nowhere", "--model", "m"], "no site named"),
+    (SUBMIT_AT + ["frontier", "--after", "12.pbshead"], "'12.pbshead': not a slurm job id"),
+    (SUBMIT_AT + ["polaris", "--after-ok", "1;reboot"], "'1;reboot': not a pbs job id"),
+    (SUBMIT_AT + ["frontier", "--after", "{d}/no-such-run"], "no-such-run: no such run directory"),
+    (SUBMIT_AT + ["frontier", "--begin", "tomorrow"], "--begin 'tomorrow': not a time"),
+    (["submit", "--site", "local", "--model", "m", "--dry-run", "--after", "1"], "cannot hold it"),
 ]
 
 

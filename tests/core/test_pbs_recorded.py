@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from aegis.errors import UsageError
 from aegis.schedulers import pbs
 from aegis.schedulers.base import JobState
 
 REC = Path(__file__).parents[1] / "pbs" / "recorded"
 IDS = dict(item.split("=") for item in (REC / "job-ids.txt").read_text().split())
+DEPS = dict(item.split("=") for item in (REC / "job-ids-deps.txt").read_text().split())  # record-deps.sh
 
 
 def job(name: str):
@@ -37,6 +39,13 @@ def job(name: str):
     ("never-runs-deleted", JobState.CANCELLED, None),
     ("held", JobState.PENDING, None),
     ("never-runs", JobState.PENDING, None),
+    # record-deps.sh: qsub -W depend=... / -a (qsub.1B)
+    ("dependency-held", JobState.PENDING, None),    # H / 22, Hold_Types s, no comment
+    ("after-deleted-unrun", JobState.PENDING, None),  # its afterany job was deleted unrun: held still
+    ("begin-waiting", JobState.PENDING, None),      # W / 30, Execution_Time
+    ("dependency-ran", JobState.COMPLETED, "0"),    # released when its job ended, then ran
+    ("afterok-of-failed", JobState.CANCELLED, None),  # deleted by the server: F / 92, no Exit_status
+    ("after-unknown", JobState.CANCELLED, None),    # afterany of an id the server does not know: the same
 ])
 def test_states_as_the_real_server_reports_them(name, state, exit_code):
     info = job(name)
@@ -45,6 +54,40 @@ def test_states_as_the_real_server_reports_them(name, state, exit_code):
         assert info.nodes == "pbsnode1,pbsnode2"
     if name == "never-runs":
         assert "Can Never Run" in info.reason
+
+
+def test_why_a_job_waits_or_never_ran_in_slurms_words():
+    """The server gives no comment for these (recorded); the reason names the cause as Slurm's squeue does
+    (Dependency, BeginTime) with the attribute that says more."""
+    assert job("dependency-held").reason == f"Dependency (afterany:{DEPS['parent']}@pbshead)"
+    assert job("after-deleted-unrun").reason == f"Dependency (afterany:{DEPS['unrun']}@pbshead)"
+    raw = json.loads((REC / "qstat-f-json-begin-waiting.json").read_text())
+    when = next(iter(raw["Jobs"].values()))["Execution_Time"]
+    assert job("begin-waiting").reason == f"BeginTime ({when})"
+    assert job("afterok-of-failed").reason == ("deleted by the server: its dependency cannot be met "
+                                               f"(afterok:{DEPS['failing']}@pbshead)")
+    # What the server logged for it (server-log-deps.txt): the state says nothing more than F / 92.
+    log = (REC / "server-log-deps.txt").read_text()
+    assert f"{DEPS['afterok_failed']};Job deleted as result of dependency on job {DEPS['failing']}" in log
+    assert f"{DEPS['after_unknown']}@pbshead;Dependency request for job rejected by 99999.pbshead" in log
+    assert job("dependency-ran").reason.endswith("and finished")  # the server's comment again
+    for name in ("dependency-held", "begin-waiting"):
+        (plain,) = pbs.parse_qstat_full((REC / f"qstat-f-{name}.txt").read_text()).values()
+        assert (plain.state, plain.reason) == (job(name).state, job(name).reason), name
+    (plain,) = pbs.parse_qstat_full((REC / "qstat-fx-afterok-of-failed.txt").read_text()).values()
+    assert (plain.state, plain.reason) == (job("afterok-of-failed").state, job("afterok-of-failed").reason)
+
+
+def test_job_ids_the_server_gave_are_the_ones_after_accepts():
+    """Every recorded id (qsub's stdout) passes the backend's check; what real qsub refuses as a `depend`
+    id (recorded: "qsub: illegal -W value", exit 2) it refuses before submitting."""
+    sched = pbs.PBSScheduler()
+    for job_id in [*IDS.values(), *DEPS.values(), IDS["ok"].split(".")[0]]:
+        assert sched.check_job_id(job_id) == job_id
+    assert (REC / "qsub-bad-depend.txt.rc").read_text().strip() == "2"
+    assert "qsub: illegal -W value" in (REC / "qsub-bad-depend.txt.stderr").read_text()
+    with pytest.raises(UsageError, match="'notajob': not a pbs job id"):
+        sched.check_job_id("notajob")
 
 
 def test_plain_qstat_f_agrees_with_json_and_keeps_wrapped_words_whole():

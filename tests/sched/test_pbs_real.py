@@ -5,6 +5,7 @@ The site is tests/sched/sites/testpbs.yaml: one agent per node through Open MPI'
 reach the other node through pbs_tmrsh (the fixture's aegis-tmrsh). Jobs run as root; `qsub` passes no
 environment, so every config exports PYTHONPATH (this checkout) for the job and its agents.
 """
+import datetime
 import json
 import subprocess
 import sys
@@ -38,6 +39,11 @@ def config(tmp_path, name="c.yaml", **raw):
     path.write_text(yaml.safe_dump({"model": "sim-small", "engine": "sim", "instances": 2,
                                     "tensor_parallel_size": 2, **raw}))  # one instance per node: 2 nodes
     return path
+
+
+def ctime(text: str) -> datetime.datetime:
+    """qstat's times ("Fri Dec  4 16:33:43 2026", ctime(3)) as a naive local datetime."""
+    return datetime.datetime.strptime(text, "%a %b %d %H:%M:%S %Y")
 
 
 def why(proc, run) -> str:
@@ -212,3 +218,133 @@ def test_sim_fleet_ready_on_both_nodes_then_shutdown(pbs_complex, tmp_path):  # 
     assert doc["endpoints"]["state"] == "stopped"
     assert all(i["status"] == "stopped" for i in doc["endpoints"]["instances"])
     wait_no_servers()
+
+
+def test_job_after_another_waits_held_then_runs(pbs_complex, tmp_path):  # noqa: F811
+    """qsub.1B, -W depend=afterany:<job ID>: "may be scheduled for execution after all jobs in arg list have
+    finished execution, with any exit status". While A runs, B is H (substate 22, JOB_SUBSTATE_DEPNHOLD)."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    proc = aegis(pbs_complex, "submit", config(tmp_path, "a.yaml", extra_args=FOREVER, startup_timeout=600),
+                 "--site-file", SITE, "--run-dir", run_a, "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_a = json.loads(proc.stdout)["job_id"]
+    wait_status(pbs_complex, run_a, "running")
+    proc = aegis(pbs_complex, "submit", config(tmp_path, "b.yaml"), "--site-file", SITE, "--run-dir", run_b,
+                 "--check", "--after", run_a, "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_b = json.loads(proc.stdout)["job_id"]
+    assert f"#PBS -W depend=afterany:{job_a}\n" in (run_b / "job.sh").read_text()
+    attrs = pbs_complex.job(job_b)  # the server's own record
+    assert (attrs["job_state"], attrs["substate"], attrs["Hold_Types"]) == ("H", 22, "s"), attrs
+    assert attrs["depend"] == f"afterany:{job_a}@{pbs_complex.server}"
+    doc = status(pbs_complex, run_b)
+    assert (doc["state"], doc["raw_state"]) == ("pending", "H")
+    assert doc["reason"] == f"Dependency (afterany:{job_a}@{pbs_complex.server})"
+    text = aegis(pbs_complex, "status", run_b).stdout
+    assert f"job {job_b} (testpbs): pending [H] (Dependency (afterany:{job_a}@" in text
+    time.sleep(3)  # a scheduling cycle later, B still waits (both nodes would be free for it: it is the hold)
+    assert pbs_complex.job(job_b)["job_state"] == "H"
+    assert aegis(pbs_complex, "cancel", run_a).returncode == 0
+    proc = aegis(pbs_complex, "submit", config(tmp_path, "c.yaml"), "--site-file", SITE, "--run-dir",
+                 tmp_path / "c", "--check", "--after", job_a, "--after-ok", job_b, "--json")
+    assert proc.returncode == 0, proc.stderr  # a finished job (in the history) and a held one: both allowed
+    job_c = json.loads(proc.stdout)["job_id"]
+    done = pbs_complex.wait_finished(job_b, timeout=120)
+    assert done["Exit_status"] == 0
+    # qsub.1B: "PBS adds before dependencies automatically to the targets of after dependencies".
+    assert done["depend"] == f"beforeok:{job_c}@{pbs_complex.server}"
+    assert status(pbs_complex, run_b)["state"] == "completed"
+    assert json.loads((run_b / "check.json").read_text())["ok"] is True
+    assert ctime(pbs_complex.job(job_a)["obittime"]) <= ctime(done["stime"])  # B started once A had ended
+    assert pbs_complex.wait_finished(job_c, timeout=120)["Exit_status"] == 0  # afterok of B: B exited 0
+
+
+def test_begin_time_waits_then_runs(pbs_complex, tmp_path):  # noqa: F811
+    """qsub.1B, -a [[[[CC]YY]MM]DD]hhmm[.SS]: "Point in time after which the job is eligible for execution";
+    until then the job is W (substate 30, JOB_SUBSTATE_WAITING) with that Execution_Time."""
+    run = tmp_path / "run"
+    begin = (datetime.datetime.now() + datetime.timedelta(seconds=12)).replace(microsecond=0)
+    proc = aegis(pbs_complex, "submit", config(tmp_path), "--site-file", SITE, "--run-dir", run, "--check",
+                 "--begin", begin.isoformat(), "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_id = json.loads(proc.stdout)["job_id"]
+    attrs = pbs_complex.job(job_id)
+    assert (attrs["job_state"], attrs["substate"]) == ("W", 30), attrs
+    assert attrs["Execution_Time"] == begin.strftime("%a %b %e %H:%M:%S %Y")  # qstat's ctime(3) form
+    doc = status(pbs_complex, run)
+    assert (doc["state"], doc["raw_state"], doc["reason"]) == ("pending", "W", f"BeginTime ({attrs['Execution_Time']})")
+    done = pbs_complex.wait_finished(job_id, timeout=120)
+    assert done["Exit_status"] == 0 and ctime(done["stime"]) >= begin
+
+
+def test_launch_inside_an_interactive_qsub_finds_its_nodes(pbs_complex, tmp_path):  # noqa: F811
+    """`aegis launch --check` typed into a `qsub -I` shell (docs/schedulers.md, "Interactive allocations").
+
+    qsub -I insists on a terminal (src/cmds/qsub.c: "standard input and output must be a terminal for
+    interactive job submission"), so util-linux's script(1) gives it a pty; the shell's lines are typed once
+    qsub says "job ... ready". The site's `setup:` lines are what a user runs first by hand.
+    """
+    run = tmp_path / "run"
+    cfg = config(tmp_path)
+    setup = yaml.safe_load(SITE.read_text())["setup"]
+    lines = [*setup, f"export PYTHONPATH={REPO}", f"cd {tmp_path}",
+             # </dev/null: mpiexec forwards its stdin to rank 0, which would swallow the lines typed after it
+             f"{sys.executable} -m aegis launch {cfg} --site-file {SITE} --check --run-dir {run} </dev/null",
+             "echo AEGIS_RC=$?", "exit"]
+    qsub = "qsub -I -q debug -l select=2:ncpus=1 -l place=scatter -l walltime=00:05:00"
+    proc = subprocess.Popen(["script", "-qec", qsub, "/dev/null"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=pbs_complex.env, cwd=tmp_path, text=True)
+    assert proc.stdin and proc.stdout
+    seen = []
+    try:
+        for line in proc.stdout:  # qsub: waiting for job 12.pbshead to start / qsub: job 12.pbshead ready
+            seen.append(line)
+            if line.startswith("qsub: job ") and line.strip().endswith(" ready"):
+                break
+        job_id = seen[-1].split()[2]
+        proc.stdin.write("".join(f"{line}\n" for line in lines))
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the interactive job did not end: {''.join(seen)}{exc.output!r}"[-4000:])
+    finally:
+        proc.kill()
+    text = "".join(seen) + out
+    assert "AEGIS_RC=0" in text.replace("\r", ""), text[-4000:]
+    assert f"qsub: job {job_id} completed" in text
+    alloc = json.loads((run / "allocation.json").read_text())  # PBS_NODEFILE / PBS_JOBID in the shell
+    assert alloc["scheduler"] == "pbs" and alloc["job_id"] == job_id and alloc["hosts"] == list(pbs_complex.nodes)
+    check = json.loads((run / "check.json").read_text())
+    assert check["ok"] is True
+    assert [(r["index"], r["host"]) for r in check["reports"]] == list(enumerate(pbs_complex.nodes))
+    attrs = pbs_complex.wait_finished(job_id)
+    assert attrs["interactive"] in (True, "True"), attrs  # the server's record: an interactive job
+
+
+def test_sweep_one_job_per_configuration(pbs_complex, tmp_path):  # noqa: F811
+    """`aegis sweep --mode jobs` (docs/sweep.md) on the complex: one qsub per point, each running
+    `aegis sweep-point DIR` with a simulated engine, followed through qstat until every job has ended."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "pbsjobs",
+        "base": {"model": "sim-small", "engine": "sim", "instances": 1, "tensor_parallel_size": 2,
+                 "env": {"PYTHONPATH": str(REPO)}, "extra_args": ["--decode-ms", "1"], "startup_timeout": 60},
+        "axes": {"max_num_seqs": [4, 8]},
+        "bench": {"input_len": 16, "output_len": 4, "rate": 20, "num_requests": 8}}))
+    d = tmp_path / "sweep"
+    proc = aegis(pbs_complex, "sweep", spec, "--site-file", SITE, "--site", "testpbs", "--mode", "jobs",
+                 "--dir", d, timeout=400)
+    logs = "".join(p.read_text()[-2000:] for p in d.glob("*/pbs.out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert proc.stderr.count("submitted job") == 2
+    points = {f.parent: json.loads(f.read_text()) for f in d.glob("*/status.json")}
+    assert len(points) == 2 and all(s["state"] == "done" for s in points.values()), points
+    for point, st in points.items():
+        job_id = (point / "job_id").read_text().strip()
+        assert st["job_id"] == job_id and st["host"] in pbs_complex.nodes  # ran inside its own PBS job
+        attrs = pbs_complex.job(job_id)
+        assert (attrs["job_state"], attrs["Exit_status"]) == ("F", 0), attrs
+        assert (point / "job.sh").read_text().rstrip().endswith(f"sweep-point {point}")
+        summary = json.loads((point / "bench" / "summary.json").read_text())
+        assert summary["completed"] == 8 and summary["failed"] == 0
+    assert (d / "report" / "summary.csv").exists()

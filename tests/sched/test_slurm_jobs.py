@@ -1,4 +1,5 @@
 """aegis against a real 3-node Slurm cluster (tests/cluster): submit, wait, status, cancel, refusals, PBS."""
+import datetime
 import json
 import os
 import subprocess
@@ -162,3 +163,79 @@ def test_pbs_backend_through_the_wrappers(slurm_cluster, tmp_path):
     assert proc.returncode == 1 and "invalid partition specified: nosuch" in proc.stderr
     errors = [line for line in proc.stderr.strip().splitlines() if not line.startswith("aegis: warning: ")]
     assert len(errors) == 1  # the warnings: the model's config.json is not on this machine
+
+
+def pending_reason(sched, job_id, timeout=30):
+    """The job's squeue reason once slurmctld has looked at it ("None" before its scheduling pass)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = sched.status([job_id])[job_id]
+        if info.reason or info.state != JobState.PENDING or time.monotonic() > deadline:
+            return info
+        time.sleep(0.2)
+
+
+def test_job_after_another_is_pending_on_its_dependency_then_runs(slurm_cluster, tmp_path, sleeper):
+    """sbatch(1), --dependency=afterany:job_id: "This job can begin execution after the specified jobs have
+    terminated"; squeue(1) reason "Dependency" while it waits. B needs one node of three: only A holds it."""
+    site = SITES / "testcluster.yaml"
+    blocker = config(tmp_path, "a.yaml", instances=1, tensor_parallel_size=8, engine_python=str(sleeper),
+                     startup_timeout=600)
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    proc = aegis(slurm_cluster, "submit", blocker, "--site-file", site, "--run-dir", run_a, "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_a = json.loads(proc.stdout)["job_id"]
+    sched = SlurmScheduler()
+    os.environ.update(slurm_cluster.env)
+    deadline = time.monotonic() + 120
+    while sched.status([job_a])[job_a].state != JobState.RUNNING:
+        assert time.monotonic() < deadline, "A never ran"
+        time.sleep(0.5)
+    proc = aegis(slurm_cluster, "submit", config(tmp_path, "b.yaml", instances=1, tensor_parallel_size=8),
+                 "--site-file", site, "--run-dir", run_b, "--check", "--after", run_a, "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_b = json.loads(proc.stdout)["job_id"]
+    assert f"#SBATCH --dependency=afterany:{job_a}\n" in (run_b / "job.sh").read_text()
+    info = pending_reason(sched, job_b)
+    assert (info.state, info.raw_state, info.reason) == (JobState.PENDING, "PENDING", "Dependency"), info
+    shown = slurm_cluster.run("scontrol", "show", "job", job_b).stdout  # the controller's own record
+    assert f"Dependency=afterany:{job_a}(unfulfilled)" in shown, shown
+    status = json.loads(aegis(slurm_cluster, "status", run_b, "--json").stdout)
+    assert (status["state"], status["reason"]) == ("pending", "Dependency")
+    time.sleep(3)  # scheduling passes later (sched_interval=1) it still waits with free nodes
+    assert sched.status([job_b])[job_b].state == JobState.PENDING
+    assert aegis(slurm_cluster, "cancel", run_a).returncode == 0
+    deadline = time.monotonic() + 180
+    while not (info := sched.status([job_b])[job_b]).state.finished:
+        assert time.monotonic() < deadline, info
+        time.sleep(0.5)
+    assert info.state == JobState.COMPLETED, info
+    assert json.loads((run_b / "check.json").read_text())["ok"] is True
+    times = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", f"{job_a},{job_b}", "-o", "JobID,Start,End").stdout
+    rows = {r.split("|")[0]: r.split("|")[1:] for r in times.split()}
+    assert rows[job_a][1] <= rows[job_b][0], rows  # B started once A had ended (ISO times sort as text)
+
+
+def test_begin_time_is_pending_until_then(slurm_cluster, tmp_path):
+    """sbatch(1), --begin=YYYY-MM-DD[THH:MM[:SS]]: "Submit the batch script to the Slurm controller
+    immediately, like normal, but tell the controller to defer the allocation of the job until the
+    specified time"; squeue reason "BeginTime" until then."""
+    run = tmp_path / "run"
+    begin = (datetime.datetime.now() + datetime.timedelta(seconds=10)).replace(microsecond=0)
+    proc = aegis(slurm_cluster, "submit", config(tmp_path, instances=1, tensor_parallel_size=8), "--site-file",
+                 SITES / "testcluster.yaml", "--run-dir", run, "--check", "--begin", begin.isoformat(), "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_id = json.loads(proc.stdout)["job_id"]
+    os.environ.update(slurm_cluster.env)
+    sched = SlurmScheduler()
+    info = pending_reason(sched, job_id)
+    assert (info.state, info.reason) == (JobState.PENDING, "BeginTime"), info
+    shown = slurm_cluster.run("scontrol", "show", "job", job_id).stdout
+    assert f"EligibleTime={begin.isoformat()}" in shown, shown
+    deadline = time.monotonic() + 120
+    while not (info := sched.status([job_id])[job_id]).state.finished:
+        assert time.monotonic() < deadline, info
+        time.sleep(0.5)
+    assert info.state == JobState.COMPLETED, info
+    start = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "Start").stdout.strip()
+    assert datetime.datetime.fromisoformat(start) >= begin
