@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import aiohttp
+import psutil
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -314,6 +315,8 @@ def gateway_inflight(run, since: float = 0.0) -> tuple[dict[str, int] | None, bo
             continue
         if not isinstance(data, dict) or now - float(data.get("updated", 0)) > STALE_SECONDS:
             continue
+        if data.get("host") == socket.gethostname() and not psutil.pid_exists(int(data.get("pid", 0))):
+            continue  # a gateway of this host that is gone (killed: it could not remove its file)
         found = True
         waiting |= float(data.get("updated", 0)) < since
         for name, n in (data.get("inflight") or {}).items():

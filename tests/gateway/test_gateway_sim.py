@@ -168,3 +168,48 @@ def test_bad_gateway_input_is_one_line(tmp_path):
     assert busy.returncode == 2 and f"port {port}" in busy.stderr and "in use" in busy.stderr, busy.stderr
     missing = aegis("drain", run, "zzz", check=False)
     assert missing.returncode == 2 and "no instance 'zzz'" in missing.stderr
+
+
+def test_the_runs_own_gateway_is_started_again(tmp_path):
+    """Killed, the run's gateway comes back on the same URL; one whose port is taken is reported once."""
+    import socket
+    port = free_port_block(4)
+    fleet = launch_sim(tmp_path, tmp_path / "run", 1, port, gateway=True, gateway_port=port + 2, **SIM)
+    held = socket.socket()
+    held.bind(("127.0.0.1", port + 3))
+    held.listen()
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = launch_sim(other_dir, other_dir / "run", 1, port + 1, gateway=True, gateway_port=port + 3, **SIM)
+    try:
+        fleet.wait(lambda d: d.get("state") == "ready", 90, "the instance ready")
+        info = fleet.run_dir / "gateway.json"
+        deadline = time.monotonic() + 20
+        while not info.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        first = json.loads(info.read_text())
+        os.kill(first["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            now = json.loads(info.read_text())
+            if now["pid"] != first["pid"] and call(now["url"] + "/health", None)[0] == 200:
+                break
+            assert time.monotonic() < deadline, fleet.log.read_text()
+            time.sleep(0.3)
+        assert now["url"] == first["url"] == fleet.endpoints()["gateway"]
+        assert call(now["url"] + "/v1/completions", fleet.key, {"model": "sim-small", "prompt": "x",
+                                                                "max_tokens": 2})[0] == 200
+        assert "the gateway exited" in fleet.log.read_text()
+        # The other run's gateway port is held by someone else: said once, the run serves without it.
+        doc = other.wait(lambda d: d.get("state") == "ready" and d.get("gateway") is None, 90,
+                         "the other run ready without its gateway")
+        assert other.log.read_text().count("the gateway cannot start") == 1
+        assert "in use" in (other.run_dir / "logs" / "gateway.log").read_text()
+        assert doc["instances"][0]["status"] == "ready"
+    finally:
+        held.close()
+        for f in (fleet, other):
+            if f.proc.poll() is None:
+                aegis("shutdown", f.run_dir, "--timeout", "60", check=False)
+                f.proc.wait(60)
