@@ -43,6 +43,9 @@ COMMANDS = {
                "Print the endpoints of a run."),
     "gateway": ("aegis.gateway.cli:gateway_cmd",
                "One OpenAI URL over the ready instances of RUN_DIRs (several models, runs and jobs), key-checked."),
+    "serve": ("aegis.serve.cli:serve_cmd",
+               "Serve CONFIG past any walltime: a chain of jobs behind one gateway URL (--status / --stop "
+               "SERVICE_DIR)."),
     "drain": ("aegis.gateway.cli:drain_cmd",
                "Send no new requests to INSTANCEs (default: all of the run); wait until their in-flight requests "
                "finish."),

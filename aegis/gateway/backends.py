@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aegis.errors import UsageError
+from aegis.errors import AegisError, UsageError
 from aegis.launch.endpoints import EndpointsFile, InstanceState, RunState
 from aegis.rundir import RunDir
 from aegis.util.apikey import read_key_file
@@ -66,11 +66,13 @@ def write_drain(run: RunDir, instances: list[str] | None) -> None:
 class RunFollower:
     """One run's serving instances, reloaded when its endpoints or drain file changes."""
 
-    def __init__(self, target: str | os.PathLike):
+    def __init__(self, target: str | os.PathLike, pending_ok: bool = False):
+        """`pending_ok`: the run may have no endpoints file yet (a queued job of a chain); it serves nothing
+        until its head writes one. Otherwise a missing or unreadable file is an error now (one line)."""
         path = EndpointsFile.path_of(target)
-        self.doc = EndpointsFile.read(path)  # a clear error now when there is none
         self.path = path
         self.run = RunDir(path.parent)
+        self.doc = EndpointsFile() if pending_ok and not path.exists() else EndpointsFile.read(path)
         self.key = self._key(self.doc)
         self.stamp: tuple = ()
         self.backends: list[Backend] = []
@@ -129,6 +131,8 @@ class Pool:
     """Every run the gateway follows, and the routing table over their serving instances."""
 
     followers: list[RunFollower]
+    runs_file: Path | None = None  # a JSON {"runs": [RUN_DIR, ...]} the set of followed runs is re-read from
+    runs_stamp: tuple | None = None
     by_name: dict[str, list[Backend]] = field(default_factory=dict)  # model or adapter -> backends
     adapters: dict[str, str] = field(default_factory=dict)  # adapter -> its base model
     tracked: dict[str, Backend] = field(default_factory=dict)  # ident -> backend, while requests are in flight
@@ -137,12 +141,36 @@ class Pool:
         self.rebuild()
 
     def poll(self) -> bool:
-        changed = False
+        changed = self._sync_runs()
         for f in self.followers:
             changed |= f.poll()
         if changed:
             self.rebuild()
         return changed
+
+    def _sync_runs(self) -> bool:
+        """Follow the runs the runs file lists now (a chain's jobs come and go); True when the set changed."""
+        if self.runs_file is None:
+            return False
+        try:
+            st = self.runs_file.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp == self.runs_stamp:
+                return False
+            data = json.loads(self.runs_file.read_text())
+            wanted = [str(Path(r).absolute()) for r in data.get("runs", [])]
+        except (OSError, ValueError, AttributeError, TypeError):
+            return False
+        self.runs_stamp = stamp
+        have = {str(f.run.path.absolute()): f for f in self.followers}
+        followers = []
+        for r in wanted:
+            try:
+                followers.append(have.get(r) or RunFollower(r, pending_ok=True))
+            except AegisError:
+                continue  # not readable (yet): tried again when the runs file changes
+        self.followers = followers
+        return set(have) != {str(f.run.path.absolute()) for f in followers}
 
     def rebuild(self) -> None:
         by_name: dict[str, list[Backend]] = {}

@@ -81,7 +81,7 @@ async def serve_gateway(gw, host: str, port: int, info: Path | None, echo) -> No
 
 
 @click.command("gateway")
-@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.argument("run_dirs", nargs=-1, metavar="RUN_DIR...")
 @click.option("--host", default=None, help="Address to listen on (default: this host's serving address under the "
               "first run's site profile; never all interfaces).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True, help="0: any free port.")
@@ -94,19 +94,30 @@ async def serve_gateway(gw, host: str, port: int, info: Path | None, echo) -> No
               help="Instances a request is sent to when the previous one fails before its first byte.")
 @click.option("--info", "info", type=click.Path(dir_okay=False), default=None,
               help="Write the gateway's URL and pid here (JSON, mode 0600) once it listens.")
-def gateway_cmd(run_dirs, host, port, key_file, policy, max_tries, info):
+@click.option("--runs-file", type=click.Path(dir_okay=False), default=None,
+              help="Follow the runs this JSON file lists ({\"runs\": [RUN_DIR, ...]}), re-read when it changes "
+                   "(`aegis serve` keeps it); needs --key-file.")
+def gateway_cmd(run_dirs, host, port, key_file, policy, max_tries, info, runs_file):
     """One OpenAI URL over the ready instances of RUN_DIRs (several models, runs and jobs), key-checked."""
     from aegis.gateway.backends import Pool, RunFollower
     from aegis.gateway.server import Gateway
 
+    if not run_dirs and not runs_file:
+        raise UsageError("say which runs to serve: RUN_DIR... or --runs-file FILE")
+    if runs_file and not key_file:
+        raise UsageError("--runs-file needs --key-file (the runs that come and go have keys of their own)")
     followers = [RunFollower(d) for d in run_dirs]
     key, key_where = gateway_key(key_file, [f.key for f in followers])
+    if host is None and not followers:
+        raise UsageError("give --host: the address to serve on (with --runs-file alone there is no run to take "
+                         "it from)")
     host = host if host is not None else default_host(followers[0].run)
     if host in _ANY:
         raise UsageError("the gateway serves on one address, not all interfaces: give --host with this node's "
                          "serving address")
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    gw = Gateway(Pool(followers), key, policy=policy, max_tries=max_tries, echo=say)
+    gw = Gateway(Pool(followers, runs_file=Path(runs_file) if runs_file else None), key, policy=policy,
+                 max_tries=max_tries, echo=say)
     say(f"aegis gateway: {len(followers)} run(s), policy {policy}, key: {key_where}")
     say(gw._summary())
     asyncio.run(serve_gateway(gw, host, port, Path(info) if info else None, lambda msg: click.echo(msg)))
