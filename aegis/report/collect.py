@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aegis.bench.probe_search import SEARCH_FILE
 from aegis.errors import UsageError
 from aegis.rundir import RunDir
 from aegis.sweep.status import PointState
@@ -194,6 +195,16 @@ def collect(paths, devices: int | None = None) -> list[Run]:
                         runs.append(run)
                         found = True
                 dirnames[:] = []  # its rate-* directories are read above
+            elif SEARCH_FILE in filenames:  # aegis probe --search: every run of every rate it tried
+                search = _read_json(d / SEARCH_FILE) or {}
+                name = _name_for(d, root)
+                for point in search.get("points", []):
+                    for entry in point.get("runs", []):
+                        run = _bench_run(d / entry["dir"], root, "probe", name, devices, rate=float(point["rate"]))
+                        if run:
+                            runs.append(run)
+                            found = True
+                dirnames[:] = []
             elif "summary.json" in filenames:
                 run = _bench_run(d, root, "bench", _name_for(d, root), devices)
                 if run:
@@ -219,4 +230,4 @@ def collect(paths, devices: int | None = None) -> list[Run]:
 
 
 def _has_results(d: Path) -> bool:
-    return any(f in ("summary.json", "probe.json") for _, _, files in os.walk(d) for f in files)
+    return any(f in ("summary.json", "probe.json", SEARCH_FILE) for _, _, files in os.walk(d) for f in files)
