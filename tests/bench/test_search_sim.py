@@ -64,3 +64,9 @@ def test_search_over_a_fleet_finds_its_summed_knee_and_feeds_size(make_sim, tmp_
                             "--json").stdout)
     assert size["tokens_per_s_per_instance"] == pytest.approx(doc["found"]["output_throughput"] / 2)
     assert size["tokens_per_s_per_instance"] <= CAPACITY * OUT_LEN
+    # aegis report lists every run of the search as a probe run at its rate.
+    aegis("report", str(out), "-o", str(tmp_path / "rep"), "--no-plots")
+    rows = (tmp_path / "rep" / "summary.csv").read_text().splitlines()[1:]
+    assert sorted(float(r.split(",")[4]) for r in rows) == sorted(
+        pt["rate"] for pt in doc["points"] for _ in pt["runs"])
+    assert {r.split(",")[3] for r in rows} == {"probe"}
