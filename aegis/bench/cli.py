@@ -222,12 +222,38 @@ def bench_cmd(endpoints_path, urls, model, api_key_file, rate, num_requests, dur
 @click.command("probe")
 @_target_options
 @_load_options
-@click.option("--rates", required=True, help="Arrival rates to try in turn, e.g. 0.5,1,2,4,8.")
-@click.option("--duration", type=float, default=60.0, show_default=True, help="Seconds per rate.")
+@click.option("--rates", default=None, help="Arrival rates to try in turn, e.g. 0.5,1,2,4,8.")
+@click.option("--search", "do_search", is_flag=True,
+              help="Instead of --rates: find the highest rate that meets --slo (percentiles, e.g. ttft_p99=500).")
+@click.option("--duration", type=click.FloatRange(0, 30 * 86400, min_open=True), default=60.0, show_default=True,
+              help="Seconds per run.")
 @click.option("--stop-early", is_flag=True, help="Stop after the first TOO HIGH or SLOW rate.")
-def probe_cmd(endpoints_path, urls, model, api_key_file, rates, duration, stop_early, **p):
-    """Find the highest arrival rate the fleet serves well (one run per rate)."""
+@click.option("--search-start", type=click.FloatRange(0, MAX_RATE, min_open=True), default=1.0, show_default=True,
+              help="Search: the first rate (req/s); doubled until one fails, halved until one passes.")
+@click.option("--tolerance", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
+              help="Search: stop bisecting when the lowest failing rate is within this fraction above the "
+                   "highest passing one.")
+@click.option("--max-repeats", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Search: most runs at one rate whose percentile's interval holds the limit.")
+@click.option("--margin", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Search: an estimate farther than this fraction from the limit decides without repeats.")
+@click.option("--max-rate", type=click.FloatRange(0, MAX_RATE, min_open=True), default=MAX_RATE,
+              help="Search: never try a rate above this.")
+@click.option("--max-points", type=click.IntRange(1, 1000), default=30, show_default=True,
+              help="Search: most rates to try.")
+def probe_cmd(endpoints_path, urls, model, api_key_file, rates, do_search, duration, stop_early, search_start,
+              tolerance, max_repeats, margin, max_rate, max_points, **p):
+    """Find the highest arrival rate the fleet serves well (one run per rate, or a search against an SLO)."""
     from aegis.bench.probe import run_probe
+    if do_search and rates is not None:
+        raise UsageError("give --rates (one run per rate) or --search (the highest rate meeting --slo), not both")
+    if not do_search and rates is None:
+        raise UsageError("give --rates R1,R2,... (one run per rate) or --search --slo ttft_p99=MS (the highest "
+                         "rate meeting an SLO)")
+    if do_search:
+        _search(endpoints_path, urls, model, api_key_file, duration, p, search_start, tolerance, max_repeats,
+                margin, max_rate, max_points, stop_early)
+        return
     try:
         rate_list = [float(x) for x in rates.split(",") if x.strip()]
     except ValueError:
@@ -247,6 +273,35 @@ def probe_cmd(endpoints_path, urls, model, api_key_file, rates, duration, stop_e
         click.echo("! CLIENT-STARVED: other work on this machine descheduled the load generator at this rate")
     click.echo(f"Highest OK rate: {best:g} req/s" if best is not None else "No rate was OK.")
     click.echo(f"Results: {out}")
+
+
+def _search(endpoints_path, urls, model, api_key_file, duration, p, start, tolerance, max_repeats, margin,
+            max_rate, max_points, stop_early):
+    from aegis.bench.probe_search import MIN_REQUESTS, SEARCH_FILE, SEARCH_JSONL, Search, SearchSpec, final_lines
+    from aegis.bench.slo import parse_search
+    if stop_early:
+        raise UsageError("--stop-early belongs to --rates; a search stops by itself")
+    if p["arrival"] == "trace":
+        raise UsageError("--search varies the arrival rate; --arrival trace fixes the send times: drop one")
+    slo = parse_search(p["slo"])
+    if start * duration < MIN_REQUESTS:
+        raise UsageError(f"--search-start {start:g} for --duration {duration:g} s plans {start * duration:.3g} "
+                         f"requests per run; a search point needs at least {MIN_REQUESTS}: raise one")
+    if start > max_rate:
+        raise UsageError(f"--search-start {start:g} is above --max-rate {max_rate:g}")
+    eps, model, key = _resolve_target(endpoints_path, urls, model, api_key_file)
+    out = os.path.abspath(p["output_dir"]) if p["output_dir"] else _default_dir("probe")
+    if any(os.path.exists(os.path.join(out, f)) for f in (SEARCH_FILE, SEARCH_JSONL, "probe.jsonl")):
+        raise UsageError(f"{out} already holds a probe; choose another --output-dir")
+    base = _build_config({**p, "slo": None}, eps, model, out, start, None, duration)
+    spec = SearchSpec(slo=slo, start=start, tolerance=tolerance, max_repeats=max_repeats, margin=margin,
+                      max_rate=max_rate, max_points=max_points)
+    doc = Search(base, spec, key, click.echo, p["progress"]).run()
+    for line in final_lines(doc):
+        click.echo(line)
+    click.echo(f"Results: {out}")
+    if doc["status"] == "interrupted":
+        raise AegisError(f"interrupted; the rates measured are in {out}/{SEARCH_FILE}")
 
 
 @click.command("smoke")

@@ -9,6 +9,7 @@ import numpy as np
 from aegis.bench.records import RequestRecord
 
 PERCENTILES = (50, 90, 95, 99)
+LATENCIES = ("ttft", "tpot", "itl", "e2el")  # per-request latencies: summary keys mean_X_ms, median_X_ms, pNN_X_ms
 CLIENT_BOUND_LAG_MS = 5.0
 
 
@@ -53,6 +54,16 @@ def offered_rate(records: list[RequestRecord]) -> float | None:
     return gaps / span if gaps and span > 0 else None
 
 
+def samples(ok: list[RequestRecord]) -> dict[str, list[float]]:
+    """The values behind each latency's statistics (ms), from successful requests: ttft, tpot, itl, e2el."""
+    # A successful request streamed at least one token: its ttft_ms, and past one output token its tpot_ms,
+    # are numbers (None only on failures).
+    return {"ttft": [cast(float, r["ttft_ms"]) for r in ok],
+            "tpot": [cast(float, r["tpot_ms"]) for r in ok if r["output_tokens"] > 1],
+            "itl": [x for r in ok for x in r["itl_ms"]],
+            "e2el": [r["e2el_ms"] for r in ok]}
+
+
 def compute(records: list[RequestRecord], duration: float | None = None,
             slo: dict[str, float] | None = None) -> dict:
     """vLLM's benchmark metrics (same keys) plus error kinds and dispatch lag.
@@ -63,12 +74,6 @@ def compute(records: list[RequestRecord], duration: float | None = None,
         duration = segment_duration(records)
     duration = max(duration, 1e-9)
     ok = [r for r in records if r["success"]]
-    # A successful request streamed at least one token: its ttft_ms, and past one output token its tpot_ms,
-    # are numbers (None only on failures).
-    ttfts = [cast(float, r["ttft_ms"]) for r in ok]
-    e2els = [r["e2el_ms"] for r in ok]
-    itls = [x for r in ok for x in r["itl_ms"]]
-    tpots = [cast(float, r["tpot_ms"]) for r in ok if r["output_tokens"] > 1]
     total_in = sum(pt if (pt := r.get("prompt_tokens")) is not None else r["target_prompt_tokens"]
                    for r in ok)
     total_out = sum(r["output_tokens"] for r in ok)
@@ -91,7 +96,7 @@ def compute(records: list[RequestRecord], duration: float | None = None,
             good += all(vals[k] <= v for k, v in slo.items())
         out["request_goodput"] = good / duration
         out["goodput_slo_ms"] = dict(slo)
-    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
+    for name, values in samples(ok).items():
         _stats(name, values, out)
     out["offered_rate"] = offered_rate(records)
     out["max_concurrent_requests"] = _max_concurrency(ok) if ok else 0

@@ -36,7 +36,8 @@ def nodes_for(instances: int, devices_per_instance: int, devices_per_node: int) 
 
 
 def throughput_of(value: str, metric: str = "output_throughput") -> float:
-    """Per-instance tokens/s: a number, a bench summary.json (or its directory), or a report's summary.csv."""
+    """Per-instance tokens/s: a number, a bench summary.json, a probe search's search.json (the rate it found),
+    either's directory, or a report's summary.csv."""
     try:
         tps = float(value)
     except ValueError:
@@ -47,13 +48,15 @@ def throughput_of(value: str, metric: str = "output_throughput") -> float:
 
 
 def _throughput_from_file(path: Path, metric: str) -> float:
+    from aegis.bench.probe_search import SEARCH_FILE
     if path.is_dir():
-        for name in ("summary.json", "summary.csv"):
+        for name in ("summary.json", SEARCH_FILE, "summary.csv"):
             if (path / name).is_file():
                 path = path / name
                 break
         else:
-            raise UsageError(f"--throughput {path}: no summary.json (bench) or summary.csv (report) in it")
+            raise UsageError(f"--throughput {path}: no summary.json (bench), {SEARCH_FILE} (aegis probe --search) "
+                             "or summary.csv (report) in it")
     if not path.is_file():
         raise UsageError(f"--throughput {path}: neither a number nor an existing file")
     if path.suffix == ".csv":
@@ -69,6 +72,11 @@ def _throughput_from_file(path: Path, metric: str) -> float:
         s = json.loads(path.read_text())
     except ValueError:
         raise UsageError(f"--throughput {path}: not a JSON bench summary") from None
+    if path.name == SEARCH_FILE:
+        found = s.get("found") if isinstance(s, dict) else None
+        if not found:
+            raise UsageError(f"--throughput {path}: the search found no rate that meets its SLO")
+        return float(found[metric]) / max(1, int(s.get("endpoints") or 1))
     if metric not in s:
         raise UsageError(f"--throughput {path}: has no {metric}")
     return float(s[metric]) / max(1, len(s.get("endpoints") or [None]))

@@ -1,4 +1,4 @@
-"""`aegis report RUN_DIRS...`: ranked tables, CSV and plots from bench, probe and sweep result directories."""
+"""`aegis report RUN_DIRS...`: ranked tables, CSV and plots from bench, probe, sweep and vLLM results."""
 from __future__ import annotations
 
 import click
@@ -8,7 +8,7 @@ from aegis.report.build import DEFAULT_TITLE, make_report
 
 
 @click.command("report")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default="aegis-report", show_default=True,
               help="Where the CSV, Markdown, HTML and PNG files go.")
 @click.option("--slo", default=None, help="SLO as max_METRIC=V,min_METRIC=V (default: the sweep's, if any), "
@@ -18,7 +18,8 @@ from aegis.report.build import DEFAULT_TITLE, make_report
 @click.option("--title", default=DEFAULT_TITLE, show_default=True)
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Draw the PNG plots (needs matplotlib).")
 def report_cmd(run_dirs, output_dir, slo, devices, title, plots):
-    """Aggregate RUN_DIRS (bench, probe or sweep directories, searched recursively) into a ranked report."""
+    """Aggregate RUN_DIRS (bench, probe or sweep directories, searched recursively; vllm bench serve result
+    files) into a ranked report."""
     report = make_report(run_dirs, output_dir, slo=parse_run_slo(slo) if slo is not None else None,
                          devices=devices, title=title, plots=plots)
     for line in report.lines():

@@ -1,4 +1,4 @@
-"""Find bench and probe result directories under the given paths and turn each run into metric rows."""
+"""Find bench, probe and vLLM results under the given paths and turn each run into metric rows."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aegis.bench.probe_search import SEARCH_FILE
 from aegis.errors import UsageError
 from aegis.rundir import RunDir
 from aegis.sweep.status import PointState
@@ -29,7 +30,7 @@ class Run:
     """One measured load run (a bench directory, or one rate of a probe) of one configuration."""
 
     config: str  # configuration name (sweep label, else the directory name)
-    kind: str  # "bench" or "probe"
+    kind: str  # "bench", "probe", "vllm" (vllm bench serve) or "missing"
     path: str
     metrics: dict = field(default_factory=dict)
     rate: float | None = None
@@ -172,16 +173,32 @@ def _name_for(d: Path, root: Path) -> str:
 
 
 def collect(paths, devices: int | None = None) -> list[Run]:
-    """Every bench run, probe rate and unfinished sweep point found under `paths` (searched recursively)."""
+    """Every bench run, probe rate, vLLM result and unfinished sweep point found under `paths` (searched
+    recursively; a path may also be a vLLM result file)."""
+    from aegis.report import vllm
+
     runs: list[Run] = []
     for given in paths:
         root = Path(given)
+        if not root.exists():
+            raise UsageError(f"{given}: no such file or directory")
+        if root.is_file() and vllm.is_result(root):
+            if not (more := vllm.runs(root, devices)):
+                raise UsageError(f"{given}: holds no `vllm bench serve --save-result` result (a JSON object with "
+                                 f"{', '.join(vllm.REQUIRED)}); give vLLM's result file as it wrote it")
+            runs += more
+            continue
         if not root.is_dir():
-            raise UsageError(f"{given}: not a directory; give bench, probe or sweep result directories")
+            raise UsageError(f"{given}: neither a directory nor a `vllm bench serve --save-result` file; give "
+                             "bench, probe or sweep result directories, or vLLM's result files")
         found = False
         for dirpath, dirnames, filenames in os.walk(root):
             d = Path(dirpath)
             dirnames.sort()
+            for f in sorted(filenames):
+                if vllm.is_result(d / f):
+                    runs += (more := vllm.runs(d / f, devices))
+                    found = found or bool(more)
             if "probe.json" in filenames:
                 probe = _read_json(d / "probe.json") or {}
                 name = _name_for(d, root)
@@ -194,6 +211,16 @@ def collect(paths, devices: int | None = None) -> list[Run]:
                         runs.append(run)
                         found = True
                 dirnames[:] = []  # its rate-* directories are read above
+            elif SEARCH_FILE in filenames:  # aegis probe --search: every run of every rate it tried
+                search = _read_json(d / SEARCH_FILE) or {}
+                name = _name_for(d, root)
+                for point in search.get("points", []):
+                    for entry in point.get("runs", []):
+                        run = _bench_run(d / entry["dir"], root, "probe", name, devices, rate=float(point["rate"]))
+                        if run:
+                            runs.append(run)
+                            found = True
+                dirnames[:] = []
             elif "summary.json" in filenames:
                 run = _bench_run(d, root, "bench", _name_for(d, root), devices)
                 if run:
@@ -214,9 +241,10 @@ def collect(paths, devices: int | None = None) -> list[Run]:
                 found = True
                 dirnames[:] = []
         if not found:
-            raise UsageError(f"{given}: no results found (no summary.json, probe.json or point.json below it)")
+            raise UsageError(f"{given}: no results found (no summary.json, probe.json, {SEARCH_FILE}, point.json or "
+                             "vllm bench serve result file below it)")
     return runs
 
 
 def _has_results(d: Path) -> bool:
-    return any(f in ("summary.json", "probe.json") for _, _, files in os.walk(d) for f in files)
+    return any(f in ("summary.json", "probe.json", SEARCH_FILE) for _, _, files in os.walk(d) for f in files)

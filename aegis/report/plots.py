@@ -135,6 +135,41 @@ def prometheus(verdicts: list[Verdict], out: Path) -> Path | None:
     return _save(fig, out / "prometheus.png")
 
 
+def search_curve(doc: dict, path: str | Path) -> Path:
+    """`aegis probe --search`'s points: each limited percentile against the rate, its interval and limit."""
+    plt = _plt()
+    points = sorted((p for p in doc["points"] if not p["interrupted"]), key=lambda p: p["rate"])
+    metrics = [c["metric"] for c in points[0]["checks"]]
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 3.2 * len(metrics)), sharex=True, squeeze=False)
+    for i, (ax, metric) in enumerate(zip(axes[:, 0], metrics)):
+        xs = [p["rate"] for p in points]
+        cs = [p["checks"][i] for p in points]
+        ys = [c["value"] if c["value"] is not None else float("nan") for c in cs]
+        known = [v for c in cs for v in (c["value"], c["ci_low"], c["ci_high"], c["limit"]) if v and v > 0]
+        bottom, top = min(known) / 1.5, max(known) * 1.5
+        ax.plot(xs, ys, "-", color="C0", alpha=0.5)
+        for p, c, x, y in zip(points, cs, xs, ys):
+            low = c["ci_low"] if c["ci_low"] is not None else bottom
+            ax.vlines(x, low, c["ci_high"] if c["ci_high"] is not None else top, color="0.6",
+                      linestyle="-" if c["ci_high"] is not None else ":")  # dotted: no upper bound yet
+            ok = p["verdict"] == "pass"
+            ax.plot([x], [y], marker="o" if ok else "x", color="C2" if ok else "red", markersize=7)
+        ax.axhline(cs[0]["limit"], linestyle="--", color="red", label=f"limit {cs[0]['limit']:g} ms")
+        if doc.get("found"):
+            ax.axvline(doc["found"]["rate"], linestyle=":", color="C2", label=f"found {doc['found']['rate']:g} req/s")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom, top)
+        ax.set_ylabel(f"{metric} (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[-1, 0].set_xlabel("arrival rate (req/s)")
+    axes[0, 0].set_title(f"rate search: percentile and its {100 * doc['confidence']:g}% interval per rate "
+                         "(o meets the SLO, x does not)")
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out
+
+
 def all_plots(verdicts: list[Verdict], out: Path) -> list[Path]:
     made = [f(verdicts, out) for f in (throughput_latency, ttft_vs_rate, pareto, prometheus)]
     _plt().close("all")
