@@ -40,6 +40,7 @@ def plan_cmd(as_json, every, commands, **kw):
 @click.command("size")
 @click.option("--tokens", type=float, help="Tokens to produce (W).")
 @click.option("--deadline", type=float, help="Hours until the work must be done.")
+@click.option("--budget", type=float, help="Node-hours of the allocation: does --tokens fit in them?")
 @click.option("--throughput", help="Per-instance tokens/s: a number, a bench result (summary.json or its "
               "directory), or a report's summary.csv (its best run that meets the SLO).")
 @click.option("--metric", type=click.Choice(["output_throughput", "total_token_throughput"]),
@@ -62,16 +63,19 @@ def plan_cmd(as_json, every, commands, **kw):
 @click.option("--overhead-gb", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="Activations, graphs and runtime per device.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
-def size_cmd(tokens, deadline, throughput, metric, site, tp, pp, model_params, dtype, kv_cache_dtype,
+def size_cmd(tokens, deadline, budget, throughput, metric, site, tp, pp, model_params, dtype, kv_cache_dtype,
              max_model_len, num_seqs, num_layers, num_kv_heads, head_dim, device_memory_gb,
              gpu_memory_utilization, overhead_gb, as_json):
     """Size a fleet for a token budget and deadline, or find the smallest TP that fits a model."""
-    fleet = any(v is not None for v in (tokens, deadline, throughput))
+    fleet = any(v is not None for v in (tokens, deadline, budget, throughput))
     memory = model_params is not None or max_model_len is not None
     if fleet == memory:
         raise UsageError("give either --tokens/--deadline/--throughput (fleet size) or "
                          "--model-params/--max-model-len (memory fit)")
     dpn, device_gb, site_name = site_facts(site, device_memory_gb)
+    if budget is not None:
+        click.echo(_budget(tokens, budget, throughput, metric, tp * pp, dpn, site_name, as_json))
+        return
     if fleet:
         if tokens is None or deadline is None or throughput is None:
             raise UsageError("fleet sizing needs all of --tokens, --deadline and --throughput")
@@ -114,3 +118,31 @@ def size_cmd(tokens, deadline, throughput, metric, site, tp, pp, model_params, d
                f"KV cache {res['kv_cache_gb']:.1f} GB for {num_seqs} x {max_model_len} tokens at "
                f"{res['kv_bytes_per_token']} B/token: {res['layers']} layers, {res['kv_heads']} KV heads x "
                f"{res['head_dim']}); room for {res['extra_sequences']} more full sequences")
+
+
+def _budget(tokens, budget, throughput, metric, k, dpn, site_name, as_json) -> str:
+    """Whether `tokens` fit in `budget` node-hours at a measured rate (a chain's, or per-instance tokens/s)."""
+    from aegis.plan.size import node_hour_rate, node_hours_needed
+
+    if tokens is None or throughput is None:
+        raise UsageError("--budget needs --tokens and --throughput (tokens/s per instance, a bench result, or an "
+                         "aegis serve directory)")
+    if not tokens > 0 or not budget > 0:
+        raise UsageError("--tokens and --budget must be positive")
+    rate = node_hour_rate(throughput)
+    if rate is not None:
+        needed, source = tokens / rate, f"{rate:,.0f} tokens per node-hour measured by the service"
+    else:
+        if not dpn:
+            raise UsageError("a per-instance throughput needs --site (devices per node) to count node-hours")
+        tps = throughput_of(throughput, metric)
+        needed = node_hours_needed(tokens, tps, k, dpn)
+        rate, source = tokens / needed, f"{tps:.4g} tok/s per instance of {k} device(s) on {site_name}"
+    fits = needed <= budget
+    out = {"tokens": tokens, "budget_node_hours": budget, "node_hours_needed": needed, "fits": fits,
+           "tokens_per_node_hour": rate, "margin_pct": 100.0 * (budget - needed) / budget}
+    if as_json:
+        return json.dumps(out, indent=2)
+    verdict = "fits" if fits else "does NOT fit"
+    return (f"{tokens:.4g} tokens need {needed:.4g} node-hours at {source}: {verdict} in {budget:g} node-hours "
+            f"(margin {out['margin_pct']:.1f} %)")

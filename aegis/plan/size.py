@@ -47,6 +47,32 @@ def throughput_of(value: str, metric: str = "output_throughput") -> float:
     return tps
 
 
+def node_hour_rate(value: str) -> float | None:
+    """Generated tokens per node-hour measured by an `aegis serve` chain (its directory or service.json);
+    None when `value` is not one."""
+    from aegis.serve.chain import ServiceDir
+
+    path = Path(value)
+    sdir = ServiceDir(path.parent if path.name == "service.json" else path)
+    if not sdir.record.is_file():
+        return None
+    rate = sdir.read().tokens_per_node_hour()
+    if not rate:
+        raise UsageError(f"{value}: the service counted no generated tokens yet (its jobs' engines are read when "
+                         "aegis ends them); give a tokens/s figure instead")
+    return rate
+
+
+def node_hours_needed(tokens: float, tok_per_s: float, devices_per_instance: int, devices_per_node: int) -> float:
+    """Node-hours one instance type needs for `tokens`: instance-hours x the nodes an instance occupies
+    (a share of one node when several fit on it, whole nodes when it spans)."""
+    if devices_per_instance <= devices_per_node:
+        per_instance = 1.0 / (devices_per_node // devices_per_instance)  # devices left over on a node are idle
+    else:
+        per_instance = float(math.ceil(devices_per_instance / devices_per_node))
+    return tokens / (tok_per_s * 3600.0) * per_instance
+
+
 def _throughput_from_file(path: Path, metric: str) -> float:
     from aegis.bench.probe_search import SEARCH_FILE
     if path.is_dir():

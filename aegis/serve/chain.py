@@ -47,6 +47,7 @@ class ChainJob(BaseModel):
     end_reason: str = ""  # handed over, walltime, failed ..., service stopped
     walltime_end: float | None = None  # started + walltime
     nodes: int = 0
+    tokens: int | None = None  # generated tokens (its engines' counters, read just before aegis ended it)
 
     @property
     def node_hours(self) -> float:
@@ -93,6 +94,12 @@ class Chain(BaseModel):
     @property
     def overlap_node_hours(self) -> float:
         return sum(h.overlap_node_hours for h in self.handovers)
+
+    def tokens_per_node_hour(self) -> float | None:
+        """Generated tokens per node-hour over the jobs whose tokens were counted (None: none was)."""
+        counted = [j for j in self.jobs if j.tokens is not None and j.node_hours > 0]
+        hours = sum(j.node_hours for j in counted)
+        return sum(j.tokens or 0 for j in counted) / hours if hours else None
 
 
 @dataclass

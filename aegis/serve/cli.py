@@ -61,7 +61,9 @@ def status_lines(chain: Chain) -> list[str]:
         left = f", {h.old_walltime_left:.0f} s of walltime unused" if h.old_walltime_left is not None else ""
         out.append(f"handover {h.old} -> {h.new} at {t(h.at)}: old job ended {t(h.old_ended)}, overlap "
                    f"{h.overlap_node_hours:.3f} node-hours{left}")
-    out.append(f"node-hours: {chain.node_hours:.3f} in all, {chain.overlap_node_hours:.3f} in overlaps")
+    rate = chain.tokens_per_node_hour()
+    out.append(f"node-hours: {chain.node_hours:.3f} in all, {chain.overlap_node_hours:.3f} in overlaps"
+               + (f"; {rate:,.0f} generated tokens per node-hour (jobs whose engines were read)" if rate else ""))
     out.extend(f"note: {n}" for n in chain.notes)
     return out
 

@@ -12,7 +12,8 @@ JOB_POLL seconds) and decides, in this order:
   one is asked to shut down, its head waits for the gateway's in-flight requests, then stops);
 - a successor that is not ready when its predecessor has less than `lead / 2` left: said once, with the
   scheduler's reason; the predecessor serves until its walltime ends.
-`lead` is the larger of --lead and 1.5 x the slowest submit-to-ready time seen so far (+30 s).
+`lead` is the larger of --lead and 1.5 x the slowest submit-to-ready time seen so far (+30 s), the latter
+at most half the walltime.
 """
 from __future__ import annotations
 
@@ -79,7 +80,9 @@ class Service:
     @property
     def lead(self) -> float:
         startups = [j.ready - j.submitted for j in self.chain.jobs if j.ready]
-        return max(self.min_lead, 1.5 * max(startups) + LEAD_MARGIN if startups else 0.0)
+        seen = 1.5 * max(startups) + LEAD_MARGIN if startups else 0.0
+        # A job held long in the queue once must not make every later job hand over as soon as it is ready.
+        return max(self.min_lead, min(seen, self.walltime / 2))
 
     def jobs(self, *roles: JobRole) -> list[ChainJob]:
         return [j for j in self.chain.jobs if j.role in roles]
@@ -138,9 +141,7 @@ class Service:
             self.say(f"job {job.index} ready after {now - job.submitted:.0f} s; serving through "
                      f"{self.chain.gateway}")
         if doc is not None and doc.state.finished and job.role != JobRole.ENDED:
-            self.end(job, now, "handed over" if job.role == JobRole.DRAINING else
-                     f"its run {doc.state.value}" + (f" ({doc.instances[0].error})" if doc.instances and
-                                                     doc.instances[0].error else ""))
+            self.end(job, now, "handed over" if job.role == JobRole.DRAINING else self._why_ended(job, run, doc, now))
             return
         if now - self.last_poll.get(job.index, 0.0) < JOB_POLL:
             return
@@ -157,8 +158,21 @@ class Service:
                 self.end(job, now, f"the job ended: {info.state.value}" + (f" ({info.reason})" if info.reason
                                                                               else ""))
 
+    def _why_ended(self, job: ChainJob, run: Run, doc, now: float) -> str:
+        """Why a run ended that aegis did not end: the scheduler's word if it has one, else the run's."""
+        try:
+            info = run.job()
+        except AegisError:
+            info = None
+        if info is not None and info.state.finished:
+            return f"the job ended: {info.state.value}" + (f" ({info.reason})" if info.reason else "")
+        if job.walltime_end and now >= job.walltime_end - 2 * TICK - JOB_POLL:
+            return "its walltime ended (timeout)"
+        error = next((i.error for i in doc.instances if i.error), None)
+        return f"its run {doc.state.value}" + (f" ({error})" if error else "")
+
     def end(self, job: ChainJob, now: float, reason: str) -> None:
-        unplanned = job.role != JobRole.DRAINING and not self.stop_asked
+        unplanned = job.role != JobRole.DRAINING and not self.stop_asked and "timeout" not in reason
         job.role, job.ended, job.end_reason = JobRole.ENDED, now, reason
         for h in self.chain.handovers:
             if h.old == job.index and h.old_ended is None:
@@ -172,7 +186,12 @@ class Service:
             self.failures += 1
             self.next_submit = now + RETRY_BACKOFF[min(self.failures, len(RETRY_BACKOFF)) - 1]
 
+    def count_tokens(self, job: ChainJob) -> None:
+        """Generated tokens of a job's engines (vLLM's counter), read just before aegis stops it."""
+        job.tokens = generated_tokens(Run(job.run_dir, site=self.res.site))
+
     def handover(self, old: ChainJob, new: ChainJob, now: float) -> None:
+        self.count_tokens(old)
         old.role = JobRole.DRAINING
         self.chain.handovers.append(Handover(old=old.index, new=new.index, at=now))
         Run(old.run_dir, site=self.res.site).shutdown(timeout=0)  # its head drains the gateway, then stops
@@ -253,6 +272,8 @@ class Service:
                     self.say(f"cannot cancel job {job.index}: {exc}")
                 self.end(job, time.time(), "service stopped (cancelled while queued)")
                 continue
+            if job.role == JobRole.SERVING:
+                self.count_tokens(job)
             try:
                 run.shutdown(timeout=max(120.0, self.res.config.shutdown_grace + 60.0))
             except AegisError as exc:
@@ -262,8 +283,10 @@ class Service:
         self.chain.state = "ended"
         self.save()
         self.sdir.stop.unlink(missing_ok=True)
+        rate = self.chain.tokens_per_node_hour()
         self.say(f"ended: {len(self.chain.jobs)} job(s), {len(self.chain.handovers)} handover(s), "
-                 f"{self.chain.node_hours:.3f} node-hours ({self.chain.overlap_node_hours:.3f} in overlaps)")
+                 f"{self.chain.node_hours:.3f} node-hours ({self.chain.overlap_node_hours:.3f} in overlaps)"
+                 + (f", {rate:,.0f} generated tokens per node-hour" if rate is not None else ""))
 
 
 def service_path(res: Resolved) -> Path:
@@ -288,3 +311,27 @@ def shifted_ports(res: Resolved) -> Resolved:
         m.model_copy(update={"port_start": m.port_start + shift}) if m.port_start is not None else m
         for m in cfg.models]})
     return resolved(moved, res.site, nodes=cfg.nodes, source=res.source)
+
+
+def generated_tokens(run: Run) -> int | None:
+    """The sum of vLLM's generation-token counter over a run's ready instances (None: none answered)."""
+    import urllib.request
+
+    from aegis.bench.prom import parse_metrics
+    from aegis.util.apikey import auth_headers
+
+    doc = run.endpoints()
+    if doc is None:
+        return None
+    key = doc.api_key()
+    total, seen = 0.0, False
+    for inst in doc.ready_instances():
+        try:
+            req = urllib.request.Request(inst.url + "/metrics", headers=auth_headers(key))
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                value = parse_metrics(resp.read().decode()).get("generation_tokens_total")
+        except (OSError, ValueError):
+            continue
+        if value is not None:
+            total, seen = total + value, True
+    return int(total) if seen else None

@@ -88,3 +88,19 @@ def test_the_pool_follows_states_drains_and_adapters(tmp_path):
     assert pool.known_models() == ["ad", "m"]  # still known: a 503, not a 404
     write_endpoints(run, inst, state="stopping")
     assert pool.poll() and pool.by_name == {}
+
+
+def test_the_pool_follows_a_runs_file_and_runs_not_started_yet(tmp_path):
+    runs_file = tmp_path / "runs.json"
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    write_endpoints(a, [{"name": "x", "model": "m", "url": "http://h:1", "status": "ready"}])
+    runs_file.write_text(json.dumps({"runs": [str(a), str(b)]}))  # b: queued, no endpoints file yet
+    pool = Pool([], runs_file=runs_file)
+    assert pool.poll() and [f.run.path for f in pool.followers] == [a, b]
+    assert [bk.name for bk in pool.by_name["m"]] == ["x"]
+    write_endpoints(b, [{"name": "y", "model": "m", "url": "http://h:2", "status": "ready"}])
+    assert pool.poll() and sorted(bk.name for bk in pool.by_name["m"]) == ["x", "y"]
+    runs_file.write_text(json.dumps({"runs": [str(b)]}) + " ")  # a handed over and left the list
+    assert pool.poll() and [bk.name for bk in pool.by_name["m"]] == ["y"]

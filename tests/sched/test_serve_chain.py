@@ -99,11 +99,13 @@ def test_three_handovers_under_steady_load_lose_nothing(slurm_cluster, tmp_path)
         assert old["end_reason"] == "handed over" and h["old_walltime_left"] > 0, (old, h)
         assert slurm_cluster.sacct_state(old["job_id"]) == "COMPLETED"  # not TIMEOUT: aegis stopped it
         assert h["old_ended"] >= h["at"] and h["overlap_node_hours"] > 0
+        assert old["tokens"] > 0  # its engines' generation-token counter, read before it was stopped
     assert all(j["why"] == "initial" or j["why"].startswith("successor") for j in chain["jobs"])
     assert chain["jobs"] and all(j["nodes"] == 1 for j in chain["jobs"])
     status = subprocess.run([sys.executable, "-m", "aegis", "serve", "--status", str(serve.sdir)],
                             capture_output=True, text=True)
     assert status.returncode == 0 and "in overlaps" in status.stdout and "handover 1 -> 2" in status.stdout
+    assert "generated tokens per node-hour" in status.stdout
     # TTFT while handing over (from the successor ready to its predecessor ended, +-5 s) vs the rest.
     records = [json.loads(line) for line in (tmp_path / "bench" / "requests.jsonl").read_text().splitlines()]
     near = [any(h["at"] - 5 <= r["sent_unix"] <= h["old_ended"] + 5 for h in handovers) for r in records]
