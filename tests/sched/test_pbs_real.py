@@ -348,3 +348,61 @@ def test_sweep_one_job_per_configuration(pbs_complex, tmp_path):  # noqa: F811
         summary = json.loads((point / "bench" / "summary.json").read_text())
         assert summary["completed"] == 8 and summary["failed"] == 0
     assert (d / "report" / "summary.csv").exists()
+
+
+def test_serve_chain_hands_over_on_pbs(pbs_complex, tmp_path):  # noqa: F811
+    """Issue 16 on PBS: `aegis serve` with 2-minute jobs submits a successor with qsub, hands over when it is
+    ready, and the old job ends by aegis (Exit_status 0), not by its walltime; requests through the gateway
+    all succeed meanwhile."""
+    import threading
+
+    from tests.fixtures.gateway import call
+
+    cfg = config(tmp_path, instances=1, tensor_parallel_size=1, walltime="00:02:00", queue="workq",
+                 extra_args=["--decode-ms", "2", "--startup-seconds", "1"], shutdown_grace=15)
+    sdir = tmp_path / "svc"
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "aegis", "serve", str(cfg), "--site-file", str(SITE),
+                             "--duration", "150s", "--lead", "75", "--gateway-host", "127.0.0.1", "--gateway-port",
+                             "0", "--service-dir", str(sdir)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=pbs_complex.env, cwd=REPO)
+    codes: list[int] = []
+    stop = threading.Event()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            chain = json.loads((sdir / "service.json").read_text()) if (sdir / "service.json").exists() else {}
+            if any(j["role"] == "serving" for j in chain.get("jobs", [])):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        url, key = chain["gateway"], (sdir / "gateway.key").read_text().strip()
+
+        def steady() -> None:
+            while not stop.is_set():
+                codes.append(call(url + "/v1/completions", key, {"model": "sim-small", "prompt": "x",
+                                                                 "max_tokens": 4})[0])
+                time.sleep(0.2)
+
+        loader = threading.Thread(target=steady)
+        loader.start()
+        deadline = time.monotonic() + 150
+        while not chain.get("handovers") or chain["handovers"][0].get("old_ended") is None:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+            chain = json.loads((sdir / "service.json").read_text())
+        stop.set()
+        loader.join(30)
+        assert proc.wait(120) == 0, log.read_text()
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(120)
+    chain = json.loads((sdir / "service.json").read_text())
+    old = chain["jobs"][0]
+    assert old["end_reason"] == "handed over" and chain["handovers"][0]["old_walltime_left"] > 0
+    attrs = pbs_complex.wait_finished(old["job_id"], timeout=60)
+    assert int(attrs.get("Exit_status", -1)) == 0, attrs  # ended by aegis, not by the walltime (-29)
+    assert len(codes) > 20 and set(codes) == {200}, sorted(set(codes))
+    assert chain["state"] == "ended" and all(j["role"] == "ended" for j in chain["jobs"])
