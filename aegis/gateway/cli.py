@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import socket
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from aegis.gateway.policy import POLICIES
 from aegis.rundir import RunDir
 from aegis.util.apikey import read_key_file
 from aegis.util.fs import atomic_write
+from aegis.util.signals import until_stopped
 
 _ANY = ("0.0.0.0", "::", "")
 
@@ -72,11 +72,7 @@ async def serve_gateway(gw, host: str, port: int, info: Path | None, echo) -> No
         atomic_write(info, json.dumps({"url": gw.url, "pid": os.getpid(), "host": socket.gethostname()}) + "\n",
                      mode=0o600)
     echo(f"AEGIS GATEWAY READY {gw.url}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     await runner.cleanup()
 
 

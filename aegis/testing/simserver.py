@@ -32,6 +32,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from aegis.util.signals import until_stopped
+
 perf = time.perf_counter
 _PIECE = re.compile(r"\s*\S{1,4}|\s+")
 KEY_ENV = "AEGIS_SIM_API_KEY"  # the engine's key variable (aegis.engines.sim)
@@ -580,11 +582,7 @@ async def serve(host: str, port: int, cfg: SimConfig, startup_seconds: float = 0
     await site.start()
     actual = runner.addresses[0][1]  # the bound socket's name: one site, so the first is ours
     say(f"SIMSERVER READY http://{host}:{actual}", sys.stdout)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     await runner.cleanup()
 
 
