@@ -70,3 +70,22 @@ def test_search_over_a_fleet_finds_its_summed_knee_and_feeds_size(make_sim, tmp_
     assert sorted(float(r.split(",")[4]) for r in rows) == sorted(
         pt["rate"] for pt in doc["points"] for _ in pt["runs"])
     assert {r.split(",")[3] for r in rows} == {"probe"}
+
+
+def test_search_through_the_gateway_finds_the_fleets_knee(make_sim, tmp_path):
+    """Issue 19: the capacity search works through `aegis gateway` (one URL over both servers)."""
+    from tests.fixtures.gateway import GatewayProc
+
+    sims = [make_sim(*SIM_FLAGS) for _ in range(2)]
+    (tmp_path / "endpoints.json").write_text(json.dumps({"instances": [
+        {"name": f"i{n}", "model": "sim-model", "url": s.url, "status": "ready"} for n, s in enumerate(sims)]}))
+    gw = GatewayProc(tmp_path, str(tmp_path), "--key-file", str(tmp_path / "gw.key"), "--policy", "round_robin",
+                     "--host", "127.0.0.1")
+    try:
+        out = tmp_path / "search"
+        aegis("probe", "--url", gw.url, "--api-key-file", str(tmp_path / "gw.key"), *SEARCH, "--search-start", "12",
+              "--output-dir", str(out), timeout=170)
+        rate = _found(out)["found"]["rate"]
+        assert abs(rate - 2 * CAPACITY) / (2 * CAPACITY) <= 0.10, (rate, 2 * CAPACITY)
+    finally:
+        gw.stop()
