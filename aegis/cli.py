@@ -60,8 +60,8 @@ COMMANDS = {
                "Run a server-configuration sweep: SPEC.yaml's base config x axes (+ named configurations)."),
     "sweep-point": ("aegis.sweep.cli:sweep_point_cmd", None),
     "report": ("aegis.report.cli:report_cmd",
-               "Aggregate RUN_DIRS (bench, probe or sweep directories, searched recursively) into a ranked "
-               "report."),
+               "Aggregate RUN_DIRS (bench, probe or sweep directories, searched recursively; vllm bench serve "
+               "result files) into a ranked report."),
     "stage": ("aegis.staging.cli:stage_cmd",
                "Copy SRC (a directory or a file) to DEST on every node, once, verified."),
     "bench": ("aegis.bench.cli:bench_cmd",
