@@ -67,7 +67,7 @@ COMMANDS = {
     "bench": ("aegis.bench.cli:bench_cmd",
                "Send load to OpenAI-compatible endpoints and measure it (vLLM's metrics)."),
     "probe": ("aegis.bench.cli:probe_cmd",
-               "Find the highest arrival rate the fleet serves well (one run per rate)."),
+               "Find the highest arrival rate the fleet serves well (one run per rate, or a search against an SLO)."),
     "smoke": ("aegis.bench.cli:smoke_cmd",
                "Send one request per endpoint and per LoRA adapter, and check the answers."),
 }
