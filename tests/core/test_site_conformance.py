@@ -293,8 +293,9 @@ def test_frontier_engine_environment_and_gcd_cores(tmp_path):
 
 
 def test_plan_commands_show_alcfs_recipe_as_shell(tmp_path, capsys):
-    """`aegis plan --commands` on Aurora, TP 8 x PP 2 over Ray (ALCF-AV): every rank's command with the high-speed-network
-    address rule ALCF's page uses for VLLM_HOST_IP (getent on <host>.hsn.cm.aurora.alcf.anl.gov), valid bash."""
+    """`aegis plan --commands` on Aurora, TP 8 x PP 2 over Ray (ALCF-AV): every rank's command with the
+    high-speed-network address rule ALCF's page uses for VLLM_HOST_IP (getent on
+    <host>.hsn.cm.aurora.alcf.anl.gov), valid bash."""
     import subprocess
 
     cfg = write(tmp_path, "site: aurora\nmodel: m/x\ntensor_parallel_size: 8\npipeline_parallel_size: 2\n")
