@@ -38,7 +38,7 @@ MODEL_KEYS = (
     "model", "name", "instances", "tensor_parallel_size", "pipeline_parallel_size",
     "port_start", "model_source", "extra_vllm_args", "env", "engine",
     "extra_args", "lora", "enable_prefix_caching", "kv_cache_dtype", "enable_expert_parallel",
-    "all2all_backend", "enable_eplb", "num_redundant_experts", "engine_version",
+    "all2all_backend", "enable_eplb", "num_redundant_experts", "engine_version", "multinode_backend",
 )
 # Keys that may sit at the top level next to `models:` (port_start and env are
 # then the defaults every model starts from).

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from aegis.config.schema import Config, check_env_names, load_yaml, suggest, walltime_seconds
+from aegis.engines.options import ENGINE_NAMES, SUPPORT, MultinodeBackend
 from aegis.errors import ConfigError, SiteError
 
 RANGE_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -155,6 +156,8 @@ class Site(BaseModel):
     local_storage: StrictStr = "/tmp"
     storage_directives: list[StrictStr] = Field(default_factory=list)  # added when weights are staged locally
     engine_versions: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # engine -> version the site provides
+    multinode_backends: dict[StrictStr, MultinodeBackend] = Field(default_factory=dict)  # engine -> how it spans nodes
+    ray_env: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # for the processes of Ray-backed instances
     launcher: Literal["srun", "mpiexec", "local"] = "srun"
     launcher_args: list[StrictStr] = Field(default_factory=list)
     serve_address: ServeAddress = Field(default_factory=ServeAddress)
@@ -162,7 +165,17 @@ class Site(BaseModel):
     defaults: dict = Field(default_factory=dict)
     source: StrictStr = "<built-in>"
 
-    @field_validator("visibility_env", "env")
+    @field_validator("multinode_backends")
+    @classmethod
+    def _backends(cls, v):
+        for engine, backend in v.items():
+            if engine not in ENGINE_NAMES:
+                raise ValueError(f"{engine!r} is not an engine ({', '.join(ENGINE_NAMES)})")
+            if backend != "native" and engine not in SUPPORT["multinode_backend"]:
+                raise ValueError(f"engine {engine!r} has only its native multi-node mode")
+        return v
+
+    @field_validator("visibility_env", "env", "ray_env")
     @classmethod
     def _env_names(cls, v):
         check_env_names(v)

@@ -50,6 +50,8 @@ class EngineLaunch:
     devices_per_node: int = 1  # devices this instance uses on each of its nodes
     device_kind: str = "gpu"  # the site's device kind: gpu, xpu or cpu
     visibility_vars: list[str] = field(default_factory=list)  # the site's device-visibility variables
+    node_ip: str | None = None  # this node's IPv4 on the serving network (None: not known, `host` is used)
+    cpus: int = 0  # CPU cores this node's part is bound to (0: not planned)
 
     def script(self, name: str) -> str:
         """A console script installed next to the engine's Python (or on PATH for a bare name)."""
@@ -120,9 +122,17 @@ class Engine:
                     f"{', '.join(visibility_vars)}; choose another engine for this site")
         return None
 
-    def check_multinode(self, options: EngineOptions) -> str | None:
-        """Why an instance of this engine (this version) cannot span nodes, or None."""
+    def check_multinode(self, options: EngineOptions, device_kind: str = "gpu") -> str | None:
+        """Why an instance of this engine (this version, its multi-node backend) cannot span nodes, or None."""
         return None
+
+    def companions(self, launch: EngineLaunch) -> list[tuple[str, list[str]]]:
+        """(name, argv) of processes this node runs for the instance beside command()'s (e.g. a Ray head)."""
+        return []
+
+    def companion_env(self, launch: EngineLaunch) -> dict[str, str]:
+        """Variables command()'s process needs to find its companions (e.g. RAY_ADDRESS)."""
+        return {}
 
     def served_name(self, model: str, extra_args: list[str], short_name: str = "") -> str:
         """The name clients ask for: the flag in extra args, the model id, or for a path its short name."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
@@ -26,7 +27,11 @@ SUPPORT = {
     "all2all_backend": ("vllm", "sglang"),
     "enable_eplb": ("vllm", "sglang"),
     "num_redundant_experts": ("vllm", "sglang"),
+    "multinode_backend": ("vllm",),
 }
+# How the nodes of an instance that spans nodes are started: "native" (the engine's own multi-node mode)
+# or "ray" (a Ray cluster per instance, vLLM's --distributed-executor-backend ray; aegis/engines/ray.py).
+MultinodeBackend = Literal["native", "ray"]
 # Why a key is missing for an engine, shown in the error.
 MISSING_WHY = {
     ("lora", "trtllm"): "trtllm-serve cannot address adapters by model name",
@@ -97,6 +102,7 @@ class EngineOptions(BaseModel):
     enable_eplb: StrictBool = False
     num_redundant_experts: StrictInt | None = Field(default=None, ge=0)
     engine_version: StrictStr | None = None  # e.g. "0.10.1": selects flag spellings where they changed
+    multinode_backend: MultinodeBackend | None = None  # None: the site's choice (multinode_backends)
 
     def set_keys(self) -> list[str]:
         """The feature keys this model sets (in SUPPORT order)."""

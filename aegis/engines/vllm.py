@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aegis.engines import ray as ray_backend
 from aegis.engines.base import Engine, EngineLaunch, flag_value
 from aegis.engines.options import version_tuple
 
@@ -61,6 +62,9 @@ class VLLMEngine(Engine):
     lora_json_items = True  # --lora-modules: an item with a comma is parsed as JSON (cli_args.LoRAParserAction)
 
     def command(self, launch: EngineLaunch) -> list[str]:
+        ray = launch.nnodes > 1 and launch.options.multinode_backend == "ray"
+        if ray and launch.node_rank > 0:
+            return ray_backend.start_argv(launch)  # this node joins the instance's Ray cluster; the head runs vLLM
         if launch.nnodes > 1:
             # Multi-node: `vllm serve` (the api_server module ignores --headless).
             argv = [launch.script("vllm"), "serve", launch.model]
@@ -71,7 +75,9 @@ class VLLMEngine(Engine):
                  "--pipeline-parallel-size", str(launch.pipeline_parallel_size)]
         if flag_value(launch.extra_args, "--served-model-name") is None:
             argv += ["--served-model-name", launch.served_name]
-        if launch.nnodes > 1:
+        if ray:
+            argv += ["--distributed-executor-backend", "ray"]  # ALCF's vLLM page, multi-node
+        elif launch.nnodes > 1:
             # vLLM's multiprocessing multi-node mode: every node runs the same command; the
             # head (rank 0) serves the API, the others run headless workers.
             argv += ["--nnodes", str(launch.nnodes), "--node-rank", str(launch.node_rank),
@@ -80,14 +86,31 @@ class VLLMEngine(Engine):
                 argv.append("--headless")
         if launch.api_key:  # vLLM's --api-key leaves /invocations, /tokenize, /metrics ... open: guard them all
             argv += ["--middleware", KEY_GUARD]
-        return argv + self.feature_args(launch) + list(launch.extra_args)
+        argv += self.feature_args(launch) + list(launch.extra_args)
+        return ray_backend.wait_argv(launch, argv) if ray else argv
 
-    def check_multinode(self, options) -> str | None:
+    def companions(self, launch: EngineLaunch) -> list[tuple[str, list[str]]]:
+        if launch.nnodes > 1 and launch.options.multinode_backend == "ray" and launch.node_rank == 0:
+            return [("ray-head", ray_backend.start_argv(launch))]
+        return []
+
+    def companion_env(self, launch: EngineLaunch) -> dict[str, str]:
+        if launch.nnodes > 1 and launch.options.multinode_backend == "ray" and launch.node_rank == 0:
+            return {"RAY_ADDRESS": ray_backend.address(launch)}  # ray.init("auto") finds this instance's cluster
+        return {}
+
+    def check_multinode(self, options, device_kind: str = "gpu") -> str | None:
         version = options.engine_version
+        if options.multinode_backend == "ray":
+            if device_kind == "cpu":
+                return ("vLLM's CPU platform cannot use Ray (its ray_device_key is empty); set "
+                        "multinode_backend: native")
+            return None
         if version_tuple(version) < MULTINODE:
             return (f"vLLM {version} has no multi-node mode (--nnodes/--node-rank arrived with "
                     f"vllm-project/vllm#23691, vLLM {'.'.join(map(str, MULTINODE))}); keep TP x PP within one "
-                    "node, or set engine_python to a newer vLLM and engine_version to its version")
+                    "node, set multinode_backend: ray, or set engine_python to a newer vLLM and engine_version "
+                    "to its version")
         return None
 
     def feature_args(self, launch: EngineLaunch) -> list[str]:

@@ -77,7 +77,7 @@ def next_state(inst: InstanceEndpoint, ranks: list[RankStatus], probe: Probe | N
     unhealthy (no probe this round keeps it ready); starting/restarting/unhealthy for longer
     than `startup_timeout` is failed.
     """
-    head = next((r for r in ranks if r.rank == 0), None)
+    head = next((r for r in ranks if r.rank == 0 and not r.part), None)
     replaced = bool(head and inst.pid and head.pid and head.pid != inst.pid)
     failed = [r for r in ranks if r.state == RankState.FAILED]
     if inst.status == S.FAILED:
@@ -238,7 +238,7 @@ class Head:
         """Apply next_state to one instance, tell the user what changed; True when something did."""
         before = (inst.status, inst.pid, inst.restarts, len(inst.phases))
         now = time.monotonic()
-        head = next((r for r in ranks if r.rank == 0), None)
+        head = next((r for r in ranks if r.rank == 0 and not r.part), None)
         if head:
             inst.pid, inst.restarts = head.pid, max(r.restarts for r in ranks)
             self._phase(inst, "started", head.first_started_at)

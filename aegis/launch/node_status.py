@@ -30,6 +30,7 @@ class RankStatus(BaseModel):
 
     instance: str
     rank: int
+    part: str = ""  # a companion process of the rank (e.g. "ray-head")
     state: RankState
     pid: int | None = None
     restarts: int = 0
@@ -52,7 +53,7 @@ class NodeStatus(BaseModel):
     agent_pid: int
     updated: float
     stopping: bool = False
-    ranks: dict[str, RankStatus] = {}  # by rank key: `<instance>` or `<instance>.rank<r>`
+    ranks: dict[str, RankStatus] = {}  # by rank key: `<instance>`, `<instance>.rank<r>`, `<instance>.<part>`
 
     def write(self, path: Path) -> None:
         atomic_write(path, self.model_dump_json() + "\n")

@@ -79,8 +79,8 @@ def commands(site: Site, cfg: Config, plan: Plan, nodes: int) -> dict[str, Any]:
         ranks = build_ranks(run, index, site, cfg, plan, addresses, key, base_env={}, my_address=mine,
                             network=network_rule, write=False)
         out["node_list"].append({"node": index, "host": hosts[index], "ranks": [
-            {"instance": r.instance, "rank": r.rank, "argv": r.argv, "env": r.env, "cpus": format_ranges(r.cpus),
-             "log": RUN_DIR + str(r.log)[len(str(run.path)):]} for r in ranks]})
+            {"instance": r.instance, "rank": r.rank, "part": r.part, "argv": r.argv, "env": r.env,
+             "cpus": format_ranges(r.cpus), "log": RUN_DIR + str(r.log)[len(str(run.path)):]} for r in ranks]})
     return out
 
 
@@ -100,6 +100,7 @@ def render(doc: dict[str, Any]) -> str:
         for rank in node["ranks"]:
             env = " ".join(f"{k}={shell_value(v)}" for k, v in sorted(rank["env"].items()))
             pin = f"taskset -c {rank['cpus']} " if rank["cpus"] else ""
-            lines += [f"# {rank['instance']} rank {rank['rank']}",
+            part = f" ({rank['part']})" if rank.get("part") else ""
+            lines += [f"# {rank['instance']} rank {rank['rank']}{part}",
                       f"{pin}env {env} {shell_argv(rank['argv'])} >> {shell_value(rank['log'])} 2>&1 &"]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,13 @@ import socket
 
 import psutil
 
+RENDEZVOUS_OFFSET = 20000  # a spanning instance's rendezvous port (vLLM --master-port, Ray's GCS) is its port + this
+
+
+def rendezvous_port(port: int) -> int:
+    """The port where the nodes of a multi-node instance meet, derived from its serving port."""
+    return port + RENDEZVOUS_OFFSET if port + RENDEZVOUS_OFFSET <= 65535 else port - RENDEZVOUS_OFFSET
+
 
 def holder(port: int) -> str:
     """Who listens on `port` on this machine: 'pid N (name, user U)', or what can be said without it."""

@@ -220,27 +220,61 @@ def test_aurora_engine_environment_and_cores(tmp_path):
     assert load_site("aurora").engine_versions["vllm"] == "0.15.0"
 
 
-def test_aurora_runs_alcfs_multi_node_layout(tmp_path):
-    """ALCF-AV "Serving Large Models": Llama-3.1-405B with TP 8 x PP 2 on 2 nodes (8 tiles each); VLLM: TP = devices
-    used per node, PP = nodes, every node runs `vllm serve ... --nnodes 2 --node-rank r`."""
+# ALCF-AV "Serving Large Models on Multiple Tiles and Nodes" and its setup_ray_cluster.sh (user-guides
+# docs/aurora/data-science/inference/, 7d04a3f): the variables setup_environment() exports for Ray and oneCCL.
+ALCF_RAY_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "RAY_EXPERIMENTAL_NOSET_ONEAPI_DEVICE_SELECTOR": "1",
+                "CCL_ZE_IPC_EXCHANGE": "sockets", "CCL_PROCESS_LAUNCHER": "hydra", "OMP_NUM_THREADS": "8",
+                "TORCH_LLM_ALLREDUCE": "1", "TMPDIR": "/tmp", "RAY_TMPDIR": "/tmp"}
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_aurora_runs_alcfs_multi_node_layout_over_ray(tmp_path):
+    """ALCF-AV "Serving Large Models": "To serve models across multiple nodes, vLLM uses Ray"; Llama-3.1-405B with
+    TP 8 x PP 2 on 2 nodes; setup_ray_cluster.sh: `ray start --num-gpus=8 --num-cpus=64 --head
+    --node-ip-address=$HSN_IP_ADDRESS`, workers `ray start ... --address=$RAY_HEAD_IP:<port>`, then on the head
+    `vllm serve ... --tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray`."""
     raw = {"model": "meta-llama/Llama-3.1-405B-Instruct", "tensor_parallel_size": 8, "pipeline_parallel_size": 2}
-    head, = engine_ranks(tmp_path, "aurora", raw, 0)
+    ray_head, serve = engine_ranks(tmp_path, "aurora", raw, 0)
     worker, = engine_ranks(tmp_path, "aurora", raw, 1)
-    for r, rank in ((head, "0"), (worker, "1")):
+    assert load_site("aurora").multinode_backends == {"vllm": "ray"}
+    assert ray_head.part == "ray-head" and serve.head and not worker.head
+    head_hsn = "x4102c5s2b0n0.hsn.cm.aurora.alcf.anl.gov"
+    assert ray_head.argv[1:3] == ["start", "--head"] and worker.argv[1:3] == ["start", "--address"]
+    assert flag(worker.argv, "--address") == f"{head_hsn}:{flag(ray_head.argv, '--port')}"
+    for r in (ray_head, worker):
+        assert flag(r.argv, "--num-gpus") == "8" and flag(r.argv, "--num-cpus") == "64"
+        assert "--block" in r.argv and "k3y" not in " ".join(r.argv) and "VLLM_API_KEY" not in r.env
+    server = serve.argv[serve.argv.index("--") + 1:]
+    assert server[1:3] == ["serve", "meta-llama/Llama-3.1-405B-Instruct"]
+    assert flag(server, "--tensor-parallel-size") == "8" and flag(server, "--pipeline-parallel-size") == "2"
+    assert flag(server, "--distributed-executor-backend") == "ray" and "--nnodes" not in server
+    for r in (ray_head, serve, worker):
         assert r.env["ZE_AFFINITY_MASK"] == "0,1,2,3,4,5,6,7"
-        assert r.argv[r.argv.index("--nnodes") + 1] == "2" and r.argv[r.argv.index("--node-rank") + 1] == rank
-    assert "--headless" in worker.argv and "--headless" not in head.argv
+        assert {k: r.env[k] for k in ALCF_RAY_ENV} == ALCF_RAY_ENV
 
 
 def test_polaris_engine_environment_and_vllm_version(tmp_path, capsys):
     """ALCF-PJ using-gpus: GPU 0 is closest to cores 24-31, GPU 3 to 0-7; ALCF-PV: vLLM 0.11.0 in the conda module,
-    which predates vLLM's --nnodes (vllm-project/vllm#23691): a Polaris instance across nodes is refused."""
+    which predates vLLM's --nnodes (vllm-project/vllm#23691), and Ray across nodes ("Serving Large Models on
+    Multiple GPUs and Nodes", setup_ray_cluster.sh `--num-gpus=4 --num-cpus=32`): Polaris spans nodes over Ray;
+    vLLM's native mode is refused there in one line."""
     ranks = engine_ranks(tmp_path, "polaris", {"model": "m/x", "instances": 4})
     assert [(r.env["CUDA_VISIBLE_DEVICES"], r.cpus) for r in ranks] == [
         ("0", list(range(24, 32))), ("1", list(range(16, 24))), ("2", list(range(8, 16))), ("3", list(range(0, 8)))]
     assert all(r.env["TMPDIR"] == "/tmp" for r in ranks)
     assert ranks[0].argv[ranks[0].argv.index("--host") + 1] == "x3004c0s7b0n0.hsn.cm.polaris.alcf.anl.gov"
     cfg = write(tmp_path, "site: polaris\nmodel: m/x\ntensor_parallel_size: 4\npipeline_parallel_size: 2\n")
+    code, out, err = run_cli(capsys, "plan", cfg)
+    assert code == 0, err
+    ray_head, _ = engine_ranks(tmp_path, "polaris", {"model": "m/x", "tensor_parallel_size": 4,
+                                                     "pipeline_parallel_size": 2})
+    assert flag(ray_head.argv, "--num-gpus") == "4" and flag(ray_head.argv, "--num-cpus") == "32"
+    assert ray_head.env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1"
+    cfg = write(tmp_path, "site: polaris\nmodel: m/x\ntensor_parallel_size: 4\npipeline_parallel_size: 2\n"
+                          "multinode_backend: native\n")
     code, out, err = run_cli(capsys, "plan", cfg)
     assert code == 2 and "vLLM 0.11.0 has no multi-node mode" in err and err.count("\n") == 1
 
@@ -259,8 +293,9 @@ def test_frontier_engine_environment_and_gcd_cores(tmp_path):
 
 
 def test_plan_commands_show_alcfs_recipe_as_shell(tmp_path, capsys):
-    """`aegis plan --commands` on Aurora, TP 8 x PP 2 (ALCF-AV): every rank's command with the high-speed-network
-    address rule ALCF's page uses for VLLM_HOST_IP (getent on <host>.hsn.cm.aurora.alcf.anl.gov), valid bash."""
+    """`aegis plan --commands` on Aurora, TP 8 x PP 2 over Ray (ALCF-AV): every rank's command with the
+    high-speed-network address rule ALCF's page uses for VLLM_HOST_IP (getent on
+    <host>.hsn.cm.aurora.alcf.anl.gov), valid bash."""
     import subprocess
 
     cfg = write(tmp_path, "site: aurora\nmodel: m/x\ntensor_parallel_size: 8\npipeline_parallel_size: 2\n")
@@ -269,8 +304,10 @@ def test_plan_commands_show_alcfs_recipe_as_shell(tmp_path, capsys):
     assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
     assert 'mapfile -t H < <(sort -u "$PBS_NODEFILE")' in out
     assert "mpiexec -n 2 --ppn 1 --cpu-bind none" in out
-    worker = [line for line in out.splitlines() if "--node-rank 1" in line]
-    assert len(worker) == 1 and "--headless" in worker[0]
-    assert '--master-addr "${NODE_0}.hsn.cm.aurora.alcf.anl.gov"' in worker[0]
+    worker = [line for line in out.splitlines() if "ray start --address" in line]
+    assert len(worker) == 1 and "# x-0 rank 0 (ray-head)" in out
+    assert '--address "${NODE_0}.hsn.cm.aurora.alcf.anl.gov:28000"' in worker[0]
+    assert '--node-ip-address "$(getent ahostsv4 ${NODE_1}.hsn.cm.aurora.alcf.anl.gov' in worker[0]
+    assert "--distributed-executor-backend ray" in out
     assert "VLLM_HOST_IP=\"$(getent ahostsv4 ${NODE_1}.hsn.cm.aurora.alcf.anl.gov" in worker[0]
     assert "ZE_AFFINITY_MASK=0,1,2,3,4,5,6,7" in worker[0]

@@ -24,7 +24,9 @@ all2all_backend, EPLB, num_redundant_experts; engine_version unset, i.e. the cur
 Checked per argv: vLLM's parser accepts it, vLLM's pre-engine validation passes, no option given is one
 vLLM marks deprecated, and the values vLLM holds are the ones aegis meant (model, host, port, parallel
 sizes, served name, LoRA modules and limits, prefix caching, KV-cache dtype, expert parallel, all-to-all
-backend, EPLB config, nnodes/node_rank/master_addr/master_port/headless, a passed-through extra arg).
+backend, EPLB config, nnodes/node_rank/master_addr/master_port/headless, a passed-through extra arg; for
+sites that span nodes over Ray (Aurora, Polaris: aegis/engines/ray.py) the `vllm serve` after aegis_raywait.py's
+`--`, with --distributed-executor-backend ray and vLLM's single-node defaults for nnodes and node_rank).
 vLLM logs no deprecation while parsing them. Negative cases in the same batch prove the check can fail:
 an unknown flag (both entry points), a bad all2all_backend value (aegis passes any word through), a bad
 integer, and a flag combination that only `validate_parsed_serve_args` refuses. Two known gaps are strict
@@ -111,7 +113,7 @@ ARGS_KEYS = ["model", "model_tag", "host", "port", "served_model_name", "lora_mo
 ENGINE_KEYS = ["model", "served_model_name", "tensor_parallel_size", "pipeline_parallel_size",
                "enable_prefix_caching", "kv_cache_dtype", "enable_lora", "max_loras", "max_cpu_loras",
                "max_lora_rank", "enable_expert_parallel", "all2all_backend", "enable_eplb", "eplb_config",
-               "nnodes", "node_rank", "master_addr", "master_port", "max_num_seqs"]
+               "nnodes", "node_rank", "master_addr", "master_port", "max_num_seqs", "distributed_executor_backend"]
 
 
 def vllm_sites() -> list[tuple[str, bool]]:
@@ -156,19 +158,27 @@ def render_case(case_id: str, site_name: str, shape: str, features: dict, run_di
         for rank in node.ranks:
             inst = instances[rank.instance]
             head = inst.placement[0].node
+            argv = list(rank.argv)
+            ray = "--distributed-executor-backend" in argv or os.path.basename(argv[0]) == "ray"
+            if os.path.basename(argv[0]) == "ray":
+                continue  # `ray start` of a Ray-backed instance (tests/launch/test_ray_backend.py runs it)
+            if ray:  # vllm serve behind aegis_raywait.py: the part after "--" is what vLLM parses
+                argv = argv[argv.index("--") + 1:]
+            spans = len(inst.placement) > 1 and not ray  # vLLM's own multi-node flags (Ray: vLLM's defaults)
             expect = {
                 "model": spec.model, "port": inst.port,
                 "host": None if site.serve_address.method == "interface" else hosts[node.index],
                 "served_model_name": ["alias" if "--served-model-name" in spec.engine_args else spec.model],
                 "tensor_parallel_size": inst.tensor_parallel_size,
                 "pipeline_parallel_size": inst.pipeline_parallel_size,
-                "nnodes": len(inst.placement), "node_rank": rank.rank, "headless": rank.rank > 0,
-                "master_addr": hosts[head] if len(inst.placement) > 1 else None,
-                "master_port": master_port(inst.port) if len(inst.placement) > 1 else None,
+                "nnodes": len(inst.placement) if spans else 1, "node_rank": rank.rank, "headless": rank.rank > 0,
+                "master_addr": hosts[head] if spans else None,
+                "master_port": master_port(inst.port) if spans else None,
+                "multi": len(inst.placement) > 1, "backend": "ray" if ray else None,
                 "lora_modules": [[name, path] for name, path in adapters.items()],
                 "options": opts.model_dump(),
             }
-            out.append({"id": f"{case_id}/{rank.key}", "argv": list(rank.argv), "expect": expect})
+            out.append({"id": f"{case_id}/{rank.key}", "argv": argv, "expect": expect})
     assert out, f"{case_id}: no vLLM ranks rendered"
     return out
 
@@ -225,12 +235,15 @@ def check_values(argv_id: str, got: dict, expect: dict) -> None:
         assert eng[key] == expect[key], f"{where} {key} {eng[key]!r}, aegis meant {expect[key]!r}"
     assert args["headless"] is expect["headless"], f"{where} headless {args['headless']!r}, aegis meant " \
         f"{expect['headless']!r}"
-    if expect["nnodes"] > 1:
+    if expect["multi"]:
         assert got["entry"] == "serve" and args["subparser"] == "serve" and args["model_tag"] == expect["model"]
-        for key in ("master_addr", "master_port"):
-            assert eng[key] == expect[key], f"{where} {key} {eng[key]!r}, aegis meant {expect[key]!r}"
     else:
         assert got["entry"] == "api_server" and args["model"] == expect["model"]
+    if expect["nnodes"] > 1:
+        for key in ("master_addr", "master_port"):
+            assert eng[key] == expect[key], f"{where} {key} {eng[key]!r}, aegis meant {expect[key]!r}"
+    # ALCF's vLLM page (Aurora, multi-node): `vllm serve ... --distributed-executor-backend ray`
+    assert eng["distributed_executor_backend"] == expect["backend"], f"{where} distributed_executor_backend"
     assert eng["max_num_seqs"] == 128, f"{where} max_num_seqs {eng['max_num_seqs']!r} (extra_args)"
     assert eng["enable_prefix_caching"] is opts["enable_prefix_caching"], \
         f"{where} enable_prefix_caching {eng['enable_prefix_caching']!r}"  # None: vLLM decides

@@ -1,1 +1,2 @@
-"""Modules the engines import themselves (this folder goes on their PYTHONPATH): standard library only."""
+"""Modules the engines import or run themselves (this folder goes on their PYTHONPATH): standard library only
+(aegis_raywait.py also imports the engine's own Ray)."""
