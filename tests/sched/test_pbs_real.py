@@ -1,5 +1,6 @@
 """aegis's PBS paths against the real OpenPBS complex of tests/pbs (2 nodes): qsub, PBS_NODEFILE/PBS_JOBID,
-`qstat -f -F json -x`, qdel, walltime kills, queue limits, and a simulated fleet on both nodes (issue 18).
+`qstat -f -F json -x`, qdel, walltime kills, queue limits, a simulated fleet on both nodes and a real CPU vLLM
+instance (issue 18).
 
 The site is tests/sched/sites/testpbs.yaml: one agent per node through Open MPI's mpiexec, whose daemons
 reach the other node through pbs_tmrsh (the fixture's aegis-tmrsh). Jobs run as root; `qsub` passes no
@@ -10,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -21,8 +23,10 @@ from aegis.config.sites import load_site
 from aegis.schedulers.base import JobState
 from aegis.schedulers.pbs import EXIT_WALLTIME, PBSScheduler, parse_qstat_json
 from tests.fixtures.pbs import pbs_complex, queue_limits  # noqa: F401
+from tests.fixtures.vllm import BASE_ARGS, BASE_ENV, run_processes
 
 SITE = Path(__file__).parent / "sites" / "testpbs.yaml"
+CPU_SITE = SITE.with_name("testpbs-cpu.yaml")  # one core per node, for a real CPU vLLM
 REPO = Path(__file__).resolve().parents[2]
 RECORDED = REPO / "tests" / "pbs" / "recorded"
 pytestmark = pytest.mark.slow
@@ -472,3 +476,42 @@ def test_queue_limits_aegis_routes_and_refuses_as_the_server(pbs_complex, tmp_pa
         attrs = pbs_complex.wait_finished(job_id, timeout=120)
         assert (attrs["queue"], attrs["Exit_status"]) == (queue, 0), attrs
 
+
+def test_cpu_vllm_instance_in_a_pbs_job(pbs_complex, tmp_path, vllm_env):  # noqa: F811
+    """A real CPU vLLM instance (the tiny model, one core of one node) started by `aegis submit --wait` in a
+    PBS job: it answers with the run's key and refuses without it (401), and after `aegis shutdown` the job
+    ends by itself (Exit_status 0, substate 92 "finished", not deleted) and nothing of the run is left."""
+    cfg = config(tmp_path, model=str(vllm_env.model_dir), engine="vllm", engine_python=str(vllm_env.python),
+                 instances=1, tensor_parallel_size=1, env=dict(BASE_ENV), extra_vllm_args=list(BASE_ARGS),
+                 startup_timeout=300, walltime="00:10:00")
+    run = tmp_path / "run"
+    proc = aegis(pbs_complex, "submit", cfg, "--site-file", CPU_SITE, "--run-dir", run, "--wait", "--timeout",
+                 "300", timeout=360)
+    assert proc.returncode == 0, why(proc, run)
+    job_id = (run / "job_id").read_text().strip()
+    (inst,) = json.loads((run / "endpoints.json").read_text())["instances"]
+    assert inst["hostname"] in pbs_complex.nodes and inst["url"] == f"http://{inst['hostname']}:{inst['port']}"
+    key = (run / "api_key").read_text().strip()
+    body = {"model": inst["model"], "prompt": "hi", "max_tokens": 3}
+
+    def complete(headers):
+        req = urllib.request.Request(inst["url"] + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, None
+
+    code, doc = complete({"Authorization": f"Bearer {key}"})
+    assert code == 200 and doc["usage"]["completion_tokens"] == 3, doc
+    assert complete({})[0] == 401
+    proc = aegis(pbs_complex, "shutdown", run, "--timeout", "120")
+    assert proc.returncode == 0, why(proc, run)
+    attrs = pbs_complex.wait_finished(job_id, timeout=120)
+    assert (attrs["Exit_status"], attrs["substate"]) == (0, 92), attrs  # ended by itself, not by qdel (91)
+    assert status(pbs_complex, run)["state"] == "completed"
+    deadline = time.monotonic() + 60
+    while run_processes(run):
+        assert time.monotonic() < deadline, f"left behind: {[p.cmdline()[:3] for p in run_processes(run)]}"
+        time.sleep(1)
