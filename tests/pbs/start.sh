@@ -292,7 +292,8 @@ done
 # Queue limits, set on every start (a template made before they existed lacks some): qsub refuses a
 # job outside them ("qsub: Job violates queue and/or server resource limits", exit 188;
 # tests/pbs/recorded/README.md). The queue table of tests/sched/sites/testpbs.yaml states the same limits;
-# tests/sched/test_pbs_real.py checks that the server's (qstat -Q -f) and the table agree.
+# tests/sched/test_pbs_real.py checks that the server's (qstat -Q -f) and the table agree. Both are for
+# the default 2 nodes (AEGIS_PBS_NODES does not change them).
 while read -r line; do
     [ -n "$line" ] && qmgr "$line"
 done <<'EOF'
