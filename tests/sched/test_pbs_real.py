@@ -489,7 +489,10 @@ def test_cpu_vllm_instance_in_a_pbs_job(pbs_complex, tmp_path, vllm_env):  # noq
                  "300", timeout=360)
     assert proc.returncode == 0, why(proc, run)
     job_id = (run / "job_id").read_text().strip()
-    (inst,) = json.loads((run / "endpoints.json").read_text())["instances"]
+    ends = json.loads((run / "endpoints.json").read_text())
+    assert (ends["scheduler"], ends["job_id"], ends["state"]) == ("pbs", job_id, "ready"), ends
+    (inst,) = ends["instances"]
+    assert (inst["engine"], inst["status"]) == ("vllm", "ready"), inst
     assert inst["hostname"] in pbs_complex.nodes and inst["url"] == f"http://{inst['hostname']}:{inst['port']}"
     key = (run / "api_key").read_text().strip()
     body = {"model": inst["model"], "prompt": "hi", "max_tokens": 3}
