@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from aegis.config.sites import load_site
 from aegis.errors import UsageError
 from aegis.schedulers import pbs
 from aegis.schedulers.base import JobState
+from tests.fixtures.pbs import queue_limits
 
 REC = Path(__file__).parents[1] / "pbs" / "recorded"
 IDS = dict(item.split("=") for item in (REC / "job-ids.txt").read_text().split())
@@ -157,3 +159,11 @@ def test_cancelling_a_finished_job_is_not_an_error(replay):
     calls = replay({f"qdel {IDS['ok']}": "qdel-finished.txt"})
     pbs.PBSScheduler().cancel(IDS["ok"])
     assert calls.read_text().strip() == f"qdel {IDS['ok']}"
+
+
+def test_testpbs_queue_table_is_the_recorded_servers():
+    """tests/sched/sites/testpbs.yaml's queue table states the limits the complex's server enforces, as it
+    listed them (record-queues.sh: qstat-Qf-json.json); test_pbs_real.py checks the live server too."""
+    site = load_site("testpbs", [REC.parents[1] / "sched" / "sites" / "testpbs.yaml"])
+    table = {row.name: (row.min_nodes, row.max_nodes, row.max_walltime) for row in site.queues}
+    assert queue_limits((REC / "qstat-Qf-json.json").read_text()) == table

@@ -192,8 +192,6 @@ if [ "$(cat "$HOME_TEMPLATE/stamp" 2>/dev/null)" != "$template_stamp" ]; then
         qmgr "set queue $q enabled=True"
         qmgr "set queue $q started=True"
     done
-    qmgr "set queue debug resources_max.walltime=01:00:00"
-    qmgr "set queue debug resources_default.walltime=00:30:00"
     "$PREFIX/bin/qterm" -t quick >/dev/null
     wait_for 60 "pbs_server to stop" sh -c "! pgrep -x pbs_server.bin >/dev/null"
     mapfile -t init_pids < <(state_pids)
@@ -291,6 +289,25 @@ for ((i = 1; i <= NODES; i++)); do
     qmgr "set node $name resources_available.ncpus = $CPUS"
     if [ "$GPUS" -gt 0 ]; then qmgr "set node $name resources_available.ngpus = $GPUS"; fi
 done
+# Queue limits, set on every start (a template made before they existed lacks some): qsub refuses a
+# job outside them ("qsub: Job violates queue and/or server resource limits", exit 188;
+# tests/pbs/recorded/README.md). The queue table of tests/sched/sites/testpbs.yaml states the same limits;
+# tests/sched/test_pbs_real.py checks that the server's (qstat -Q -f) and the table agree. Both are for
+# the default 2 nodes (AEGIS_PBS_NODES does not change them).
+while read -r line; do
+    [ -n "$line" ] && qmgr "$line"
+done <<'EOF'
+set queue debug resources_min.nodect = 1
+set queue debug resources_max.nodect = 2
+set queue debug resources_max.walltime = 01:00:00
+set queue debug resources_default.walltime = 00:30:00
+set queue workq resources_min.nodect = 1
+set queue workq resources_max.nodect = 2
+set queue workq resources_max.walltime = 24:00:00
+set queue prod resources_min.nodect = 2
+set queue prod resources_max.nodect = 2
+set queue prod resources_max.walltime = 24:00:00
+EOF
 for ((i = 1; i <= NODES; i++)); do
     name="$(node_name "$i")"
     # nsenter, not "ip netns exec" (which remounts /sys), as for the Slurm cluster.

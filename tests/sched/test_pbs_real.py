@@ -1,5 +1,6 @@
 """aegis's PBS paths against the real OpenPBS complex of tests/pbs (2 nodes): qsub, PBS_NODEFILE/PBS_JOBID,
-`qstat -f -F json -x`, qdel, walltime kills, and a simulated fleet on both nodes (issue 18).
+`qstat -f -F json -x`, qdel, walltime kills, queue limits, a simulated fleet on both nodes and a real CPU vLLM
+instance (issue 18).
 
 The site is tests/sched/sites/testpbs.yaml: one agent per node through Open MPI's mpiexec, whose daemons
 reach the other node through pbs_tmrsh (the fixture's aegis-tmrsh). Jobs run as root; `qsub` passes no
@@ -10,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,12 +19,16 @@ import psutil
 import pytest
 import yaml
 
+from aegis.config.sites import load_site
 from aegis.schedulers.base import JobState
 from aegis.schedulers.pbs import EXIT_WALLTIME, PBSScheduler, parse_qstat_json
-from tests.fixtures.pbs import pbs_complex  # noqa: F401
+from tests.fixtures.pbs import pbs_complex, queue_limits  # noqa: F401
+from tests.fixtures.vllm import BASE_ARGS, BASE_ENV, run_processes
 
 SITE = Path(__file__).parent / "sites" / "testpbs.yaml"
+CPU_SITE = SITE.with_name("testpbs-cpu.yaml")  # one core per node, for a real CPU vLLM
 REPO = Path(__file__).resolve().parents[2]
+RECORDED = REPO / "tests" / "pbs" / "recorded"
 pytestmark = pytest.mark.slow
 # Startup too slow to finish: keeps a job running (its engines "loading") until it is ended.
 FOREVER = ["--decode-ms", "1", "--startup-seconds", "600"]
@@ -406,3 +412,109 @@ def test_serve_chain_hands_over_on_pbs(pbs_complex, tmp_path):  # noqa: F811
     assert int(attrs.get("Exit_status", -1)) == 0, attrs  # ended by aegis, not by the walltime (-29)
     assert len(codes) > 20 and set(codes) == {200}, sorted(set(codes))
     assert chain["state"] == "ended" and all(j["role"] == "ended" for j in chain["jobs"])
+
+
+def recorded(name: str) -> tuple[int, str]:
+    """A command's exit status and stderr as recorded from the complex (tests/pbs/record*.sh)."""
+    return int((RECORDED / f"{name}.rc").read_text()), (RECORDED / f"{name}.stderr").read_text()
+
+
+def test_queue_table_is_the_servers(pbs_complex):  # noqa: F811
+    """testpbs.yaml's queue table states the limits the server enforces (set by tests/pbs/start.sh), as
+    `qstat -Q -f -F json` lists them (recorded: tests/pbs/recorded/qstat-Qf-json.json)."""
+    server = queue_limits(pbs_complex.run("qstat", "-Q", "-f", "-F", "json").stdout)
+    table = {row.name: (row.min_nodes, row.max_nodes, row.max_walltime) for row in load_site("testpbs", [SITE]).queues}
+    assert server == table, ("the server's queue limits (tests/pbs/start.sh) and testpbs.yaml's table differ; "
+                             "a complex started by an older start.sh: bash tests/pbs/start.sh --restart")
+
+
+def test_queue_limits_aegis_routes_and_refuses_as_the_server(pbs_complex, tmp_path):  # noqa: F811
+    """aegis sends a job to the first queue of the table that takes it, and refuses before qsub what the
+    server refuses. For each refusal the job script of an accepted job, forced past the same limit on the
+    qsub command line, is refused by the real qsub with what tests/pbs/record*.sh recorded: "qsub: Job
+    violates queue and/or server resource limits", exit 188 (qsub-over-queue-limit.txt, qsub-limit-*.txt)."""
+    def submit(name, **raw):
+        run = tmp_path / name
+        proc = aegis(pbs_complex, "submit", config(tmp_path, f"{name}.yaml", **{"instances": 1, **raw}), "--site-file",
+                     SITE, "--run-dir", run, "--check", "--json")
+        return run, proc
+
+    def qsub(run, *args):
+        proc = pbs_complex.run("qsub", *args, str(run / "job.sh"), check=False, cwd=run)
+        return proc.returncode, proc.stderr
+
+    # Accepted: 1 node for 5 minutes goes to debug, 1 node for 2 hours (over debug's hour) to workq.
+    small, proc = submit("small")
+    assert proc.returncode == 0, proc.stderr
+    small_id = json.loads(proc.stdout)["job_id"]
+    long, proc = submit("long", walltime="02:00:00")
+    assert proc.returncode == 0, proc.stderr
+    long_id = json.loads(proc.stdout)["job_id"]
+    assert "#PBS -q debug\n" in (small / "job.sh").read_text() and pbs_complex.job(small_id)["queue"] == "debug"
+    assert "#PBS -q workq\n" in (long / "job.sh").read_text() and pbs_complex.job(long_id)["queue"] == "workq"
+    assert qsub(long, "-q", "debug") == recorded("qsub-over-queue-limit.txt")  # what aegis routed around
+
+    # Refused by aegis, one line, exit 2, nothing submitted; the server refuses the same.
+    refusals = [
+        ({"walltime": "48:00:00"}, "no queue of site testpbs takes 1 node(s) for 48:00:00",
+         [(("-q", q, "-l", "walltime=48:00:00", "-l", "select=2:ncpus=1"), f"qsub-limit-walltime-{q}.txt")
+          for q in ("debug", "workq", "prod")]),
+        ({"instances": 3}, "no queue of site testpbs takes 3 node(s) for 00:05:00",
+         [(("-q", "workq", "-l", "select=3:ncpus=1"), "qsub-limit-three-nodes-workq.txt")]),
+        ({"queue": "prod"}, "queue 'prod' of site testpbs does not take 1 node(s) for 00:05:00",
+         [(("-q", "prod"), "qsub-limit-one-node-prod.txt")]),
+    ]
+    for i, (raw, words, forced) in enumerate(refusals):
+        run, proc = submit(f"refused{i}", **raw)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert not (run / "job_id").exists()
+        for args, name in forced:
+            assert qsub(small, *args) == recorded(name), (args, name)
+
+    for job_id, queue in ((small_id, "debug"), (long_id, "workq")):  # both ran where aegis sent them
+        attrs = pbs_complex.wait_finished(job_id, timeout=120)
+        assert (attrs["queue"], attrs["Exit_status"]) == (queue, 0), attrs
+
+
+def test_cpu_vllm_instance_in_a_pbs_job(pbs_complex, tmp_path, vllm_env):  # noqa: F811
+    """A real CPU vLLM instance (the tiny model, one core of one node) started by `aegis submit --wait` in a
+    PBS job: it answers with the run's key and refuses without it (401), and after `aegis shutdown` the job
+    ends by itself (Exit_status 0, substate 92 "finished", not deleted) and nothing of the run is left."""
+    cfg = config(tmp_path, model=str(vllm_env.model_dir), engine="vllm", engine_python=str(vllm_env.python),
+                 instances=1, tensor_parallel_size=1, env=dict(BASE_ENV), extra_vllm_args=list(BASE_ARGS),
+                 startup_timeout=300, walltime="00:10:00")
+    run = tmp_path / "run"
+    proc = aegis(pbs_complex, "submit", cfg, "--site-file", CPU_SITE, "--run-dir", run, "--wait", "--timeout",
+                 "300", timeout=360)
+    assert proc.returncode == 0, why(proc, run)
+    job_id = (run / "job_id").read_text().strip()
+    ends = json.loads((run / "endpoints.json").read_text())
+    assert (ends["scheduler"], ends["job_id"], ends["state"]) == ("pbs", job_id, "ready"), ends
+    (inst,) = ends["instances"]
+    assert (inst["engine"], inst["status"]) == ("vllm", "ready"), inst
+    assert inst["hostname"] in pbs_complex.nodes and inst["url"] == f"http://{inst['hostname']}:{inst['port']}"
+    key = (run / "api_key").read_text().strip()
+    body = {"model": inst["model"], "prompt": "hi", "max_tokens": 3}
+
+    def complete(headers):
+        req = urllib.request.Request(inst["url"] + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, None
+
+    code, doc = complete({"Authorization": f"Bearer {key}"})
+    assert code == 200 and doc["usage"]["completion_tokens"] == 3, doc
+    assert complete({})[0] == 401
+    proc = aegis(pbs_complex, "shutdown", run, "--timeout", "120")
+    assert proc.returncode == 0, why(proc, run)
+    attrs = pbs_complex.wait_finished(job_id, timeout=120)
+    assert (attrs["Exit_status"], attrs["substate"]) == (0, 92), attrs  # ended by itself, not by qdel (91)
+    assert status(pbs_complex, run)["state"] == "completed"
+    deadline = time.monotonic() + 60
+    while run_processes(run):
+        assert time.monotonic() < deadline, f"left behind: {[p.cmdline()[:3] for p in run_processes(run)]}"
+        time.sleep(1)
