@@ -1306,14 +1306,14 @@ static void lock_open(const char *path)
 /* Lock the file at path; a holder removes it as it finishes, so a lock on a removed file does not count. */
 static int lock_try(const char *path)
 {
-    if (flock(S.lock_fd, LOCK_EX | LOCK_NB) != 0)
-        return 0;
-    struct stat a, b;
-    if (fstat(S.lock_fd, &a) == 0 && lstat(path, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev)
-        return 1;
-    close(S.lock_fd);
-    lock_open(path);
-    return 0;
+    while (S.lock_fd >= 0 && flock(S.lock_fd, LOCK_EX | LOCK_NB) == 0) {
+        struct stat a, b;
+        if (fstat(S.lock_fd, &a) == 0 && lstat(path, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev)
+            return 1;
+        close(S.lock_fd);
+        lock_open(path);
+    }
+    return failed(); /* a lock file that cannot be opened fails the node, which then waits for nothing */
 }
 
 /* Remove the lock file, then release the lock (the other order could let a newcomer lock a file that is

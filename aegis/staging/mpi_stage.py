@@ -251,19 +251,20 @@ class _Node:
 
     def lock_try(self) -> bool:
         """Lock the file; a holder removes it as it finishes, so a lock on a removed file does not count."""
-        try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        try:
-            a, b = os.fstat(self.lock_fd), os.lstat(self.lock_file)
-            if (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev):
-                return True
-        except OSError:
-            pass
-        os.close(self.lock_fd)
-        self.lock_open()
-        return False
+        while self.lock_fd >= 0:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            try:
+                a, b = os.fstat(self.lock_fd), os.lstat(self.lock_file)
+                if (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev):
+                    return True
+            except OSError:
+                pass
+            os.close(self.lock_fd)
+            self.lock_open()
+        return self.failed  # a lock file that cannot be opened fails the node, which then waits for nothing
 
     def lock_holder(self) -> str:
         """'pid 123 on host since 2026-01-01T00:00:00Z', from the holder's line in the lock file."""
