@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.stage.conftest import finish, leftovers, ok, run_stage, start_stage, summary, tree_digest
+from aegis.staging import stage
+from tests.stage.conftest import (
+    finish,
+    leftovers,
+    mpi_env,
+    mpirun_prefix,
+    ok,
+    run_stage,
+    start_stage,
+    summary,
+    tree_digest,
+)
 
 CHUNK = ["--chunk-size", "64K", "--window", "4", "--threads", "2"]
 
@@ -155,3 +166,22 @@ def test_restaging_needs_room_for_the_changed_files_only(impl, tmp_path, small_t
         assert tree_digest(small_tmpfs / f"node{r}") == before
         assert (small_tmpfs / f"node{r}" / ".aegis-stage.json").is_file()
         assert not leftovers(small_tmpfs / f"node{r}")
+
+
+@pytest.mark.slow
+def test_the_launcher_api_shows_the_wait(model, tmp_path, capfd):
+    """aegis launch stages through stage(), which captures the output: the waiting message still reaches
+    the user as it comes. Without --private-dir the lock file is beside DEST."""
+    dest = tmp_path / "d"
+    first = start_stage("native", 1, model, dest, *CHUNK, env={"AEGIS_STAGE_TEST_WRITE_DELAY_MS": "250"})
+    try:
+        _wait_for("the first staging to write", lambda: leftovers(dest))
+        pid = _holder_pid(tmp_path)
+        s = stage(str(model), str(dest), mpirun_prefix(1), env=mpi_env(), per_rank=True, chunk_size=64 << 10)
+        assert ok(finish(first))["skipped_nodes"] == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert s["skipped_nodes"] == 1
+    assert f"{dest} is being staged by pid {pid} on " in capfd.readouterr().err
+    assert tree_digest(dest) == tree_digest(model) and not list(tmp_path.glob(".aegis-lock.*"))
