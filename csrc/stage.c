@@ -1794,7 +1794,7 @@ int main(int argc, char **argv)
             double t0 = now();
             int64_t bad = crc_pass(vbase, S.single, 1, 0, NULL, S.crc, err, sizeof err);
             if (bad >= 0) {
-                node_fail("verify: %s", err);
+                node_fail("verify: %s; its files were removed: run again to rewrite them", err);
                 drop_chunk_files((uint64_t)bad);
             }
             S.t_verify += now() - t0;

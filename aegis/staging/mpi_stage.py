@@ -883,7 +883,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             t0 = _now()
             bad = node.crc_pass(node.vbase, node.single, 1, 0, None, node.crc)
             if bad:
-                node.fail(f"verify: {bad[1]}")
+                node.fail(f"verify: {bad[1]}; its files were removed: run again to rewrite them")
                 node.drop_chunk_files(bad[0])
             node.times["verify"] += _now() - t0
         if not node.skip and not node.failed:

@@ -49,6 +49,8 @@ class StageOptions:
             raise UsageError("--window must be between 1 and 1024")
         if not 1 <= self.threads <= 256:
             raise UsageError("--threads must be between 1 and 256")
+        if not 0 <= self.lock_timeout <= 7 * 86400:
+            raise UsageError(f"--lock-timeout {self.lock_timeout} is not a number of seconds (0 to 604800)")
         if self.hf_repo is not None:
             org, _, name = self.hf_repo.partition("/")
             if not org or not name or "/" in name or ".." in self.hf_repo:
@@ -62,8 +64,6 @@ class StageOptions:
                              "choose a DEST outside SRC")
         if self.private_dir is not None and not self.dest.startswith(self.private_dir.rstrip("/") + "/"):
             raise UsageError(f"--private-dir {self.private_dir} must hold DEST ({self.dest})")
-        if not 0 <= self.lock_timeout <= 7 * 86400:
-            raise UsageError(f"--lock-timeout {self.lock_timeout} is not a number of seconds (0 to 604800)")
         if self.hf_revision is not None and (not self.hf_revision or "/" in self.hf_revision
                                              or ".." in self.hf_revision):
             raise UsageError(f"--hf-revision {self.hf_revision} must be a plain name")

@@ -227,6 +227,7 @@ def test_launcher_api(model, tmp_path):
     (["--chunk-size", "lots"], "is not a size"),
     (["--hf-repo", "noslash"], "is not of the form ORG/NAME"),
     (["--window", "0"], "--window must be between 1 and 1024"),
+    (["--lock-timeout", "-1"], "--lock-timeout -1 is not a number of seconds"),
 ])
 def test_usage_errors_are_one_line(args, message, tmp_path):
     proc = subprocess.run([os.sys.executable, "-m", "aegis", "stage", *args, str(tmp_path), str(tmp_path / "d")],

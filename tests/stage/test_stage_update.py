@@ -185,3 +185,25 @@ def test_the_launcher_api_shows_the_wait(model, tmp_path, capfd):
     assert s["skipped_nodes"] == 1
     assert f"{dest} is being staged by pid {pid} on " in capfd.readouterr().err
     assert tree_digest(dest) == tree_digest(model) and not list(tmp_path.glob(".aegis-lock.*"))
+
+
+@pytest.mark.slow
+def test_a_kept_file_that_fails_verify_is_rewritten_next_time(impl, model, tmp_path):
+    """A re-stage keeps files with SRC's size and mtime; --verify re-reads them too. One damaged in place
+    (size and mtime kept) fails the node and is removed, so the next run rewrites it."""
+    dest = tmp_path / "node{rank}"
+    ok(run_stage(impl, 2, model, dest, *CHUNK))
+    victim = tmp_path / "node1" / "model-00001.safetensors"
+    st = victim.stat()
+    with open(victim, "r+b") as fh:
+        fh.seek(70_000)
+        fh.write(b"\0damage\0")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (model / "config.json").write_text('{"hidden_size": 512}')
+    proc = run_stage(impl, 2, model, dest, "--verify", *CHUNK)
+    assert proc.returncode == 1 and summary(proc)["failed_nodes"] == 1
+    assert "(rank 1): verify: chunk 1 differs" in proc.stderr and "run again to rewrite them" in proc.stderr
+    assert not victim.exists() and not (tmp_path / "node1" / ".aegis-stage.json").exists()
+    ok(run_stage(_other(impl), 2, model, dest, "--verify", *CHUNK))
+    for r in range(2):
+        assert tree_digest(tmp_path / f"node{r}") == tree_digest(model)
