@@ -562,10 +562,13 @@ class _Node:
             if e.type == "d":
                 continue
             tmp, fin = self.tmp_name(i), self.broot + b"/" + e.path
-            try:
-                if e.type == "f" and not self.need[i]:  # already in place; only its mode may have changed
+            if e.type == "f" and not self.need[i]:  # already in place; only its mode may have changed
+                try:
                     os.chmod(fin, e.mode)
-                    continue
+                except OSError as exc:
+                    self.fail(f"cannot set the mode of {os.fsdecode(fin)}: {exc.strerror}")
+                continue
+            try:
                 if e.type == "f":
                     if e.size == 0:
                         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
