@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/time.h>
@@ -29,6 +30,7 @@
 
 #define TRAILER 16
 #define MAX_FAIL_LINES 20
+#define LOCK_REPORT_S 30 /* how often a staging waiting for another one says so */
 
 /* ---------------------------------------------------------------- options */
 static struct {
@@ -37,7 +39,8 @@ static struct {
     int window, threads, verify, force, unpack, json, per_rank;
     const char *hf_repo, *hf_revision;
     const char *private_dir; /* DEST's ancestor that must be this user's alone (0700) */
-} O = {NULL, NULL, 16ull << 20, 8, 4, 0, 0, 0, 0, 0, NULL, NULL, NULL};
+    int lock_timeout;        /* seconds to wait for another staging into DEST */
+} O = {NULL, NULL, 16ull << 20, 8, 4, 0, 0, 0, 0, 0, NULL, NULL, NULL, 1800};
 
 /* ---------------------------------------------------------------- node state */
 typedef struct {
@@ -54,20 +57,25 @@ static struct {
     char dest[PATH_MAX];   /* DEST with {rank}/{node}/{host} expanded */
     char root[PATH_MAX];   /* directory the manifest paths are relative to */
     char marker[PATH_MAX];
+    char record[PATH_MAX]; /* what aegis wrote into a directory DEST: the manifest (empty: a file DEST) */
     char hf_model[PATH_MAX], hf_rev[128];
     manifest_t m;
     char digest[65], key[65];
     uint64_t K;
     uint32_t *crc;
     fstate_t *fs;
-    int skip, failed;
+    int *need;             /* need[i]: this node writes entry i (it is missing or differs at DEST) */
+    int skip, failed, prepared, resend_all;
+    int lock_fd, lock_lost; /* lock_lost: another staging holds the lock file */
+    char lock_file[PATH_MAX];
     char reason[400];
     pthread_mutex_t mu;
     double t_read, t_write, t_cksum, t_net, t_verify, t_total;
     long repaired;
     int corrupt_rank;
     int64_t corrupt_chunk;
-} S = {.mu = PTHREAD_MUTEX_INITIALIZER, .corrupt_chunk = -1, .corrupt_rank = -1};
+    int write_delay_ms;    /* test hook: slow every chunk write down */
+} S = {.mu = PTHREAD_MUTEX_INITIALIZER, .corrupt_chunk = -1, .corrupt_rank = -1, .lock_fd = -1};
 
 static double now(void)
 {
@@ -262,6 +270,8 @@ static int write_piece(const piece_t *pc, void *arg)
     fstate_t *f = &S.fs[pc->entry];
     const entry_t *e = &S.m.e[pc->entry];
     char tmp[PATH_MAX];
+    if (!S.need[pc->entry])
+        return 0; /* already at DEST as SRC has it */
     pthread_mutex_lock(&f->mu);
     if (f->fd < 0 && !f->done) {
         tmp_name(tmp, pc->entry);
@@ -302,6 +312,18 @@ static int write_piece(const piece_t *pc, void *arg)
     }
     pthread_mutex_unlock(&f->mu);
     return 0;
+}
+
+static int need_piece(const piece_t *pc, void *arg)
+{
+    (void)arg;
+    return S.need[pc->entry];
+}
+
+/* Does this node write any byte of chunk k? */
+static int chunk_needed(uint64_t k)
+{
+    return manifest_pieces(&S.m, k * O.chunk, k * O.chunk + chunk_len(k), need_piece, NULL) != 0;
 }
 
 /* ---------------------------------------------------------------- I/O threads */
@@ -374,6 +396,10 @@ static void do_write(slot_t *s)
         node_fail("SRC could not be read (%s)", msg);
         return;
     }
+    if (!chunk_needed((uint64_t)s->k))
+        return;
+    if (S.write_delay_ms > 0)
+        usleep(S.write_delay_ms * 1000);
     double t0 = now();
     uint32_t got = crc_of(s->buf, len);
     add_time(&S.t_cksum, t0);
@@ -629,23 +655,63 @@ static void content_key(void)
     free(hex);
 }
 
-static int write_marker(const char *path)
+/* Write len bytes to path under a temporary name, then rename it into place. */
+static int write_atomic(const char *path, const char *text, size_t len)
 {
     char tmp[PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s.aegis-part", path);
     FILE *f = fopen(tmp, "w");
     if (!f)
         return -1;
-    char *hex = crc_hex(S.crc, S.K);
-    fprintf(f, "{\"aegis_stage\": 1, \"manifest_sha256\": \"%s\", \"content_key\": \"%s\", \"bytes\": %llu, "
-            "\"files\": %zu, \"chunk_size\": %llu, \"crc32\": \"%s\"}\n",
-            S.digest, S.key, (unsigned long long)S.m.total, S.m.nfiles, (unsigned long long)O.chunk, hex);
-    free(hex);
-    if (fclose(f) != 0 || rename(tmp, path) != 0) {
+    size_t put = fwrite(text, 1, len, f);
+    if (fclose(f) != 0 || put != len || rename(tmp, path) != 0) {
+        int e = errno;
         unlink(tmp);
+        errno = e;
         return -1;
     }
     return 0;
+}
+
+static int write_marker(const char *path)
+{
+    char *hex = crc_hex(S.crc, S.K), *text;
+    int len = asprintf(&text, "{\"aegis_stage\": 1, \"manifest_sha256\": \"%s\", \"content_key\": \"%s\", "
+                       "\"bytes\": %llu, \"files\": %zu, \"chunk_size\": %llu, \"crc32\": \"%s\"}\n",
+                       S.digest, S.key, (unsigned long long)S.m.total, S.m.nfiles, (unsigned long long)O.chunk, hex);
+    free(hex);
+    if (len < 0)
+        return -1;
+    int rc = write_atomic(path, text, (size_t)len);
+    free(text);
+    return rc;
+}
+
+/* The record of what aegis wrote into a directory DEST: this staging's manifest, written before any
+ * file of it is (so it always covers what may be there), read by the next staging to remove what SRC
+ * no longer has. */
+static int write_record(void)
+{
+    size_t len;
+    char *text = manifest_serialize(&S.m, &len);
+    int rc = write_atomic(S.record, text, len);
+    free(text);
+    return rc;
+}
+
+static int read_record(manifest_t *old)
+{
+    memset(old, 0, sizeof *old);
+    FILE *f = S.record[0] ? fopen(S.record, "r") : NULL;
+    if (!f)
+        return -1;
+    struct stat st;
+    char *text = fstat(fileno(f), &st) == 0 ? malloc(st.st_size + 1) : NULL;
+    size_t got = text ? fread(text, 1, st.st_size, f) : 0;
+    fclose(f);
+    int rc = text && got == (size_t)st.st_size ? manifest_parse(text, got, old) : -1;
+    free(text);
+    return rc;
 }
 
 /* Read a string or integer field from a marker written by write_marker (or json.dumps). */
@@ -780,9 +846,11 @@ static void setup_paths(void)
         snprintf(snap, sizeof snap, "%s/snapshots/%s", S.hf_model, S.hf_rev);
         snprintf(S.root, sizeof S.root, "%s", snap);
         join(S.marker, S.root, ".aegis-stage.json");
+        join(S.record, S.root, ".aegis-stage.manifest");
     } else {
         snprintf(S.root, sizeof S.root, "%s", S.dest);
         join(S.marker, S.root, ".aegis-stage.json");
+        join(S.record, S.root, ".aegis-stage.manifest");
     }
 }
 
@@ -827,31 +895,176 @@ static int drop_stale_part(const char *path, const struct stat *sb, int flag, st
     return 0;
 }
 
-/* Create directories, check space, remove a stale marker. */
-static void prepare(void)
+/* The directory holding root-relative `rel`, opened without following any link below root; *last is
+ * rel's last component. -1 when rel is not a plain relative path or a component is not a directory
+ * (a link, a file): nothing there is aegis's to touch. */
+static int open_parent(const char *rel, const char **last)
 {
-    char err[400];
-    unlink(S.marker);
-    if (mkdirs(S.root, err, sizeof err) != 0) {
-        node_fail("%s", err);
+    int fd = open(S.root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    const char *p = rel;
+    while (fd >= 0) {
+        const char *slash = strchr(p, '/');
+        size_t n = slash ? (size_t)(slash - p) : strlen(p);
+        if (n == 0 || n > NAME_MAX || (n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.'))
+            break;
+        if (!slash) {
+            *last = p;
+            return fd;
+        }
+        char comp[NAME_MAX + 1];
+        memcpy(comp, p, n);
+        comp[n] = '\0';
+        int sub = openat(fd, comp, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        close(fd);
+        fd = sub;
+        p = slash + 1;
+    }
+    if (fd >= 0)
+        close(fd);
+    return -1;
+}
+
+/* Bytes that removing the regular file at rel frees (0 for anything else, or a file with other links). */
+static uint64_t freeable(const char *rel)
+{
+    const char *last;
+    int fd = open_parent(rel, &last);
+    if (fd < 0)
+        return 0;
+    struct stat st;
+    uint64_t n = 0;
+    if (fstatat(fd, last, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1)
+        n = (uint64_t)st.st_blocks * 512;
+    close(fd);
+    return n;
+}
+
+/* Remove rel inside root: a file or a link itself, a directory only when empty; never follows a link. */
+static void remove_rel(const char *rel)
+{
+    const char *last;
+    int fd = open_parent(rel, &last);
+    if (fd < 0)
+        return;
+    if (unlinkat(fd, last, 0) != 0 && (errno == EISDIR || errno == EPERM))
+        unlinkat(fd, last, AT_REMOVEDIR);
+    close(fd);
+}
+
+static const entry_t *find_entry(const char *path)
+{
+    size_t lo = 0, hi = S.m.n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        int c = strcmp(S.m.e[mid].path, path);
+        if (!c)
+            return &S.m.e[mid];
+        if (c < 0) lo = mid + 1; else hi = mid;
+    }
+    return NULL;
+}
+
+/* An entry of the last staging that this one does not have (by path and type). */
+static int gone(const entry_t *old)
+{
+    const entry_t *e = find_entry(old->path);
+    return !e || e->type != old->type;
+}
+
+/* Is regular file i already at DEST as SRC has it (same size and mtime)? */
+static int file_current(size_t i)
+{
+    const entry_t *e = &S.m.e[i];
+    char p[PATH_MAX];
+    struct stat st;
+    join(p, S.root, e->path);
+    return lstat(p, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_size == e->size &&
+           (int64_t)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec == e->mtime_ns;
+}
+
+/* "1.23 MB": units chosen so that the figures of one message stay distinguishable. */
+static void fmt_bytes(char *out, size_t n, uint64_t b)
+{
+    static const char *unit[] = {"kB", "MB", "GB", "TB"};
+    if (b < 1000) {
+        snprintf(out, n, "%llu B", (unsigned long long)b);
         return;
     }
-    nftw(S.root, drop_stale_part, 32, FTW_PHYS);
+    double v = b / 1e3;
+    int u = 0;
+    while (v >= 1000 && u < 3) {
+        v /= 1e3;
+        u++;
+    }
+    snprintf(out, n, "%.2f %s", v, unit[u]);
+}
+
+/* Fail this node when writing `want` bytes (nwant files) cannot fit, counting what removing old versions
+ * frees first. */
+static void check_space(uint64_t want, size_t nwant, uint64_t freed)
+{
+    struct statvfs vs;
+    if (statvfs(S.root, &vs) != 0)
+        return;
+    uint64_t avail = (uint64_t)vs.f_bavail * vs.f_frsize;
+    if (avail + freed >= want)
+        return;
+    char w[32], a[32], f[32], s[32], plus[80] = "";
+    fmt_bytes(w, sizeof w, want);
+    fmt_bytes(a, sizeof a, avail);
+    fmt_bytes(s, sizeof s, want - avail - freed);
+    if (freed) {
+        fmt_bytes(f, sizeof f, freed);
+        snprintf(plus, sizeof plus, " plus %s in old versions it replaces or removes", f);
+    }
+    node_fail("not enough space in %s: writing %zu of %zu files needs %s, %s free%s (short by %s); free space "
+              "there or stage to another DEST", S.root, nwant, S.m.nfiles, w, a, plus, s);
+}
+
+/* Which files must be written (need[i]): missing or different at DEST, or all with --force. */
+static void plan_files(uint64_t *want, size_t *nwant, uint64_t *freed)
+{
     for (size_t i = 0; i < S.m.n; i++) {
+        const entry_t *e = &S.m.e[i];
+        if (e->type != 'f')
+            continue;
+        S.need[i] = O.force || O.unpack || S.resend_all || !file_current(i);
+        if (S.need[i]) {
+            *want += e->size;
+            (*nwant)++;
+            *freed += freeable(e->path);
+        }
+    }
+}
+
+/* Create the directories of the manifest (after what is gone was removed). */
+static void make_dirs(void)
+{
+    for (size_t i = 0; i < S.m.n && !failed(); i++) {
         if (S.m.e[i].type != 'd')
             continue;
         char p[PATH_MAX];
         join(p, S.root, S.m.e[i].path);
         struct stat st;
-        if (mkdir(p, 0700) != 0 && errno != EEXIST) {
+        if (mkdir(p, 0700) != 0 && errno != EEXIST)
             node_fail("cannot create directory %s: %s", p, strerror(errno));
-            return;
-        }
-        if (stat(p, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        else if (stat(p, &st) != 0 || !S_ISDIR(st.st_mode))
             node_fail("cannot create directory %s: something else is in the way", p);
-            return;
-        }
-        chmod(p, st.st_mode | 0700);
+        else
+            chmod(p, st.st_mode | 0700);
+    }
+}
+
+/* Get DEST ready for the files this node writes: check it is writable and has room for them (nothing
+ * is changed when it has not), then remove the marker, what the last staging wrote and SRC no longer
+ * has, and the old versions of the files to rewrite; record the new manifest. */
+static void prepare(void)
+{
+    char err[400];
+    S.prepared = 1;
+    if (mkdirs(S.root, err, sizeof err) != 0) {
+        node_fail("%s", err);
+        return;
     }
     char probe[PATH_MAX];
     char pname[64];
@@ -864,12 +1077,30 @@ static void prepare(void)
     }
     close(fd);
     unlink(probe);
-    struct statvfs vs;
-    if (statvfs(S.root, &vs) == 0) {
-        uint64_t avail = (uint64_t)vs.f_bavail * vs.f_frsize;
-        if (avail < S.m.total)
-            node_fail("not enough space in %s: needs %.2f GB, %.2f GB free", S.root, S.m.total / 1e9, avail / 1e9);
+    nftw(S.root, drop_stale_part, 32, FTW_PHYS);
+    manifest_t old;
+    int have_old = read_record(&old) == 0;
+    uint64_t want = 0, freed = 0;
+    size_t nwant = 0;
+    plan_files(&want, &nwant, &freed);
+    for (size_t i = 0; have_old && i < old.n; i++)
+        if (old.e[i].type == 'f' && gone(&old.e[i]))
+            freed += freeable(old.e[i].path);
+    check_space(want, nwant, freed);
+    if (!failed()) {
+        unlink(S.marker);
+        for (size_t i = old.n; have_old && i-- > 0;) /* children before their directory */
+            if (gone(&old.e[i]))
+                remove_rel(old.e[i].path);
+        for (size_t i = 0; i < S.m.n; i++)
+            if (S.need[i])
+                remove_rel(S.m.e[i].path);
+        make_dirs();
     }
+    if (!failed() && S.record[0] && write_record() != 0)
+        node_fail("cannot write %s: %s", S.record, strerror(errno));
+    if (have_old)
+        manifest_free(&old);
 }
 
 static void cleanup_tmp(void)
@@ -887,7 +1118,20 @@ static void cleanup_tmp(void)
     }
 }
 
-/* Rename everything into place (files, then links, then directory modes). */
+static int drop_piece_file(const piece_t *pc, void *arg)
+{
+    (void)arg;
+    remove_rel(S.m.e[pc->entry].path);
+    return 0;
+}
+
+/* Remove the files of chunk k at DEST (it failed --verify), so that the next staging rewrites them. */
+static void drop_chunk_files(uint64_t k)
+{
+    manifest_pieces(&S.m, k * O.chunk, k * O.chunk + chunk_len(k), drop_piece_file, NULL);
+}
+
+/* Rename what this node wrote into place (files, then links, then directory modes). */
 static void finalize(void)
 {
     for (size_t i = 0; i < S.m.n && !failed(); i++) {
@@ -897,6 +1141,11 @@ static void finalize(void)
             continue;
         tmp_name(tmp, i);
         join(fin, S.root, e->path);
+        if (e->type == 'f' && !S.need[i]) { /* already in place; only its mode may have changed */
+            if (chmod(fin, e->mode) != 0)
+                node_fail("cannot set the mode of %s: %s", fin, strerror(errno));
+            continue;
+        }
         if (e->type == 'f') {
             if (e->size == 0) {
                 int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -981,6 +1230,159 @@ static void unpack(void)
     if (failed())
         rm_rf(fresh);
     unlink(tarball);
+}
+
+/* ---------------------------------------------------------------- one staging per DEST at a time */
+/* DEST made absolute, repeated and trailing slashes dropped (lexically: it may not exist yet). */
+static void normal_dest(char *out)
+{
+    char abs[PATH_MAX], cwd[PATH_MAX] = "";
+    if (S.dest[0] != '/' && !getcwd(cwd, sizeof cwd))
+        cwd[0] = '\0';
+    snprintf(abs, sizeof abs, S.dest[0] == '/' ? "%s%s" : "%s/%s", S.dest[0] == '/' ? "" : cwd, S.dest);
+    char *o = out;
+    for (const char *p = abs; *p; p++)
+        if (!(*p == '/' && o > out && o[-1] == '/'))
+            *o++ = *p;
+    *o = '\0';
+    while (o - out > 1 && o[-1] == '/')
+        *--o = '\0';
+}
+
+/* The lock file of DEST: .aegis-lock.<sha256 of DEST, 16 hex> in the private directory, else beside DEST. */
+static void lock_path(char *out, char *dir, char *dest)
+{
+    char hex[65];
+    normal_dest(dest);
+    sha256_hex(dest, strlen(dest), hex);
+    if (O.private_dir) {
+        expand_dest(O.private_dir, dir);
+    } else {
+        snprintf(dir, PATH_MAX, "%s", dest);
+        char *slash = strrchr(dir, '/');
+        if (slash == dir) dir[1] = '\0';
+        else if (slash) *slash = '\0';
+    }
+    char name[64];
+    snprintf(name, sizeof name, ".aegis-lock.%.16s", hex);
+    join(out, dir, name);
+}
+
+/* "pid 123 on host since 2026-01-01T00:00:00Z", from the holder's line in the lock file. */
+static void lock_holder(char *out, size_t n)
+{
+    char buf[1024] = "", host[256];
+    int pid;
+    long long t;
+    ssize_t got = pread(S.lock_fd, buf, sizeof buf - 1, 0);
+    buf[got > 0 ? got : 0] = '\0';
+    if (sscanf(buf, "%d %255s %lld", &pid, host, &t) != 3) {
+        snprintf(out, n, "another process");
+        return;
+    }
+    time_t tt = (time_t)t;
+    struct tm tm;
+    char when[32];
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&tt, &tm));
+    snprintf(out, n, "pid %d on %s since %s", pid, host, when);
+}
+
+static void lock_write_holder(const char *dest)
+{
+    char line[PATH_MAX + 400];
+    int len = snprintf(line, sizeof line, "%d %s %lld %s\n", (int)getpid(), S.host, (long long)time(NULL), dest);
+    if (ftruncate(S.lock_fd, 0) != 0 || pwrite(S.lock_fd, line, len, 0) != len)
+        fprintf(stderr, "aegis-stage: %s (rank %d): cannot write the lock file: %s\n", S.host, S.wrank,
+                strerror(errno));
+}
+
+static void lock_open(const char *path)
+{
+    S.lock_fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (S.lock_fd < 0)
+        node_fail("cannot open the lock file %s: %s; remove it, or pass --private-dir", path, strerror(errno));
+}
+
+/* Lock the file at path; a holder removes it as it finishes, so a lock on a removed file does not count. */
+static int lock_try(const char *path)
+{
+    while (S.lock_fd >= 0 && flock(S.lock_fd, LOCK_EX | LOCK_NB) == 0) {
+        struct stat a, b;
+        if (fstat(S.lock_fd, &a) == 0 && lstat(path, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev)
+            return 1;
+        close(S.lock_fd);
+        lock_open(path);
+    }
+    return failed(); /* a lock file that cannot be opened fails the node, which then waits for nothing */
+}
+
+/* Remove the lock file, then release the lock (the other order could let a newcomer lock a file that is
+ * about to go). */
+static void lock_release(void)
+{
+    if (S.lock_fd < 0)
+        return;
+    if (!S.lock_lost)
+        unlink(S.lock_file);
+    close(S.lock_fd);
+    S.lock_fd = -1;
+}
+
+static void lock_report(double waited, int nwait)
+{
+    char holder[400];
+    lock_holder(holder, sizeof holder);
+    if (waited < 1)
+        fprintf(stderr, "aegis-stage: %s (rank %d): %s is being staged by %s; waiting for it to finish (%d of %d "
+                "nodes wait; giving up after %d s, --lock-timeout)\n", S.host, S.wrank, S.dest, holder, nwait,
+                S.nleaders, O.lock_timeout);
+    else
+        fprintf(stderr, "aegis-stage: %s (rank %d): still waiting for %s to finish staging %s (%.0f of %d s; %d of "
+                "%d nodes wait)\n", S.host, S.wrank, holder, S.dest, waited, O.lock_timeout, nwait, S.nleaders);
+}
+
+/* Take the lock of DEST on every node (flock: the kernel drops it when the process ends). A node whose
+ * lock another staging holds makes all wait: the others release theirs and all retry together, so two
+ * stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout a node still
+ * without its lock fails, naming the holder; the others go on. */
+static void take_lock(void)
+{
+    char dir[PATH_MAX], dest[PATH_MAX], err[400];
+    const char *path = S.lock_file;
+    lock_path(S.lock_file, dir, dest);
+    if (!failed() && mkdirs(dir, err, sizeof err) != 0)
+        node_fail("%s", err);
+    if (!failed())
+        lock_open(path);
+    srand((unsigned)getpid() ^ (unsigned)time(NULL));
+    double t0 = now(), report_at = 0;
+    for (;;) {
+        int got = failed() || lock_try(path);
+        int in[3] = {got, now() - t0 < O.lock_timeout, got ? INT_MAX : S.lrank}, all[3], wait = !got, nwait;
+        MPI_Allreduce(in, all, 3, MPI_INT, MPI_MIN, S.leaders);
+        MPI_Allreduce(&wait, &nwait, 1, MPI_INT, MPI_SUM, S.leaders);
+        if (all[0]) /* every node holds its lock */
+            break;
+        if (!all[1]) { /* time is up: who holds a lock keeps it */
+            if (!got) {
+                S.lock_lost = 1; /* the file is the holder's */
+                char holder[400];
+                lock_holder(holder, sizeof holder);
+                node_fail("%s is being staged by %s (lock %s); gave up after %d s: let that staging finish and "
+                          "run again, stop it, or raise --lock-timeout", S.dest, holder, path, O.lock_timeout);
+            }
+            break;
+        }
+        if (got && !failed())
+            flock(S.lock_fd, LOCK_UN);
+        if (all[2] == S.lrank && now() - t0 >= report_at) {
+            lock_report(now() - t0, nwait);
+            report_at += LOCK_REPORT_S;
+        }
+        usleep(200000 + rand() % 300000);
+    }
+    if (S.lock_fd >= 0 && !failed())
+        lock_write_holder(dest);
 }
 
 /* ---------------------------------------------------------------- reporting */
@@ -1130,6 +1532,7 @@ static void usage(FILE *f)
             "  --hf-revision REV   snapshot name (default: the manifest digest)\n"
             "  --json              print the summary as one JSON object\n"
             "  --private-dir DIR   DEST's ancestor that must be this user's alone (created 0700, else refused)\n"
+            "  --lock-timeout S    wait at most S seconds for another staging into DEST (default 1800)\n"
             "  --per-rank          testing only: every rank acts as its own node\n"
             "DEST may contain {rank}, {node} and {host}.\n");
 }
@@ -1142,7 +1545,7 @@ static void parse_args(int argc, char **argv)
         {"force", no_argument, 0, 'f'},            {"unpack", no_argument, 0, 'u'},
         {"hf-repo", required_argument, 0, 'r'},    {"hf-revision", required_argument, 0, 'R'},
         {"json", no_argument, 0, 'j'},             {"per-rank", no_argument, 0, 'p'},
-        {"private-dir", required_argument, 0, 'P'},
+        {"private-dir", required_argument, 0, 'P'}, {"lock-timeout", required_argument, 0, 'L'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     int c;
     opterr = 0;
@@ -1169,6 +1572,14 @@ static void parse_args(int argc, char **argv)
         case 'j': O.json = 1; break;
         case 'p': O.per_rank = 1; break;
         case 'P': O.private_dir = optarg; break;
+        case 'L': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*end || end == optarg || v < 0 || v > 86400 * 7)
+                die_usage("--lock-timeout %s is not a number of seconds (0 to 604800)", optarg);
+            O.lock_timeout = (int)v;
+            break;
+        }
         case 'h': usage(stdout); exit(0);
         default: die_usage("unknown option %s; see aegis-stage --help", argv[optind - 1]);
         }
@@ -1191,6 +1602,8 @@ static void parse_args(int argc, char **argv)
     }
     if (O.hf_revision && (strchr(O.hf_revision, '/') || !O.hf_revision[0] || strstr(O.hf_revision, "..")))
         die_usage("--hf-revision %s must be a plain name", O.hf_revision);
+    const char *delay = getenv("AEGIS_STAGE_TEST_WRITE_DELAY_MS");
+    S.write_delay_ms = delay ? atoi(delay) : 0;
     const char *corrupt = getenv("AEGIS_STAGE_TEST_CORRUPT");
     if (corrupt && *corrupt) {
         S.corrupt_chunk = atoll(corrupt);
@@ -1297,6 +1710,7 @@ int main(int argc, char **argv)
     S.K = (S.m.total + O.chunk - 1) / O.chunk;
     S.crc = calloc(S.K ? S.K : 1, sizeof *S.crc);
     S.fs = calloc(S.m.n ? S.m.n : 1, sizeof *S.fs);
+    S.need = calloc(S.m.n ? S.m.n : 1, sizeof *S.need);
     for (size_t i = 0; i < S.m.n; i++) {
         S.fs[i].fd = -1;
         pthread_mutex_init(&S.fs[i].mu, NULL);
@@ -1314,6 +1728,7 @@ int main(int argc, char **argv)
         expand_dest(O.private_dir, priv);
         check_private_dir(priv);
     }
+    take_lock();
     if (!O.force && !S.failed && read_marker(S.marker, &mk) == 0) {
         have = !strcmp(mk.digest, S.digest);
         if (have && !O.unpack)
@@ -1330,9 +1745,11 @@ int main(int argc, char **argv)
             double t0 = now();
             have = exp && crc_pass(vbase, S.single, 1, 0, NULL, exp, err, sizeof err) < 0;
             S.t_verify += now() - t0;
-            if (!have)
+            if (!have) {
                 fprintf(stderr, "aegis-stage: %s (rank %d): the existing copy differs (%s); re-sending\n", S.host,
                         S.wrank, exp ? err : "bad marker");
+                S.resend_all = 1; /* sizes and mtimes cannot tell which file it is */
+            }
             free(exp);
             O.chunk = saved;
             S.K = (S.m.total + O.chunk - 1) / O.chunk;
@@ -1364,7 +1781,7 @@ int main(int argc, char **argv)
 
     if (!all_have) {
         /* 3. prepare, transfer, finalize */
-        if (!S.skip)
+        if (!S.skip && !failed())
             prepare();
         transfer();
         content_key();
@@ -1375,8 +1792,11 @@ int main(int argc, char **argv)
         }
         if (!S.skip && !failed() && O.verify) {
             double t0 = now();
-            if (crc_pass(vbase, S.single, 1, 0, NULL, S.crc, err, sizeof err) >= 0)
-                node_fail("verify: %s", err);
+            int64_t bad = crc_pass(vbase, S.single, 1, 0, NULL, S.crc, err, sizeof err);
+            if (bad >= 0) {
+                node_fail("verify: %s; its files were removed: run again to rewrite them", err);
+                drop_chunk_files((uint64_t)bad);
+            }
             S.t_verify += now() - t0;
         }
         if (!S.skip && !failed()) {
@@ -1395,12 +1815,13 @@ int main(int argc, char **argv)
                     node_fail("cannot write %s: %s", ref, strerror(errno));
             }
         }
-        if (!S.skip && failed())
+        if (S.prepared && failed())
             cleanup_tmp();
     }
 
     /* 4. one summary, one exit status everywhere */
     status = report(t_start);
+    lock_release();
     MPI_Ibcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD, &sreq);
     wait_request(&sreq, 100);
     MPI_Finalize();

@@ -24,7 +24,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
+from typing import IO
 
 from aegis.errors import StageError
 
@@ -57,10 +59,7 @@ def stage(src: str, dest: str, launcher: Sequence[str], *, impl: str = "auto", e
     """Run the broadcast under `launcher` (e.g. ["srun", "--ntasks-per-node=1"]); return the JSON summary."""
     options["json"] = True
     argv = [*launcher, *stage_argv(src, dest, impl=impl, **options)]
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise StageError(f"could not run {' '.join(argv[:2])} ...: {exc}") from None
+    r = _run_showing_progress(argv, env, timeout)
     summary = None
     for line in r.stdout.splitlines():
         if line.startswith("{"):
@@ -74,3 +73,34 @@ def stage(src: str, dest: str, launcher: Sequence[str], *, impl: str = "auto", e
                                                                              ["no output"])[-1]
         raise StageError(f"staging {src} to {dest} failed (exit {r.returncode}): {detail}")
     return summary
+
+
+def _run_showing_progress(argv: list[str], env: dict | None, timeout: float | None) -> subprocess.CompletedProcess:
+    """Run argv capturing its output; its progress lines ("aegis-stage: ...", such as waiting for another
+    staging into DEST) go to stderr as they come."""
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    except OSError as exc:
+        raise StageError(f"could not run {' '.join(argv[:2])} ...: {exc}") from None
+    out: list[str] = []
+    err: list[str] = []
+    readers = [threading.Thread(target=_pump, args=(proc.stdout, out, False), daemon=True),
+               threading.Thread(target=_pump, args=(proc.stderr, err, True), daemon=True)]
+    for t in readers:
+        t.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise StageError(f"could not run {' '.join(argv[:2])} ...: no result after {timeout} s") from None
+    for t in readers:
+        t.join()
+    return subprocess.CompletedProcess(argv, proc.returncode, "".join(out), "".join(err))
+
+
+def _pump(stream: IO[str], into: list[str], show_progress: bool) -> None:
+    for line in stream:
+        into.append(line)
+        if show_progress and line.startswith("aegis-stage:"):
+            print(line, end="", file=sys.stderr, flush=True)

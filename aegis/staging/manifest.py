@@ -28,6 +28,7 @@ from aegis.errors import StageError
 
 HEADER = b"aegis-manifest 1\n"
 MARKER = ".aegis-stage.json"
+RECORD = ".aegis-stage.manifest"  # what aegis wrote into a directory DEST: the manifest of that staging
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Manifest:
     nfiles: int = 0
     stream: list[int] = field(default_factory=list)
     _starts: list[int] = field(default_factory=list)
+    _by_path: dict[bytes, Entry] = field(default_factory=dict)
 
     def index(self) -> Manifest:
         """Compute stream offsets; call after building or parsing."""
@@ -82,6 +84,12 @@ class Manifest:
                 yield self.stream[i], off, take, pos - start
                 pos += take
             i += 1
+
+    def by_path(self) -> dict[bytes, Entry]:
+        """Entries by path (built once)."""
+        if len(self._by_path) != len(self.entries):
+            self._by_path = {e.path: e for e in self.entries}
+        return self._by_path
 
     def serialize(self) -> bytes:
         """The shared text layout."""
@@ -210,12 +218,28 @@ def marker_text(digest: str, key: str, m: Manifest, chunk: int, crcs: list[int])
     }) + "\n"
 
 
-def write_marker(path: str, text: str) -> None:
-    """Write the marker under a temporary name, then rename it into place."""
+def write_marker(path: str, text: str | bytes) -> None:
+    """Write the marker (or the record) under a temporary name, then rename it into place."""
     tmp = path + ".aegis-part"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(text.encode() if isinstance(text, str) else text)
+        os.rename(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_record(path: str) -> Manifest | None:
+    """The manifest recorded by the last staging into a directory DEST, or None."""
+    try:
+        with open(path, "rb") as fh:
+            return Manifest.parse(fh.read())
+    except (OSError, StageError, ValueError, IndexError):
+        return None
 
 
 def read_marker(path: str) -> dict | None:

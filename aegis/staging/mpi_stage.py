@@ -8,10 +8,13 @@ forwards to its right), up to --window chunks in flight; I/O threads read, check
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import queue
+import random
+import re
 import shutil
 import socket
 import stat
@@ -27,6 +30,7 @@ from aegis.staging.options import StageOptions
 
 TRAILER = 16
 MAX_FAIL_LINES = 20
+LOCK_REPORT_S = 30  # how often a staging waiting for another one says so
 READ, WRITE = 1, 2
 
 
@@ -45,6 +49,7 @@ class _Node:
     K: int
     crc: list[int]
     fs: list[_FileState]
+    need: list[bool]  # need[i]: this node writes entry i (it is missing or differs at DEST)
     src: bytes
     key: str
 
@@ -53,6 +58,9 @@ class _Node:
         self.lrank, self.n = comm.Get_rank(), comm.Get_size()
         self.lock = threading.Lock()
         self.failed, self.reason, self.skip = False, "", False
+        self.prepared = self.resend_all = False
+        self.lock_fd, self.lock_lost, self.lock_file = -1, False, ""
+        self.write_delay = int(os.environ.get("AEGIS_STAGE_TEST_WRITE_DELAY_MS") or 0) / 1000
         self.times = dict(read=0.0, network=0.0, write=0.0, checksum=0.0, verify=0.0)
         self.repaired = 0
         corrupt = os.environ.get("AEGIS_STAGE_TEST_CORRUPT", "")
@@ -103,6 +111,7 @@ class _Node:
         o = self.o
         self.dest = self.expand(o.dest)
         self.hf_model = None
+        self.record = ""
         if o.unpack:
             self.root = os.path.dirname(self.dest) or "."
             self.marker = os.path.join(self.dest, mf.MARKER)
@@ -115,9 +124,11 @@ class _Node:
             self.hf_rev = (o.hf_revision or self.digest)[:40]
             self.root = os.path.join(self.hf_model, "snapshots", self.hf_rev)
             self.marker = os.path.join(self.root, mf.MARKER)
+            self.record = os.path.join(self.root, mf.RECORD)
         else:
             self.root = self.dest
             self.marker = os.path.join(self.root, mf.MARKER)
+            self.record = os.path.join(self.root, mf.RECORD)
         self.broot = os.fsencode(self.root)
         self.vbase = self.broot + b"/" + self.m.entries[0].path if self.single else self.broot
 
@@ -132,39 +143,202 @@ class _Node:
                     except OSError:
                         pass
 
-    def prepare(self) -> None:
+    def file_current(self, e: mf.Entry) -> bool:
+        """Is regular file e already at DEST as SRC has it (same size and mtime)?"""
         try:
-            os.unlink(self.marker)
+            st = os.lstat(self.broot + b"/" + e.path)
         except OSError:
-            pass
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+
+    def plan_files(self) -> tuple[int, int, int]:
+        """Which files must be written (need[i]): missing or different at DEST, or all with --force.
+        Returns (bytes, files) to write and the bytes their old versions free."""
+        want = nwant = freed = 0
+        for i, e in enumerate(self.m.entries):
+            if e.type != "f":
+                continue
+            self.need[i] = self.o.force or self.o.unpack or self.resend_all or not self.file_current(e)
+            if self.need[i]:
+                want += e.size
+                nwant += 1
+                freed += _freeable(self.broot, e.path)
+        return want, nwant, freed
+
+    def check_space(self, want: int, nwant: int, freed: int) -> None:
+        """Fail when writing `want` bytes cannot fit, counting what removing old versions frees first."""
+        try:
+            vs = os.statvfs(self.root)
+        except OSError:
+            return
+        avail = vs.f_bavail * vs.f_frsize
+        if avail + freed >= want:
+            return
+        plus = f" plus {_fmt_bytes(freed)} in old versions it replaces or removes" if freed else ""
+        raise StageError(f"not enough space in {self.root}: writing {nwant} of {self.m.nfiles} files needs "
+                         f"{_fmt_bytes(want)}, {_fmt_bytes(avail)} free{plus} (short by "
+                         f"{_fmt_bytes(want - avail - freed)}); free space there or stage to another DEST")
+
+    def make_dirs(self) -> None:
+        """Create the directories of the manifest (after what is gone was removed)."""
+        for e in self.m.entries:
+            if e.type == "d":
+                p = self.broot + b"/" + e.path
+                try:
+                    os.mkdir(p, 0o700)
+                except FileExistsError:
+                    if not os.path.isdir(p):
+                        raise StageError(f"cannot create directory {os.fsdecode(p)}: "
+                                         "something else is in the way") from None
+                os.chmod(p, os.stat(p).st_mode | 0o700)
+
+    def prepare(self) -> None:
+        """Get DEST ready for the files this node writes: check it is writable and has room for them
+        (nothing is changed when it has not), then remove the marker, what the last staging wrote and SRC
+        no longer has, and the old versions of the files to rewrite; record the new manifest."""
+        self.prepared = True
         try:
             _mkdirs(self.root)
-            self.drop_stale_parts()
-            for e in self.m.entries:
-                if e.type == "d":
-                    p = self.broot + b"/" + e.path
-                    try:
-                        os.mkdir(p, 0o700)
-                    except FileExistsError:
-                        if not os.path.isdir(p):
-                            raise StageError(f"cannot create directory {os.fsdecode(p)}: "
-                                             "something else is in the way") from None
-                    os.chmod(p, os.stat(p).st_mode | 0o700)
             probe = os.path.join(self.root, f".aegis-part.{self.digest[:8]}.probe")
             try:
                 os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
             except OSError as exc:
                 raise StageError(f"cannot write in {self.root}: {exc.strerror}") from None
             os.unlink(probe)
-            vs = os.statvfs(self.root)
-            avail = vs.f_bavail * vs.f_frsize
-            if avail < self.m.total:
-                raise StageError(f"not enough space in {self.root}: needs {self.m.total / 1e9:.2f} GB, "
-                                 f"{avail / 1e9:.2f} GB free")
+            self.drop_stale_parts()
+            old = mf.read_record(self.record) if self.record else None
+            gone = [e for e in old.entries if _gone(e, self.m)] if old else []
+            want, nwant, freed = self.plan_files()
+            freed += sum(_freeable(self.broot, e.path) for e in gone if e.type == "f")
+            self.check_space(want, nwant, freed)
+            try:
+                os.unlink(self.marker)
+            except OSError:
+                pass
+            for e in reversed(gone):  # children before their directory
+                _remove(self.broot, e.path)
+            for i, e in enumerate(self.m.entries):
+                if self.need[i]:
+                    _remove(self.broot, e.path)
+            self.make_dirs()
+            if self.record:
+                try:
+                    mf.write_marker(self.record, self.m.serialize())
+                except OSError as exc:
+                    raise StageError(f"cannot write {self.record}: {exc.strerror}") from None
         except StageError as exc:
             self.fail(str(exc))
         except OSError as exc:
             self.fail(f"cannot create directory {exc.filename}: {exc.strerror}")
+
+    # ------------------------------------------------------------ one staging per DEST at a time
+    def lock_path(self) -> tuple[str, str, str]:
+        """(lock file, its directory, DEST made absolute): .aegis-lock.<sha256 of DEST, 16 hex> in the
+        private directory, else beside DEST."""
+        dest = self.dest if self.dest.startswith("/") else os.getcwd() + "/" + self.dest
+        dest = re.sub("/+", "/", dest)
+        dest = dest.rstrip("/") or "/"
+        folder = self.expand(self.o.private_dir) if self.o.private_dir else (os.path.dirname(dest) or "/")
+        name = ".aegis-lock." + hashlib.sha256(os.fsencode(dest)).hexdigest()[:16]
+        return os.path.join(folder, name), folder, dest
+
+    def lock_open(self) -> None:
+        try:
+            self.lock_fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self.lock_fd = -1
+            self.fail(f"cannot open the lock file {self.lock_file}: {exc.strerror}; remove it, or pass --private-dir")
+
+    def lock_try(self) -> bool:
+        """Lock the file; a holder removes it as it finishes, so a lock on a removed file does not count."""
+        while self.lock_fd >= 0:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            try:
+                a, b = os.fstat(self.lock_fd), os.lstat(self.lock_file)
+                if (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev):
+                    return True
+            except OSError:
+                pass
+            os.close(self.lock_fd)
+            self.lock_open()
+        return self.failed  # a lock file that cannot be opened fails the node, which then waits for nothing
+
+    def lock_holder(self) -> str:
+        """'pid 123 on host since 2026-01-01T00:00:00Z', from the holder's line in the lock file."""
+        try:
+            pid, host, since = os.pread(self.lock_fd, 1023, 0).decode(errors="replace").split(" ", 3)[:3]
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(since)))
+            return f"pid {int(pid)} on {host} since {when}"
+        except (OSError, ValueError):
+            return "another process"
+
+    def lock_report(self, waited: float, nwait: int) -> None:
+        holder = self.lock_holder()
+        if waited < 1:
+            msg = (f"{self.dest} is being staged by {holder}; waiting for it to finish ({nwait} of {self.n} nodes "
+                   f"wait; giving up after {self.o.lock_timeout} s, --lock-timeout)")
+        else:
+            msg = (f"still waiting for {holder} to finish staging {self.dest} ({waited:.0f} of {self.o.lock_timeout}"
+                   f" s; {nwait} of {self.n} nodes wait)")
+        print(f"aegis-stage: {self.host} (rank {self.wrank}): {msg}", file=sys.stderr, flush=True)
+
+    def take_lock(self) -> None:
+        """Take the lock of DEST on every node (flock: the kernel drops it when the process ends). A node
+        whose lock another staging holds makes all wait: the others release theirs and all retry together,
+        so two stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout a
+        node still without its lock fails, naming the holder; the others go on."""
+        self.lock_file, folder, dest = self.lock_path()
+        if not self.failed:
+            try:
+                _mkdirs(folder)
+            except StageError as exc:
+                self.fail(str(exc))
+        if not self.failed:
+            self.lock_open()
+        t0, report_at = _now(), 0.0
+        while True:
+            got = self.failed or self.lock_try()
+            views = self.comm.allgather((got, _now() - t0 < self.o.lock_timeout))
+            waiting = [r for r, (has, _) in enumerate(views) if not has]
+            if not waiting:  # every node holds its lock
+                break
+            if not all(in_time for _, in_time in views):  # time is up: who holds a lock keeps it
+                if not got:
+                    self.lock_lost = True  # the file is the holder's
+                    self.fail(f"{self.dest} is being staged by {self.lock_holder()} (lock {self.lock_file}); gave "
+                              f"up after {self.o.lock_timeout} s: let that staging finish and run again, stop it, "
+                              "or raise --lock-timeout")
+                break
+            if got and not self.failed:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+            if waiting[0] == self.lrank and _now() - t0 >= report_at:
+                self.lock_report(_now() - t0, len(waiting))
+                report_at += LOCK_REPORT_S
+            time.sleep(0.2 + random.random() * 0.3)
+        if self.lock_fd >= 0 and not self.failed:
+            line = f"{os.getpid()} {self.host} {int(time.time())} {dest}\n".encode()
+            try:
+                os.ftruncate(self.lock_fd, 0)
+                os.pwrite(self.lock_fd, line, 0)
+            except OSError as exc:
+                print(f"aegis-stage: {self.host} (rank {self.wrank}): cannot write the lock file: {exc.strerror}",
+                      file=sys.stderr, flush=True)
+
+    def lock_release(self) -> None:
+        """Remove the lock file, then release the lock (the other order could let a newcomer lock a file
+        that is about to go)."""
+        if self.lock_fd < 0:
+            return
+        if not self.lock_lost:
+            try:
+                os.unlink(self.lock_file)
+            except OSError:
+                pass
+        os.close(self.lock_fd)
+        self.lock_fd = -1
 
     # ------------------------------------------------------------ I/O jobs
     def do_read(self, slot: _Slot) -> None:
@@ -201,6 +375,10 @@ class _Node:
             msg = bytes(slot.mv[:min(n, 299)]).split(b"\0")[0].decode(errors="replace")
             self.fail(f"SRC could not be read ({msg})")
             return
+        if not any(self.need[i] for i, _, _, _ in self.m.pieces(k * self.C, k * self.C + n)):
+            return
+        if self.write_delay:
+            time.sleep(self.write_delay)
         t0 = _now()
         ok = zlib.crc32(slot.mv[:n]) == crc
         self.add("checksum", t0)
@@ -230,6 +408,8 @@ class _Node:
         self.add("write", t0)
 
     def write_piece(self, i: int, off: int, data: memoryview) -> None:
+        if not self.need[i]:
+            return  # already at DEST as SRC has it
         f = self.fs[i]
         e = self.m.entries[i]
         with f.lock:
@@ -346,8 +526,8 @@ class _Node:
 
     # ------------------------------------------------------------ checksum passes
     def crc_pass(self, base: bytes, single: bool, stride: int, first: int, out: list[int] | None,
-                 expect: list[int] | None) -> str | None:
-        """Checksum chunks first, first+stride, ...; returns a reason for the first failure or None."""
+                 expect: list[int] | None) -> tuple[int, str] | None:
+        """Checksum chunks first, first+stride, ...; returns the first failing chunk and why, or None."""
         ks = list(range(first, self.K, stride))
         errors: list[tuple[int, str]] = []
 
@@ -372,7 +552,7 @@ class _Node:
             t.start()
         for t in threads:
             t.join()
-        return min(errors)[1] if errors else None
+        return min(errors) if errors else None
 
     # ------------------------------------------------------------ finishing
     def finalize(self) -> None:
@@ -382,6 +562,12 @@ class _Node:
             if e.type == "d":
                 continue
             tmp, fin = self.tmp_name(i), self.broot + b"/" + e.path
+            if e.type == "f" and not self.need[i]:  # already in place; only its mode may have changed
+                try:
+                    os.chmod(fin, e.mode)
+                except OSError as exc:
+                    self.fail(f"cannot set the mode of {os.fsdecode(fin)}: {exc.strerror}")
+                continue
             try:
                 if e.type == "f":
                     if e.size == 0:
@@ -404,6 +590,11 @@ class _Node:
         for e in reversed(self.m.entries):
             if e.type == "d":
                 os.chmod(self.broot + b"/" + e.path, e.mode | 0o700)
+
+    def drop_chunk_files(self, k: int) -> None:
+        """Remove the files of chunk k at DEST (it failed --verify), so that the next staging rewrites them."""
+        for i, _, _, _ in self.m.pieces(k * self.C, k * self.C + self.chunk_len(k)):
+            _remove(self.broot, self.m.entries[i].path)
 
     def cleanup(self) -> None:
         for i, e in enumerate(self.m.entries):
@@ -477,6 +668,79 @@ def private_dir_problem(path: str) -> str | None:
         return (f"{path} is not private (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}; this user is "
                 f"uid {os.geteuid()} and needs 0700): another user may have put files there; remove it")
     return None
+
+
+def _open_parent(root: bytes, rel: bytes) -> tuple[int, bytes] | None:
+    """The directory holding root-relative `rel`, opened without following any link below root, and rel's
+    last component; None when rel is not a plain relative path or a component is not a directory (a link,
+    a file): nothing there is aegis's to touch."""
+    parts = rel.split(b"/")
+    if any(p in (b"", b".", b"..") or len(p) > 255 for p in parts):
+        return None
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    for p in parts[:-1]:
+        try:
+            sub = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        os.close(fd)
+        fd = sub
+    return fd, parts[-1]
+
+
+def _freeable(root: bytes, rel: bytes) -> int:
+    """Bytes that removing the regular file at rel frees (0 for anything else, or a file with other links)."""
+    where = _open_parent(root, rel)
+    if where is None:
+        return 0
+    fd, last = where
+    try:
+        st = os.stat(last, dir_fd=fd, follow_symlinks=False)
+        return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else 0
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _remove(root: bytes, rel: bytes) -> None:
+    """Remove rel inside root: a file or a link itself, a directory only when empty; never follows a link."""
+    where = _open_parent(root, rel)
+    if where is None:
+        return
+    fd, last = where
+    try:
+        os.unlink(last, dir_fd=fd)
+    except (IsADirectoryError, PermissionError):
+        try:
+            os.rmdir(last, dir_fd=fd)
+        except OSError:
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _gone(old: mf.Entry, new: mf.Manifest) -> bool:
+    """An entry of the last staging that this one does not have (by path and type)."""
+    e = new.by_path().get(old.path)
+    return e is None or e.type != old.type
+
+
+def _fmt_bytes(b: int) -> str:
+    """'1.23 MB': units chosen so that the figures of one message stay distinguishable."""
+    if b < 1000:
+        return f"{b} B"
+    v, unit = b / 1e3, 0
+    while v >= 1000 and unit < 3:
+        v /= 1e3
+        unit += 1
+    return f"{v:.2f} {('kB', 'MB', 'GB', 'TB')[unit]}"
 
 
 def _mkdirs(path: str) -> None:
@@ -555,6 +819,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
     node.K = -(-node.m.total // node.C)
     node.crc = [0] * node.K
     node.fs = [_FileState() for _ in node.m.entries]
+    node.need = [False] * len(node.m.entries)
     node.src = os.fsencode(opts.src)
     node.setup_paths()
 
@@ -564,6 +829,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
         why = private_dir_problem(node.expand(opts.private_dir))
         if why:
             node.fail(why)
+    node.take_lock()
     have = False
     mk = None if (opts.force or node.failed) else mf.read_marker(node.marker)
     if mk and mk["manifest_sha256"] == node.digest:
@@ -576,12 +842,13 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             node.C = mk["chunk_size"]
             node.K = -(-node.m.total // node.C)
             t0 = _now()
-            why = "bad marker" if len(mk["crcs"]) != node.K else \
+            bad = (0, "bad marker") if len(mk["crcs"]) != node.K else \
                 node.crc_pass(node.vbase, node.single, 1, 0, None, mk["crcs"])
             node.times["verify"] += _now() - t0
-            if why:
+            if bad:
                 have = False
-                print(f"aegis-stage: {host} (rank {wrank}): the existing copy differs ({why}); re-sending",
+                node.resend_all = True  # sizes and mtimes cannot tell which file it is
+                print(f"aegis-stage: {host} (rank {wrank}): the existing copy differs ({bad[1]}); re-sending",
                       file=sys.stderr, flush=True)
             node.C, node.K = saved
     if opts.unpack:
@@ -590,10 +857,10 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
         if comm.allreduce(int(have), op=MPI.MAX):
             part = [0] * node.K
             t0 = _now()
-            why = node.crc_pass(node.src, True, node.n, node.lrank, part, None)
+            bad = node.crc_pass(node.src, True, node.n, node.lrank, part, None)
             node.times["read"] += _now() - t0
-            if why:
-                node.fail(why)
+            if bad:
+                node.fail(bad[1])
             import numpy as np
 
             total = np.zeros(node.K, dtype=np.uint32)
@@ -606,7 +873,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
 
     if not all_have:
         # 3. prepare, transfer, finalize
-        if not node.skip:
+        if not node.skip and not node.failed:
             node.prepare()
         node.transfer()
         node.key = mf.content_key(node.m.total, node.C, node.crc)
@@ -617,9 +884,10 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             node.add("write", t0)
         if not node.skip and not node.failed and opts.verify:
             t0 = _now()
-            why = node.crc_pass(node.vbase, node.single, 1, 0, None, node.crc)
-            if why:
-                node.fail(f"verify: {why}")
+            bad = node.crc_pass(node.vbase, node.single, 1, 0, None, node.crc)
+            if bad:
+                node.fail(f"verify: {bad[1]}; its files were removed: run again to rewrite them")
+                node.drop_chunk_files(bad[0])
             node.times["verify"] += _now() - t0
         if not node.skip and not node.failed:
             if opts.unpack:
@@ -636,11 +904,13 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
                             fh.write(node.hf_rev)
                 except OSError as exc:
                     node.fail(f"cannot write {exc.filename}: {exc.strerror}")
-        if not node.skip and node.failed:
+        if node.prepared and node.failed:
             node.cleanup()
 
     # 4. one summary, one exit status
-    return _report(node, opts, t_start)
+    code = _report(node, opts, t_start)
+    node.lock_release()
+    return code
 
 
 def _report(node: _Node, opts: StageOptions, t_start: float) -> int:

@@ -39,6 +39,7 @@ class StageOptions:
     json: bool = False
     per_rank: bool = False
     private_dir: str | None = None  # DEST's private ancestor: created 0700, or refused unless ours and 0700
+    lock_timeout: int = 1800  # seconds to wait for another staging into the same DEST
 
     def validate(self) -> StageOptions:
         """Raise UsageError for values both implementations reject."""
@@ -48,6 +49,8 @@ class StageOptions:
             raise UsageError("--window must be between 1 and 1024")
         if not 1 <= self.threads <= 256:
             raise UsageError("--threads must be between 1 and 256")
+        if not 0 <= self.lock_timeout <= 7 * 86400:
+            raise UsageError(f"--lock-timeout {self.lock_timeout} is not a number of seconds (0 to 604800)")
         if self.hf_repo is not None:
             org, _, name = self.hf_repo.partition("/")
             if not org or not name or "/" in name or ".." in self.hf_repo:
@@ -79,4 +82,6 @@ class StageOptions:
             out += ["--hf-revision", self.hf_revision]
         if self.private_dir:
             out += ["--private-dir", self.private_dir]
+        if self.lock_timeout != StageOptions.lock_timeout:
+            out += ["--lock-timeout", str(self.lock_timeout)]
         return out + ["--", self.src, self.dest]

@@ -33,14 +33,30 @@ def mpirun_prefix(n: int) -> list[str]:
     return [exe, "-n", str(n), "--oversubscribe", "--bind-to", "none"]
 
 
-def run_stage(impl: str, n: int, src, dest, *opts: str, per_rank: bool = True, env: dict | None = None,
-              timeout: float = 120) -> subprocess.CompletedProcess:
-    """`aegis stage` on n ranks (each its own node with per_rank); returns the finished process."""
+def stage_cmd(impl: str, n: int, src, dest, *opts: str, per_rank: bool = True) -> list[str]:
+    """The mpirun command line of `aegis stage` on n ranks (each its own node with per_rank)."""
     argv = [*mpirun_prefix(n), sys.executable, "-m", "aegis", "stage", "--impl", impl, "--json"]
     if per_rank:
         argv.append("--per-rank")
-    argv += [*opts, str(src), str(dest)]
-    return subprocess.run(argv, capture_output=True, text=True, env=mpi_env(env), timeout=timeout)
+    return argv + [*opts, str(src), str(dest)]
+
+
+def run_stage(impl: str, n: int, src, dest, *opts: str, per_rank: bool = True, env: dict | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    """`aegis stage` on n ranks (each its own node with per_rank); returns the finished process."""
+    return subprocess.run(stage_cmd(impl, n, src, dest, *opts, per_rank=per_rank), capture_output=True,
+                          text=True, env=mpi_env(env), timeout=timeout)
+
+
+def start_stage(impl: str, n: int, src, dest, *opts: str, env: dict | None = None) -> subprocess.Popen:
+    """`aegis stage` started in the background; finish it with finish()."""
+    return subprocess.Popen(stage_cmd(impl, n, src, dest, *opts), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=mpi_env(env))
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def summary(proc: subprocess.CompletedProcess) -> dict:

@@ -1,0 +1,209 @@
+"""Issue 17, staging: concurrent stagings into one DEST, mirror semantics, in-place updates in little room.
+
+Real mpirun with 2 oversubscribed ranks, each its own "node" (--per-rank), compiled tool and mpi4py."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from aegis.staging import stage
+from tests.stage.conftest import (
+    finish,
+    leftovers,
+    mpi_env,
+    mpirun_prefix,
+    ok,
+    run_stage,
+    start_stage,
+    summary,
+    tree_digest,
+)
+
+CHUNK = ["--chunk-size", "64K", "--window", "4", "--threads", "2"]
+
+
+def _other(impl: str) -> str:
+    return "mpi4py" if impl == "native" else "native"
+
+
+def _wait_for(what: str, predicate, timeout: float = 60) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _holder_pid(private: Path) -> int:
+    """The pid the lock file in private names (the staging that holds it)."""
+    for _ in range(200):
+        locks = list(private.glob(".aegis-lock.*"))
+        text = locks[0].read_text() if locks else ""
+        if text:
+            return int(text.split()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"no lock file with a holder in {private}")
+
+
+@pytest.mark.slow
+def test_concurrent_stagings_into_one_dest_take_turns(impl, model, tmp_path):
+    """A chain's successor lands on nodes where its predecessor is still staging the same model: it waits
+    for the lock and then finds DEST complete; one with a short --lock-timeout fails naming the holder.
+    The waiting one is the other implementation: the lock is the same file for both."""
+    private = tmp_path / "node{rank}" / "aegis-me"
+    dest = private / "models" / "m"
+    args = ["--private-dir", str(private), *CHUNK]
+    first = start_stage(impl, 2, model, dest, *args, env={"AEGIS_STAGE_TEST_WRITE_DELAY_MS": "250"})
+    node0 = tmp_path / "node0" / "aegis-me"
+    try:
+        _wait_for("the first staging to write", lambda: leftovers(node0 / "models" / "m"))
+        pid = _holder_pid(node0)
+        impatient = start_stage(impl, 2, model, dest, *args, "--lock-timeout", "1")
+        patient = start_stage(_other(impl), 2, model, dest, *args)
+        impatient, patient = finish(impatient), finish(patient)
+        first_done = finish(first)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert ok(first_done)["skipped_nodes"] == 0
+    holder = f"is being staged by pid {pid} on {socket.gethostname()} since "
+    assert ok(patient)["skipped_nodes"] == 2, patient.stderr  # it waited, then found DEST complete
+    assert holder in patient.stderr and "waiting for it to finish" in patient.stderr
+    assert impatient.returncode == 1 and summary(impatient)["failed_nodes"] == 2
+    assert holder in impatient.stderr and "gave up after 1 s" in impatient.stderr
+    assert "raise --lock-timeout" in impatient.stderr and "Traceback" not in impatient.stderr
+    for r in range(2):
+        private_r = tmp_path / f"node{r}" / "aegis-me"
+        assert tree_digest(private_r / "models" / "m") == tree_digest(model)
+        assert (private_r / "models" / "m" / ".aegis-stage.json").is_file()
+        assert not leftovers(private_r) and not list(private_r.glob(".aegis-lock.*"))
+    assert ok(run_stage(impl, 2, model, dest, "--verify", *args))["skipped_nodes"] == 2
+
+
+@pytest.mark.slow
+def test_restaging_a_changed_source_mirrors_it(impl, model, tmp_path):
+    """Files removed from or renamed in SRC leave DEST; files aegis did not write stay, and a link planted
+    where aegis's directory was is removed itself, never followed."""
+    (model / "gone").mkdir()
+    (model / "gone" / "old.bin").write_bytes(b"o" * 5000)
+    dest = tmp_path / "node{rank}"
+    ok(run_stage(impl, 2, model, dest, *CHUNK))
+    (tmp_path / "node0" / "notes.txt").write_text("the user's own")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "old.bin").write_text("not aegis's")
+    shutil.rmtree(tmp_path / "node1" / "gone")
+    os.symlink(outside, tmp_path / "node1" / "gone")
+    kept = {r: (tmp_path / f"node{r}" / "model-00001.safetensors").stat().st_ino for r in range(2)}
+
+    shutil.rmtree(model / "gone")
+    (model / "model-00002.safetensors").unlink()
+    os.rename(model / "config.json", model / "config-renamed.json")
+    (model / "added.bin").write_bytes(os.urandom(200_000))
+    s = ok(run_stage(impl, 2, model, dest, *CHUNK))
+    assert s["skipped_nodes"] == 0
+
+    want = tree_digest(model)
+    got0 = tree_digest(tmp_path / "node0")
+    assert got0.pop("notes.txt") and got0 == want
+    assert tree_digest(tmp_path / "node1") == want and not (tmp_path / "node1" / "gone").exists()
+    assert (outside / "old.bin").read_text() == "not aegis's"
+    for r in range(2):
+        assert (tmp_path / f"node{r}" / "model-00001.safetensors").stat().st_ino == kept[r]  # not rewritten
+        assert not leftovers(tmp_path / f"node{r}")
+    assert ok(run_stage(_other(impl), 2, model, dest, "--verify", *CHUNK))["skipped_nodes"] == 2
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 12 MiB tmpfs (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    fs = tmp_path / "tmpfs"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(fs)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield fs
+    subprocess.run(["umount", "-l", str(fs)])
+
+
+@pytest.mark.slow
+def test_restaging_needs_room_for_the_changed_files_only(impl, tmp_path, small_tmpfs):
+    """Two copies of a 4.5 MB model on a 12 MiB tmpfs leave less room than a third copy: a re-stage with one
+    changed file rewrites that file in place; one that needs more room than there is fails before it
+    changes anything, saying how much is missing."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"w{i}.bin").write_bytes(os.urandom(1_500_000))
+    (src / "config.json").write_text('{"v": 1}')
+    dest = small_tmpfs / "node{rank}"
+    ok(run_stage(impl, 2, src, dest, *CHUNK))
+    assert shutil.disk_usage(small_tmpfs).free < 4_500_000  # a whole second copy would not fit
+    inodes = {r: (small_tmpfs / f"node{r}" / "w0.bin").stat().st_ino for r in range(2)}
+
+    (src / "w1.bin").write_bytes(os.urandom(1_500_000))
+    s = ok(run_stage(impl, 2, src, dest, *CHUNK))
+    assert s["skipped_nodes"] == 0
+    for r in range(2):
+        assert tree_digest(small_tmpfs / f"node{r}") == tree_digest(src)
+        assert (small_tmpfs / f"node{r}" / "w0.bin").stat().st_ino == inodes[r]  # unchanged: not rewritten
+        assert not leftovers(small_tmpfs / f"node{r}")
+
+    before = tree_digest(small_tmpfs / "node0")
+    (src / "w3.bin").write_bytes(os.urandom(4_000_000))
+    proc = run_stage(_other(impl), 2, src, dest, *CHUNK)
+    assert proc.returncode == 1 and summary(proc)["failed_nodes"] == 2 and "Traceback" not in proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "(rank 0): not enough space" in ln)
+    assert f"not enough space in {small_tmpfs}/node0: writing 1 of 5 files needs 4.00 MB, " in line
+    assert "(short by " in line and "stage to another DEST" in line
+    for r in range(2):  # the last complete copy is untouched and still marked complete
+        assert tree_digest(small_tmpfs / f"node{r}") == before
+        assert (small_tmpfs / f"node{r}" / ".aegis-stage.json").is_file()
+        assert not leftovers(small_tmpfs / f"node{r}")
+
+
+@pytest.mark.slow
+def test_the_launcher_api_shows_the_wait(model, tmp_path, capfd):
+    """aegis launch stages through stage(), which captures the output: the waiting message still reaches
+    the user as it comes. Without --private-dir the lock file is beside DEST."""
+    dest = tmp_path / "d"
+    first = start_stage("native", 1, model, dest, *CHUNK, env={"AEGIS_STAGE_TEST_WRITE_DELAY_MS": "250"})
+    try:
+        _wait_for("the first staging to write", lambda: leftovers(dest))
+        pid = _holder_pid(tmp_path)
+        s = stage(str(model), str(dest), mpirun_prefix(1), env=mpi_env(), per_rank=True, chunk_size=64 << 10)
+        assert ok(finish(first))["skipped_nodes"] == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert s["skipped_nodes"] == 1
+    assert f"{dest} is being staged by pid {pid} on " in capfd.readouterr().err
+    assert tree_digest(dest) == tree_digest(model) and not list(tmp_path.glob(".aegis-lock.*"))
+
+
+@pytest.mark.slow
+def test_a_kept_file_that_fails_verify_is_rewritten_next_time(impl, model, tmp_path):
+    """A re-stage keeps files with SRC's size and mtime; --verify re-reads them too. One damaged in place
+    (size and mtime kept) fails the node and is removed, so the next run rewrites it."""
+    dest = tmp_path / "node{rank}"
+    ok(run_stage(impl, 2, model, dest, *CHUNK))
+    victim = tmp_path / "node1" / "model-00001.safetensors"
+    st = victim.stat()
+    with open(victim, "r+b") as fh:
+        fh.seek(70_000)
+        fh.write(b"\0damage\0")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (model / "config.json").write_text('{"hidden_size": 512}')
+    proc = run_stage(impl, 2, model, dest, "--verify", *CHUNK)
+    assert proc.returncode == 1 and summary(proc)["failed_nodes"] == 1
+    assert "(rank 1): verify: chunk 1 differs" in proc.stderr and "run again to rewrite them" in proc.stderr
+    assert not victim.exists() and not (tmp_path / "node1" / ".aegis-stage.json").exists()
+    ok(run_stage(_other(impl), 2, model, dest, "--verify", *CHUNK))
+    for r in range(2):
+        assert tree_digest(tmp_path / f"node{r}") == tree_digest(model)
