@@ -143,6 +143,11 @@ class Service:
         if doc is not None and doc.state.finished and job.role != JobRole.ENDED:
             self.end(job, now, "handed over" if job.role == JobRole.DRAINING else self._why_ended(job, run, doc, now))
             return
+        if doc is not None and doc.state == RunState.STOPPING and job.role == JobRole.SERVING:
+            # Stopping without aegis asking (its walltime, scancel): it serves nothing any more, and its head may
+            # be killed before it writes `stopped`.
+            self.end(job, now, self._why_ended(job, run, doc, now))
+            return
         if now - self.last_poll.get(job.index, 0.0) < JOB_POLL:
             return
         self.last_poll[job.index] = now
