@@ -21,7 +21,7 @@ directory. Layout:
     shutdown         present: stop the run                     (aegis shutdown)
     drain.json       instances that take no new requests       (aegis drain)
     gateways/<host>-<pid>.json  a gateway following the run: its URL, in-flight counts (aegis gateway)
-    gateway.json     the run's own gateway: URL and key file   (gateway: true; its gateway)
+    gateway.json     the run's own gateway: its URL, pid, host  (gateway: true; that gateway)
     logs/            one log per engine rank, agents.log, step logs
     engine/          per-instance engine config files, mode 0600
     point.json, status.json, bench/   a sweep point's description, state and results

@@ -33,7 +33,6 @@ class Backend:
     adapters: tuple[str, ...]
     key: str | None  # the run's key, sent to the engine (never the client's)
     inflight: int = 0
-    served: int = 0
     failed_until: float = 0.0  # monotonic time before which it is skipped after a connection failure
 
     @property
@@ -76,6 +75,7 @@ class RunFollower:
         self.key = self._key(self.doc)
         self.stamp: tuple = ()
         self.backends: list[Backend] = []
+        self.drain: tuple[bool, frozenset[str]] = (False, frozenset())  # drain.json as last read
         self.poll()
 
     def _key(self, doc: EndpointsFile) -> str | None:
@@ -108,7 +108,7 @@ class RunFollower:
                 self.key = self._key(doc)
             except UsageError:
                 pass  # keep the key read at start
-        every, drained = read_drain(self.run)
+        self.drain = every, drained = read_drain(self.run)
         old = {b.name: b for b in self.backends}
         self.backends = []
         if doc.state not in _LIVE_RUN or every:
@@ -135,7 +135,6 @@ class Pool:
     runs_stamp: tuple | None = None
     by_name: dict[str, list[Backend]] = field(default_factory=dict)  # model or adapter -> backends
     adapters: dict[str, str] = field(default_factory=dict)  # adapter -> its base model
-    tracked: dict[str, Backend] = field(default_factory=dict)  # ident -> backend, while requests are in flight
 
     def __post_init__(self) -> None:
         self.rebuild()

@@ -11,6 +11,7 @@ least_loaded is the power of two choices; round_robin rotates.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import random
 import time
@@ -57,12 +58,15 @@ class Chooser:
         self.policy = policy
         self.turn = itertools.count()
 
-    def order(self, candidates: Sequence[Backend], doc: dict) -> list[Backend]:
+    def order(self, candidates: Sequence[Backend], doc: dict, limit: int | None = None) -> list[Backend]:
+        """The instances to try, in order (at most `limit`: only as many as a request may be sent to)."""
         now = time.monotonic()
         usable = [b for b in candidates if b.failed_until <= now] or list(candidates)
         if len(usable) == 1:
-            return usable + [b for b in candidates if b is not usable[0]]
-        by_load = sorted(usable, key=lambda b: b.inflight)
+            rest = [b for b in candidates if b is not usable[0]]
+            return (usable + rest)[:limit]
+        keep = len(usable) if limit is None else limit
+        by_load = heapq.nsmallest(keep + 1, usable, key=lambda b: b.inflight)  # +1: `first` may be among them
         if self.policy == "round_robin":
             i = next(self.turn) % len(usable)
             first = usable[i]
@@ -76,4 +80,5 @@ class Chooser:
             if first.inflight - least > BALANCE_ABS and first.inflight > least * BALANCE_REL:
                 first = by_load[0]
         ids = {id(b) for b in usable}
-        return [first] + [b for b in by_load if b is not first] + [b for b in candidates if id(b) not in ids]
+        out = [first] + [b for b in by_load if b is not first] + [b for b in candidates if id(b) not in ids]
+        return out if limit is None else out[:limit]

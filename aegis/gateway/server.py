@@ -31,7 +31,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from aegis.gateway.backends import Backend, Pool, read_drain
+from aegis.gateway.backends import Backend, Pool
 from aegis.gateway.policy import Chooser
 from aegis.util.fs import atomic_write
 
@@ -139,7 +139,7 @@ class Gateway:
         runs = []
         for f in self.pool.followers:
             run = str(f.run.path)
-            every, drained = read_drain(f.run)
+            every, drained = f.drain
             runs.append({"run": run, "state": f.doc.state.value, "instances": [
                 {"name": i.name, "model": i.model, "url": i.url, "status": i.status.value,
                  "draining": every or i.name in drained, "serving": any(b.name == i.name for b in f.backends),
@@ -174,7 +174,7 @@ class Gateway:
             self.requests.labels(model, "404").inc()
             return _error(404, f"the model {model!r} does not exist here; served: {', '.join(known) or 'none'}",
                           "invalid_request_error", "model_not_found")
-        order = self.chooser.order(candidates, doc)[: self.max_tries]
+        order = self.chooser.order(candidates, doc, limit=self.max_tries)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         path = request.raw_path
         last = ""
@@ -216,7 +216,6 @@ class Gateway:
                 async for chunk in up.content.iter_any():
                     await resp.write(chunk)
                 await resp.write_eof()
-                backend.served += 1
                 self.served[slot] += 1
                 return resp
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -259,7 +258,7 @@ class Gateway:
         now = time.time()
         for f in self.pool.followers:
             run = str(f.run.path)
-            every, drained = read_drain(f.run)
+            every, drained = f.drain
             counts = {i.name: self.inflight.get((run, i.name), 0) for i in f.doc.instances}
             for name, n in counts.items():
                 slot = (run, name)

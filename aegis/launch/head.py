@@ -137,6 +137,7 @@ class Head:
         self.last_progress = 0.0
         self.gateway: subprocess.Popen | None = None  # the run's own gateway (config `gateway: true`)
         self.gateway_started = 0.0
+        self.gateway_host = ""  # the first node's serving address, where the run's gateway listens
         self.doc = EndpointsFile(job_id=alloc.job_id, run_dir=str(run.path), site=site.name,
                                  scheduler=alloc.scheduler, started=psutil.Process().create_time())
 
@@ -163,6 +164,7 @@ class Head:
 
         addresses = self.alloc.addresses or [self.site.serve_address.address(h) for h in self.alloc.hosts]
         if self.cfg.gateway:
+            self.gateway_host = addresses[0]
             self.doc.gateway = f"http://{addresses[0]}:{self.cfg.gateway_port}"
         specs = {m.short_name: m for m in self.cfg.models}
         adapters = {s.short_name: (list(s.lora.resolved()) if s.lora is not None else []) for s in self.cfg.models}
@@ -323,8 +325,7 @@ class Head:
             if time.monotonic() - self.gateway_started < 5.0:
                 return
             self.echo(f"aegis: the gateway exited ({code}); starting it again")
-        host = self.doc.gateway.rsplit(":", 1)[0].removeprefix("http://")
-        argv = [sys.executable, "-m", "aegis", "gateway", str(self.run.path), "--host", host,
+        argv = [sys.executable, "-m", "aegis", "gateway", str(self.run.path), "--host", self.gateway_host,
                 "--port", str(self.cfg.gateway_port), "--info", str(self.run.gateway)]
         with open(self.run.log("gateway"), "ab") as out:
             self.gateway = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -17,6 +17,7 @@ at most half the walltime.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from aegis.config.schema import walltime_seconds
 from aegis.errors import AegisError
 from aegis.launch.endpoints import RunState
 from aegis.run import Run, submit
+from aegis.schedulers.base import JobInfo
 from aegis.serve.chain import Chain, ChainJob, Handover, JobRole, ServiceDir
 
 TICK = 2.0
@@ -54,7 +56,7 @@ class Service:
         self.gateway: subprocess.Popen | None = None
         self.stop_asked = False
         self.last_poll: dict[int, float] = {}
-        self.job_state: dict[int, object] = {}  # index -> last JobInfo
+        self.job_state: dict[int, JobInfo] = {}  # index -> the scheduler's last word on the job
         self.told: set[str] = set()
         self.failures = 0
         self.next_submit = 0.0
@@ -104,8 +106,6 @@ class Service:
                 tail = (self.sdir.path / "gateway.log").read_text().strip().splitlines()[-1:]
                 raise AegisError(f"the gateway did not start: {tail[0] if tail else 'no output'}")
             time.sleep(0.1)
-        import json
-
         self.chain.gateway = json.loads(self.sdir.gateway_info.read_text())["url"]
         self.say(f"gateway {self.chain.gateway} (key: {self.sdir.key})")
 
@@ -235,9 +235,7 @@ class Service:
         if left >= self.lead / 2:
             return
         info = self.job_state.get(spare.index)
-        state = getattr(info, "state", None)
-        reason = getattr(info, "reason", "")
-        why = (f"still {state.value}" + (f" ({reason})" if reason else "")) if state is not None else "not ready"
+        why = (f"still {info.state.value}" + (f" ({info.reason})" if info.reason else "")) if info else "not ready"
         self.note(f"late-{spare.index}", f"successor job {spare.index} is {why}; job {cur.index} serves until its "
                   f"walltime ends in {left:.0f} s, then nothing serves until job {spare.index} is ready")
 
