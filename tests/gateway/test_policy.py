@@ -104,3 +104,17 @@ def test_the_pool_follows_a_runs_file_and_runs_not_started_yet(tmp_path):
     assert pool.poll() and sorted(bk.name for bk in pool.by_name["m"]) == ["x", "y"]
     runs_file.write_text(json.dumps({"runs": [str(b)]}) + " ")  # a handed over and left the list
     assert pool.poll() and [bk.name for bk in pool.by_name["m"]] == ["y"]
+
+
+def test_bad_gateway_command_lines_are_one_line(tmp_path, capsys):
+    from tests.core.helpers import run_cli
+
+    run = tmp_path / "r"
+    run.mkdir()
+    write_endpoints(run, [{"name": "a", "model": "m", "url": "http://h:1", "status": "ready"}])
+    for argv, words in ((["gateway"], "say which runs"),
+                        (["gateway", "--runs-file", str(tmp_path / "runs.json")], "needs --key-file"),
+                        (["endpoints", str(run), "--format", "url"], "has no gateway")):
+        code, _, err = run_cli(capsys, *argv)
+        assert code != 0 and words in err and "Traceback" not in err, (argv, err)
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
