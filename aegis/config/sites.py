@@ -160,6 +160,8 @@ class Site(BaseModel):
     ray_env: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # for the processes of Ray-backed instances
     launcher: Literal["srun", "mpiexec", "local"] = "srun"
     launcher_args: list[StrictStr] = Field(default_factory=list)
+    # mpiexec: how one step is put on one named host ({host}); used to restart a lost agent on its node
+    launcher_host_args: list[StrictStr] = Field(default_factory=lambda: ["--hosts", "{host}"])
     serve_address: ServeAddress = Field(default_factory=ServeAddress)
     aegis_command: StrictStr | None = None
     defaults: dict = Field(default_factory=dict)

@@ -281,6 +281,43 @@ class Agent:
         return 0
 
 
+def _ours(pid: int | None, run: RunDir, agent: bool):
+    """The process `pid` if it is this run's agent (by its command line) or engine (by its working directory)."""
+    import psutil
+
+    if not pid or pid == os.getpid():
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if agent:
+            argv = proc.cmdline()
+            return proc if "agent" in argv and str(run.path) in argv else None
+        return proc if proc.cwd() == str(run.path) else None
+    except psutil.Error:
+        return None
+
+
+def take_over(run: RunDir, index: int, host: str, grace: float) -> list[int]:
+    """End what a predecessor agent of this node left: the agent itself when it still exists (hung, stopped,
+    cut off from the run directory) and its engines, so a new agent starts on free ports. The pids ended."""
+    import psutil
+
+    old = NodeStatus.read(run.node_status(index))
+    if old is None or old.host != host:
+        return []
+    agent = _ours(old.agent_pid, run, agent=True)
+    engines = [p for r in old.ranks.values() if (p := _ours(r.pid, run, agent=False)) is not None]
+    ended = []
+    if agent is not None:
+        agent.kill()  # its engines get SIGTERM from the kernel (parent-death signal)
+        ended.append(agent.pid)
+    _, alive = psutil.wait_procs(engines, timeout=grace)
+    for proc in alive:
+        signal_group(proc.pid, signal.SIGKILL)  # each engine leads its own process group
+    psutil.wait_procs(alive, timeout=5)
+    return ended + [p.pid for p in engines]
+
+
 def run_agent(run: RunDir) -> int:
     """The agent of this node: build its ranks from the run directory and supervise them until stopped."""
     from aegis.config.schema import load_yaml, resolve
@@ -292,6 +329,10 @@ def run_agent(run: RunDir) -> int:
     cfg = resolve(load_yaml(run.config), str(run.config))
     site = run_site(run.path, alloc.site).resolved()
     index = node_index(alloc.hosts)
+    ended = take_over(run, index, socket.gethostname(), cfg.shutdown_grace)
+    if ended:
+        print(f"aegis agent on {socket.gethostname()}: ended what the previous agent of this node left "
+              f"(pids {' '.join(map(str, ended))})", file=sys.stderr, flush=True)
     ranks = build_ranks(run, index, site, cfg, run.read_plan(), alloc.addresses, run.read_api_key())
     agent = Agent(run, index, ranks, cfg.max_restarts, cfg.shutdown_grace, socket.gethostname(),
                   restart_window=cfg.restart_window, liveness_interval=cfg.liveness_interval,

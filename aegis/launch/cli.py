@@ -61,10 +61,9 @@ def launch_cmd(run_dir, check, step_timeout, **kw):
                          note=lambda m: click.echo(m, err=True))
         return
     from aegis.launch.head import Head
-    from aegis.launch.steps import per_node_step
 
     head = Head(run, site, res.config, res.plan, alloc)
-    sys.exit(head.run_all(per_node_step(site, len(alloc.hosts), agent)))
+    sys.exit(head.run_all(agent))
 
 
 @click.command("agent", hidden=True)

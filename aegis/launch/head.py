@@ -35,6 +35,7 @@ from aegis.errors import AegisError
 from aegis.launch.allocation import Allocation
 from aegis.launch.endpoints import PHASES, EndpointsFile, InstanceEndpoint, InstanceState, RunState
 from aegis.launch.health import Probe, probe_all
+from aegis.launch.keeper import WHOLE_STEP, AgentKeeper
 from aegis.launch.node_status import NodeStatus, RankState, RankStatus
 from aegis.plan.placement import Plan
 from aegis.rundir import RunDir
@@ -45,6 +46,7 @@ S = InstanceState
 log = logging.getLogger("aegis")
 LOST_AFTER = 4  # heartbeats an agent may miss before its node counts as lost
 READY_PROBE_INTERVAL = 5.0  # seconds between health probes of a ready instance (others: every round)
+REPORT_WITHIN = 60.0  # seconds (plus a heartbeat) a new agent has to send its first report
 QUIET_ABOVE = 32  # more instances than this: progress lines instead of one line per instance
 
 
@@ -56,6 +58,14 @@ def user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return str(os.geteuid())
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def safe(echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -127,6 +137,8 @@ class Head:
         self.unwritten = False  # the last endpoints.json write failed (retried every round)
         self.stop_requested = False
         self.step: subprocess.Popen | None = None
+        self.step_argv: list[str] = []
+        self.step_started = 0.0  # unix time the current launcher step was started
         self.key: str | None = None
         self.t0 = time.monotonic()
         self.since: dict[str, float] = {}
@@ -138,6 +150,7 @@ class Head:
         self.gateway: subprocess.Popen | None = None  # the run's own gateway (config `gateway: true`)
         self.gateway_started = 0.0
         self.gateway_host = ""  # the first node's serving address, where the run's gateway listens
+        self.keeper: AgentKeeper | None = None  # replacement agents (run_all sets it up)
         self.doc = EndpointsFile(job_id=alloc.job_id, run_dir=str(run.path), site=site.name,
                                  scheduler=alloc.scheduler, started=psutil.Process().create_time())
 
@@ -209,22 +222,46 @@ class Head:
             self.status_cache[path] = cached
         return cached[1]
 
+    def _lost(self, status: NodeStatus, silent: float) -> str | None:
+        """Why this node's agent counts as lost (None: it does not): silent for LOST_AFTER heartbeats, or,
+        on the head's own node, its process gone (seen at once)."""
+        if status.stopping:
+            return None
+        if silent > LOST_AFTER * self.cfg.heartbeat_interval:
+            return f"its agent on {status.host} (pid {status.agent_pid}) sent no report for {silent:.0f} s: " \
+                   "node or agent lost"
+        if status.host == socket.gethostname() and not _alive(status.agent_pid):
+            return f"its agent on {status.host} (pid {status.agent_pid}) is gone"
+        return None
+
     def _agent_ranks(self) -> dict[str, list[RankStatus]]:
-        """instance name -> the states its ranks' agents report; a lost agent's ranks come back failed."""
+        """instance name -> the states its ranks' agents report.
+
+        A lost agent's ranks come back restarting while a new agent is on its way to their node
+        (AgentKeeper), failed when none is (no budget left, or the launcher could not start one).
+        """
         out: dict[str, list[RankStatus]] = {}
         now = time.time()
         for path in self.run.node_statuses():
             status = self._node_status(path)
             if status is None:
                 continue
-            silent = now - status.updated
-            lost = not status.stopping and silent > LOST_AFTER * self.cfg.heartbeat_interval
+            why = self._lost(status, now - status.updated)
+            note = None
+            if why is not None and status.updated < self.step_started \
+                    and now - self.step_started < REPORT_WITHIN + self.cfg.heartbeat_interval:
+                why, note = None, "the launcher step was started again; its agent has not reported yet"
+            if why is None and note is None:
+                if self.keeper is not None:
+                    self.keeper.reported(status.index, status.agent_pid)
+            elif why is not None and self.keeper is not None and not self.stop_requested:
+                note = self.keeper.lost(status.index, why)
+                why = self.keeper.given_up.get(status.index, why) if note is None else why
             for rank in status.ranks.values():
-                if lost and rank.state not in (RankState.FAILED, RankState.STOPPED):
+                if (why or note) and rank.state not in (RankState.FAILED, RankState.STOPPED):
                     rank = rank.model_copy(update={
-                        "state": RankState.FAILED, "exit_code": None,
-                        "log_tail": f"its agent on {status.host} (pid {status.agent_pid}) sent no report for "
-                                    f"{silent:.0f} s: node or agent lost"})
+                        "state": RankState.RESTARTING if note else RankState.FAILED, "exit_code": None,
+                        "pid": None, "log_tail": note or why})
                 out.setdefault(rank.instance, []).append(rank)
         return out
 
@@ -361,7 +398,9 @@ class Head:
                 self.echo("aegis: shutdown requested")
                 break
             code = self.step.poll()
-            if code is not None:
+            if code is not None and not (self.keeper and self.keeper.covers(len(self.alloc.hosts))):
+                if self._restart_step(code):
+                    continue
                 self.echo(f"aegis: the agents' launcher step exited ({code}); see {self.run.log('agents')}")
                 for inst in self.instances:
                     if inst.status != S.FAILED:
@@ -392,6 +431,30 @@ class Head:
                 break
             await asyncio.sleep(2.0 if state == RunState.READY else 1.0)
 
+    def _start_step(self) -> None:
+        self.step_started = time.time()
+        with open(self.run.log("agents"), "ab") as out:
+            self.step = subprocess.Popen(self.step_argv, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _restart_step(self, code: int) -> bool:
+        """The launcher step ended while the run goes on (its agents killed: on the local site the step is
+        the agent; mpiexec ends every rank when one dies): start it again if the budget allows."""
+        if self.stop_requested or self.run.shutdown.exists() or self.keeper is None \
+                or not self.keeper.restart_step():
+            return False
+        self.echo(f"aegis: the agents' launcher step exited ({code}); starting it again (restart "
+                  f"{len(self.keeper.tries[WHOLE_STEP])} of {self.cfg.max_restarts}; see {self.run.log('agents')})")
+        now = time.monotonic()
+        for inst in self.instances:
+            if inst.status != S.FAILED:
+                inst.status, inst.error, inst.pid = S.RESTARTING, f"its agent's launcher step exited ({code})", None
+                self.since[inst.name] = now
+        self.doc.state = overall_state([i.status for i in self.instances], self.doc.state)
+        self._publish()
+        self._start_step()
+        return True
+
     # -- shutdown ----------------------------------------------------------------------
 
     def _stop(self) -> None:
@@ -400,7 +463,7 @@ class Head:
         self._drain_gateways()
         grace = self.cfg.shutdown_grace + 15
         if self.step is not None:
-            stop_groups([self.step], grace, linger=0,
+            stop_groups([self.step, *(self.keeper.steps() if self.keeper else [])], grace, linger=0,
                         on_kill=lambda: self.echo(f"aegis: agents still running after {grace} s; killing them"))
         if self.gateway is not None:
             stop_groups([self.gateway], 5.0, linger=0)
@@ -438,8 +501,15 @@ class Head:
                 {"model": str(dest)}
         atomic_write(self.run.staged, json.dumps(staged, indent=2) + "\n")
 
-    def run_all(self, step_argv: list[str]) -> int:
-        """Stage, start the agents' step, gate and supervise until shutdown; the exit status."""
+    def run_all(self, agent_argv: list[str]) -> int:
+        """Stage, start the agents' step (`agent_argv` once per node), gate and supervise until shutdown;
+        the exit status."""
+        from aegis.launch.steps import per_node_step
+
+        self.step_argv = per_node_step(self.site, len(self.alloc.hosts), agent_argv)
+        self.keeper = AgentKeeper(self.site, self.alloc.hosts, agent_argv, self.run.log, self.cfg.max_restarts,
+                                  float(self.cfg.restart_window), REPORT_WITHIN + self.cfg.heartbeat_interval,
+                                  self.echo)
         self._prepare()
         self._publish()
         try:
@@ -459,10 +529,8 @@ class Head:
             signal.signal(sig, lambda *a: setattr(self, "stop_requested", True))
         self.echo(f"aegis: starting {len(self.instances)} instance(s) on {len(self.alloc.hosts)} node(s) "
                   f"({self.alloc.scheduler} {self.alloc.job_id or ''}); logs: {self.run.logs}")
-        log.debug("$ %s", shlex.join(step_argv))
-        with open(self.run.log("agents"), "ab") as out:
-            self.step = subprocess.Popen(step_argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        log.debug("$ %s", shlex.join(self.step_argv))
+        self._start_step()
         try:
             asyncio.run(self._loop())
         finally:

@@ -105,21 +105,72 @@ def test_sim_refuses_its_unknown_flags_and_real_engines_on_local_sim(tmp_path):
         in proc.stderr
 
 
-def test_engines_die_with_their_agent(sim_fleet):
-    """Issue 17: a SIGKILLed agent must not leave engines serving the run's key with nobody supervising them."""
+def _gone(pids: list[int], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def _agent_pid(run) -> int:
+    return json.loads(next((run / "nodes").glob("*.status.json")).read_text())["agent_pid"]
+
+
+def test_engines_die_with_their_agent_and_a_new_agent_takes_over(sim_fleet):
+    """Issue 17: a SIGKILLed agent must not leave engines serving the run's key with nobody supervising them,
+    and (the allocation allows it: here the launcher step is the agent) the head starts a new agent, whose
+    engines serve again, within the restart budget."""
     doc = sim_fleet.wait(lambda d: d.get("state") == "ready", 90, "4 sim instances ready")
     doc = sim_fleet.wait(lambda d: all("loaded" in i["phases"] for i in d["instances"]), 10, "loaded phases")
     pids = [i["pid"] for i in doc["instances"]]
-    status = json.loads(next((sim_fleet.run_dir / "nodes").glob("*.status.json")).read_text())
-    os.kill(status["agent_pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
-        assert time.monotonic() < deadline, "engines outlived their agent"
-        time.sleep(0.2)
-    # The head sees its agent step end: the run is failed, never a stale "ready".
-    assert sim_fleet.proc.wait(30) != 0
-    final = EndpointsFile.read(sim_fleet.run_dir)
-    assert final.state.value == "failed" and all(i.status.value == "failed" for i in final.instances)
+    first = _agent_pid(sim_fleet.run_dir)
+    t0 = time.monotonic()
+    os.kill(first, signal.SIGKILL)
+    _gone(pids, 15, "engines outlived their agent")
+    doc = sim_fleet.wait(lambda d: d["state"] == "ready" and all(
+        i["pid"] and i["pid"] not in pids for i in d["instances"]), 60, "a new agent's engines ready")
+    took = time.monotonic() - t0
+    assert _agent_pid(sim_fleet.run_dir) != first
+    assert "starting it again (restart 1 of 3" in sim_fleet.log.read_text()
+    key = sim_fleet.key
+    assert completion(doc["instances"][0]["url"], key)["usage"]["completion_tokens"] == 3
+    print(f"agent killed -> new agent's 4 sim engines ready in {took:.1f} s")
+
+
+def test_a_hung_agent_is_replaced_and_its_engines_ended(tmp_path):
+    """Issue 17: an agent that stops (SIGSTOP: alive, silent) is lost after 4 missed heartbeats (here 1 s); a new
+    agent ends it and its engines (which a stopped agent cannot do) and serves again. With the budget spent
+    (max_restarts 1 per window), the next loss fails the run with the reason instead of another agent."""
+    fleet = launch_sim(tmp_path, tmp_path / "run", 2, free_port_block(2), heartbeat_interval=1, max_restarts=1,
+                       extra_args=["--decode-ms", "1", "--startup-seconds", "0.3"], startup_timeout=60,
+                       shutdown_grace=5)
+    try:
+        doc = fleet.wait(lambda d: d.get("state") == "ready", 90, "2 sim instances ready")
+        pids = [i["pid"] for i in doc["instances"]]
+        hung = _agent_pid(fleet.run_dir)
+        t0 = time.monotonic()
+        os.kill(hung, signal.SIGSTOP)
+        doc = fleet.wait(lambda d: d["state"] == "ready" and all(
+            i["pid"] and i["pid"] not in pids for i in d["instances"]), 60, "the new agent's engines ready")
+        took = time.monotonic() - t0
+        _gone([hung, *pids], 10, "the hung agent or its engines are still there")
+        assert 4 <= took < 40, took
+        assert "took over" in fleet.log.read_text()
+        # Budget spent: the second loss is final, and says why.
+        os.kill(_agent_pid(fleet.run_dir), signal.SIGKILL)
+        assert fleet.proc.wait(60) != 0
+        final = EndpointsFile.read(fleet.run_dir)
+        assert final.state.value == "failed" and all(i.status.value == "failed" for i in final.instances)
+        print(f"hung agent -> replaced, engines ready in {took:.1f} s")
+    finally:
+        if fleet.proc.poll() is None:
+            aegis("shutdown", fleet.run_dir, "--timeout", "60", check=False)
+            fleet.proc.wait(60)
+        for p in fleet.processes():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_plan_commands_are_what_the_agent_runs(sim_fleet, tmp_path):

@@ -8,6 +8,8 @@ environment, so every config exports PYTHONPATH (this checkout) for the job and 
 """
 import datetime
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -217,6 +219,22 @@ def test_sim_fleet_ready_on_both_nodes_then_shutdown(pbs_complex, tmp_path):  # 
         with urllib.request.urlopen(req, timeout=30) as resp:
             assert json.loads(resp.read())["usage"]["completion_tokens"] == 3
     assert status(pbs_complex, run)["state"] == "running"
+    # Issue 17: an agent killed on the second node. Open MPI's mpiexec then ends the whole step (every agent,
+    # and with them every engine); the head starts the step again within the restart budget, and both nodes
+    # serve again with new engines.
+    agents = {json.loads(p.read_text())["host"]: json.loads(p.read_text())["agent_pid"]
+              for p in (run / "nodes").glob("*.status.json")}
+    t0 = time.monotonic()
+    os.kill(agents[pbs_complex.nodes[1]], signal.SIGKILL)
+    deadline = t0 + 90
+    while True:
+        again = json.loads((run / "endpoints.json").read_text())
+        if again["state"] == "ready" and all(i["pid"] not in (None, old["pid"])
+                                             for i, old in zip(again["instances"], insts)):
+            break
+        assert time.monotonic() < deadline, why(proc, run)
+        time.sleep(1)
+    print(f"PBS: agent killed -> instances ready again after {time.monotonic() - t0:.0f} s")
     proc = aegis(pbs_complex, "shutdown", run, "--timeout", "60")
     assert proc.returncode == 0, why(proc, run)
     doc = wait_status(pbs_complex, run, "completed")

@@ -104,24 +104,50 @@ def test_300_sim_instances_survive_losing_10_percent(slurm_cluster, tmp_path):
     assert endpoints(run)["state"] == "stopped"
 
 
-def test_a_lost_agent_on_another_node_is_noticed(slurm_cluster, tmp_path):
+def test_a_lost_agent_on_another_node_is_replaced_then_failed_when_the_budget_is_spent(slurm_cluster, tmp_path):
     """Issue 17: an agent killed on one node while the launcher step goes on (srun --kill-on-bad-exit=0): its
-    engines die with it, and the head, on another node, marks its instances failed once the agent has missed
-    4 heartbeats (here 2 s apart) instead of showing them ready, then unhealthy, for startup_timeout."""
+    engines die with it; the head, on another node, notices once the agent has missed 4 heartbeats (here 2 s
+    apart), starts a new agent on that node only (`srun --nodelist=<node> --overlap` inside the job) whose
+    engines serve again, and leaves the other nodes' instances alone. With the budget spent (max_restarts 1),
+    the next loss marks that node's instances failed, with the reason, instead of showing them ready."""
     cfg = config(tmp_path, model="sim-fleet", engine="sim", instances=6, tensor_parallel_size=50,  # 2 per node
-                 startup_timeout=600, extra_args=["--decode-ms", "1"], heartbeat_interval=2, walltime="00:10:00")
+                 startup_timeout=600, extra_args=["--decode-ms", "1"], heartbeat_interval=2, max_restarts=1,
+                 walltime="00:10:00")
     run = tmp_path / "run"
     proc = aegis(slurm_cluster, "submit", cfg, "--site-file", SITES / "testcluster-sim.yaml", "--run-dir", run,
                  "--wait", "--timeout", "300", timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = endpoints(run)
     assert len({i["hostname"] for i in doc["instances"]}) == 3
-    statuses = {json.loads(p.read_text())["host"]: json.loads(p.read_text()) for p in (run / "nodes").glob("*.json")}
+    before = {i["name"]: i["pid"] for i in doc["instances"]}
+
+    def statuses() -> dict:
+        docs = [json.loads(p.read_text()) for p in (run / "nodes").glob("*.status.json")]
+        return {d["host"]: d for d in docs}
+
     head_host = json.loads(RunDir(run).head.read_text())["host"]
-    victim = next(h for h in statuses if h != head_host and any(i["hostname"] == h for i in doc["instances"]))
+    first = statuses()
+    victim = next(h for h in first if h != head_host and any(i["hostname"] == h for i in doc["instances"]))
     lost = {i["name"] for i in doc["instances"] if i["hostname"] == victim}
     t0 = time.monotonic()
-    os.kill(statuses[victim]["agent_pid"], signal.SIGKILL)
+    os.kill(first[victim]["agent_pid"], signal.SIGKILL)
+    deadline = t0 + 120
+    while True:
+        doc = endpoints(run)
+        by_name = {i["name"]: i for i in doc["instances"]}
+        if doc["state"] == "ready" and all(by_name[n]["pid"] not in (None, before[n]) for n in lost):
+            break
+        assert time.monotonic() < deadline, [by_name[n] for n in lost]
+        time.sleep(1)
+    took = time.monotonic() - t0
+    assert statuses()[victim]["agent_pid"] != first[victim]["agent_pid"]
+    assert all(by_name[n]["pid"] == before[n] and by_name[n]["restarts"] == 0 for n in before if n not in lost)
+    print(f"agent lost on {victim}: a new agent's engines ready {took:.0f} s after the kill")
+    assert 8 <= took < 90, took
+
+    # The budget is spent: the next loss is final for that node's instances, and says why.
+    t0 = time.monotonic()
+    os.kill(statuses()[victim]["agent_pid"], signal.SIGKILL)
     deadline = t0 + 60
     while True:
         doc = endpoints(run)
@@ -132,7 +158,8 @@ def test_a_lost_agent_on_another_node_is_noticed(slurm_cluster, tmp_path):
         time.sleep(1)
     took = time.monotonic() - t0
     assert 8 <= took < 40, took
-    assert all("sent no report" in by_name[n]["error"] for n in lost)
+    assert all("sent no report" in by_name[n]["error"] and "restart budget spent" in by_name[n]["error"]
+               for n in lost), [by_name[n]["error"] for n in lost]
     assert all(i["status"] == "ready" for i in doc["instances"] if i["name"] not in lost)
     assert doc["state"] == "degraded"
     proc = aegis(slurm_cluster, "shutdown", run, "--timeout", "120", timeout=200)
