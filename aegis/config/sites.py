@@ -158,6 +158,7 @@ class Site(BaseModel):
     engine_versions: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # engine -> version the site provides
     multinode_backends: dict[StrictStr, MultinodeBackend] = Field(default_factory=dict)  # engine -> how it spans nodes
     ray_env: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # for the processes of Ray-backed instances
+    engine_workarounds: dict[StrictStr, list[StrictStr]] = Field(default_factory=dict)  # engine -> known issues
     launcher: Literal["srun", "mpiexec", "local"] = "srun"
     launcher_args: list[StrictStr] = Field(default_factory=list)
     # mpiexec: how one step is put on one named host ({host}); used to restart a lost agent on its node
@@ -175,6 +176,21 @@ class Site(BaseModel):
                 raise ValueError(f"{engine!r} is not an engine ({', '.join(ENGINE_NAMES)})")
             if backend != "native" and engine not in SUPPORT["multinode_backend"]:
                 raise ValueError(f"engine {engine!r} has only its native multi-node mode")
+        return v
+
+    @field_validator("engine_workarounds")
+    @classmethod
+    def _workarounds(cls, v):
+        from aegis.engines import get_engine
+
+        for engine, names in v.items():
+            if engine not in ENGINE_NAMES:
+                raise ValueError(f"{engine!r} is not an engine ({', '.join(ENGINE_NAMES)})")
+            known = get_engine(engine).workarounds
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"{name!r} is not a workaround aegis has for {engine} "
+                                     f"(it has: {', '.join(known) or 'none'})")
         return v
 
     @field_validator("visibility_env", "env", "ray_env")

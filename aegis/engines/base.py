@@ -52,6 +52,7 @@ class EngineLaunch:
     visibility_vars: list[str] = field(default_factory=list)  # the site's device-visibility variables
     node_ip: str | None = None  # this node's IPv4 on the serving network (None: not known, `host` is used)
     cpus: int = 0  # CPU cores this node's part is bound to (0: not planned)
+    workarounds: list[str] = field(default_factory=list)  # the site's known issues of this engine to work around
 
     def script(self, name: str) -> str:
         """A console script installed next to the engine's Python (or on PATH for a bare name)."""
@@ -65,6 +66,7 @@ class EngineLaunch:
 class Engine:
     name = "base"
     server = "the engine's server"  # its program, as users know it (messages)
+    workarounds: tuple[str, ...] = ()  # known-issue workarounds a site profile may ask for (engine_workarounds)
     health_path = "/health"  # the health gate's first probe (aegis.launch.health)
     models_path = "/v1/models"  # ... and its second: the served name must be listed
     api_key_env = ""  # the variable the engine reads its API key from ("" if it has none)

@@ -16,6 +16,7 @@ VERSIONS = {
 }
 KEY_GUARD = "aegis_keyguard.KeyGuard"  # aegis/engines/guard/aegis_keyguard.py, imported by vLLM (--middleware)
 GUARD_DIR = str(Path(__file__).resolve().parent / "guard")
+MODELINFO_SCRIPT = str(Path(GUARD_DIR) / "aegis_modelinfo.py")  # fills vLLM's model-info cache, then execs
 MULTINODE = (0, 12)  # the first release with the multiprocessing multi-node mode (--nnodes, --headless)
 # The one table of vLLM's Prometheus metric names aegis reads (the bench's scraper, tests):
 # key -> (first version with the new name, old, new); the V1 engine before 0.11 used "gpu_" names.
@@ -60,6 +61,9 @@ class VLLMEngine(Engine):
     api_key_env = "VLLM_API_KEY"  # read by vLLM's server: the key never appears on a command line
     loaded_marker = b"Loading weights took"  # vLLM's model loaders (default_loader.py) log this
     lora_json_items = True  # --lora-modules: an item with a comma is parsed as JSON (cli_args.LoRAParserAction)
+    # modelinfo_cache: ALCF's Aurora known issue (vLLM's model inspection subprocess crashes on XPU; the
+    # model-info cache must be filled first): aegis_modelinfo.py fills it in-process before the server starts.
+    workarounds = ("modelinfo_cache",)
 
     def command(self, launch: EngineLaunch) -> list[str]:
         ray = launch.nnodes > 1 and launch.options.multinode_backend == "ray"
@@ -87,6 +91,8 @@ class VLLMEngine(Engine):
         if launch.api_key:  # vLLM's --api-key leaves /invocations, /tokenize, /metrics ... open: guard them all
             argv += ["--middleware", KEY_GUARD]
         argv += self.feature_args(launch) + list(launch.extra_args)
+        if "modelinfo_cache" in launch.workarounds:
+            argv = [launch.python, MODELINFO_SCRIPT, "--model", launch.model, "--", *argv]
         return ray_backend.wait_argv(launch, argv) if ray else argv
 
     def companions(self, launch: EngineLaunch) -> list[tuple[str, list[str]]]:

@@ -164,7 +164,7 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
                 config_dir=str(engine_dir), api_key=bool(api_key),
                 node_hosts=[addresses[p.node] for p in placements], devices_per_node=len(slice_.devices),
                 device_kind=site.device_kind, visibility_vars=list(site.visibility_env), node_ip=ip,
-                cpus=len(cpus))
+                cpus=len(cpus), workarounds=site.engine_workarounds.get(spec.engine, []))
             argv = engine.command(launch)
             if argv is None:  # this node's part is started by the instance's head (e.g. mpirun)
                 continue

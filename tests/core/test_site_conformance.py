@@ -247,13 +247,32 @@ def test_aurora_runs_alcfs_multi_node_layout_over_ray(tmp_path):
     for r in (ray_head, worker):
         assert flag(r.argv, "--num-gpus") == "8" and flag(r.argv, "--num-cpus") == "64"
         assert "--block" in r.argv and "k3y" not in " ".join(r.argv) and "VLLM_API_KEY" not in r.env
-    server = serve.argv[serve.argv.index("--") + 1:]
+    wait = serve.argv[serve.argv.index("--") + 1:]  # the Ray wait execs the model-info fill, which execs vLLM
+    assert wait[1].endswith("aegis_modelinfo.py")
+    server = wait[wait.index("--") + 1:]
     assert server[1:3] == ["serve", "meta-llama/Llama-3.1-405B-Instruct"]
     assert flag(server, "--tensor-parallel-size") == "8" and flag(server, "--pipeline-parallel-size") == "2"
     assert flag(server, "--distributed-executor-backend") == "ray" and "--nnodes" not in server
     for r in (ray_head, serve, worker):
         assert r.env["ZE_AFFINITY_MASK"] == "0,1,2,3,4,5,6,7"
         assert {k: r.env[k] for k in ALCF_RAY_ENV} == ALCF_RAY_ENV
+
+
+def test_aurora_fills_vllms_model_info_cache_before_the_server(tmp_path):
+    """ALCF-AV "Known Issue": "a known issue related to populating the `modelinfos` in the `VLLM_CACHE_ROOT`
+    directory to run a model for the first time, which manifests as a `validation error for ModelConfig`. The
+    workaround for this issue is to pre-populate the configs". On Aurora every vLLM server starts behind
+    aegis_modelinfo.py (which fills them in-process, then execs the server); nowhere else."""
+    for site in ("a", "polaris", "frontier", "h200"):
+        (tmp_path / site).mkdir()
+    rank, = engine_ranks(tmp_path / "a", "aurora", {"model": "meta-llama/Llama-3.1-8B-Instruct"}, 0)
+    assert rank.argv[1].endswith("aegis_modelinfo.py") and flag(rank.argv, "--model") == \
+        "meta-llama/Llama-3.1-8B-Instruct"
+    server = rank.argv[rank.argv.index("--") + 1:]
+    assert server[0] == rank.argv[0] and server[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    for site in ("polaris", "frontier", "h200"):
+        other, = engine_ranks(tmp_path / site, site, {"model": "meta-llama/Llama-3.1-8B-Instruct"}, 0)
+        assert not any(a.endswith("aegis_modelinfo.py") for a in other.argv), site
 
 
 def test_polaris_engine_environment_and_vllm_version(tmp_path, capsys):
