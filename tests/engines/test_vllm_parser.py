@@ -162,7 +162,9 @@ def render_case(case_id: str, site_name: str, shape: str, features: dict, run_di
             ray = "--distributed-executor-backend" in argv or os.path.basename(argv[0]) == "ray"
             if os.path.basename(argv[0]) == "ray":
                 continue  # `ray start` of a Ray-backed instance (tests/launch/test_ray_backend.py runs it)
-            if ray:  # vllm serve behind aegis_raywait.py: the part after "--" is what vLLM parses
+            # vllm serve behind aegis_raywait.py and/or aegis_modelinfo.py (Aurora's known issue): each wrapper
+            # execs what follows its "--"; the part after the last wrapper's is what vLLM parses
+            while argv[1].endswith(("aegis_raywait.py", "aegis_modelinfo.py")):
                 argv = argv[argv.index("--") + 1:]
             spans = len(inst.placement) > 1 and not ray  # vLLM's own multi-node flags (Ray: vLLM's defaults)
             expect = {
