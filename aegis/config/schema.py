@@ -240,6 +240,7 @@ class Config(_Strict):
     restart_window: StrictInt = Field(3600, gt=0)  # seconds: older restarts no longer count against max_restarts
     liveness_interval: StrictInt = Field(10, ge=0)  # seconds between the agent's probes of a started engine (0: off)
     liveness_misses: StrictInt = Field(3, gt=0)  # unanswered probes in a row before a hung engine is restarted
+    liveness_stall: StrictInt = Field(300, ge=0)  # seconds with requests running and no token counted: hung (0: off)
     heartbeat_interval: StrictInt = Field(30, gt=0)  # seconds: an agent reports at least this often; 4 missed: lost
     shutdown_grace: StrictInt = Field(30, ge=0)  # seconds between SIGTERM and SIGKILL
     api_key: StrictBool = True  # generate a per-run API key the servers require

@@ -69,6 +69,7 @@ class Engine:
     workarounds: tuple[str, ...] = ()  # known-issue workarounds a site profile may ask for (engine_workarounds)
     health_path = "/health"  # the health gate's first probe (aegis.launch.health)
     models_path = "/v1/models"  # ... and its second: the served name must be listed
+    metrics_path: str | None = None  # vLLM-named Prometheus metrics: the agent's stall check reads token progress
     api_key_env = ""  # the variable the engine reads its API key from ("" if it has none)
     served_name_flag = "--served-model-name"
     loaded_marker: bytes | None = None  # a log line's text that says the weights are loaded (startup phases)

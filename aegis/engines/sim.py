@@ -21,6 +21,7 @@ class SimEngine(Engine):
     api_key_env = "AEGIS_SIM_API_KEY"
     loaded_marker = b"Loading weights took"  # the simulator logs it like vLLM
     served_name_flag = "--model"
+    metrics_path = "/metrics"  # vLLM's names (aegis/testing/simserver.py)
 
     def command(self, launch: EngineLaunch) -> list[str] | None:
         if launch.node_rank > 0:  # a spanning instance: its head rank serves the whole instance

@@ -59,6 +59,7 @@ class VLLMEngine(Engine):
     name = "vllm"
     server = "vllm serve"
     api_key_env = "VLLM_API_KEY"  # read by vLLM's server: the key never appears on a command line
+    metrics_path = "/metrics"  # num_requests_running, prompt/generation_tokens_total (METRICS)
     loaded_marker = b"Loading weights took"  # vLLM's model loaders (default_loader.py) log this
     lora_json_items = True  # --lora-modules: an item with a comma is parsed as JSON (cli_args.LoRAParserAction)
     # modelinfo_cache: ALCF's Aurora known issue (vLLM's model inspection subprocess crashes on XPU; the

@@ -56,6 +56,21 @@ def note(log, text: str) -> None:
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # engines are never behind a proxy
 
 
+def progress(url: str, key: str | None, deadline: float) -> tuple[float, float] | None:
+    """(requests running, tokens counted: prompt + generated) from an engine's vLLM-named /metrics, or None."""
+    from aegis.bench.prom import parse_metrics
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with DIRECT.open(req, timeout=deadline) as resp:
+            values = parse_metrics(resp.read().decode(errors="replace"))
+    except Exception:  # no answer, or not metrics: the health probe judges answering
+        return None
+    if "running" not in values or "generation_tokens_total" not in values:
+        return None
+    return values["running"], values.get("prompt_tokens_total", 0.0) + values["generation_tokens_total"]
+
+
 def answers(url: str, deadline: float) -> bool:
     """Whether a server answers `url` (any HTTP status: a key-protected route's 401 is an answer) in time."""
     try:
@@ -70,7 +85,7 @@ def answers(url: str, deadline: float) -> bool:
 class Agent:
     def __init__(self, run: RunDir, index: int, ranks: list[Rank], max_restarts: int, grace: float, host: str,
                  restart_window: float = 3600.0, liveness_interval: float = 0.0, liveness_misses: int = 3,
-                 heartbeat: float = 30.0):
+                 heartbeat: float = 30.0, liveness_stall: float = 0.0, key: str | None = None):
         self.run = run
         self.index = index
         self.ranks = ranks
@@ -80,6 +95,8 @@ class Agent:
         self.host = host
         self.liveness_interval = liveness_interval
         self.liveness_misses = liveness_misses
+        self.liveness_stall = liveness_stall
+        self.key = key  # the run's key: the engines' /metrics are behind it
         self.heartbeat = heartbeat
         self.stopping = False
         self.unwritten = False  # the last status write failed (retried every round)
@@ -110,6 +127,7 @@ class Agent:
                         continue
 
         rank.answered, rank.misses = False, 0  # liveness counts misses only once this process has answered
+        rank.progress, rank.progress_at, rank.stalled = None, time.monotonic(), 0.0
         log = open(rank.log, "ab", buffering=0)  # unbuffered: a full disk fails a write, not close()
         rank.log_offset = log.tell()  # the new process's lines start here
         host, port = rank.listen or ("", 0)
@@ -175,7 +193,7 @@ class Agent:
             if rank.proc is not None and rank.loaded_at is None and rank.loaded_marker and self._seen_loaded(rank):
                 rank.loaded_at = time.time()
                 changed = True
-            if rank.proc is not None and rank.misses >= self.liveness_misses:
+            if rank.proc is not None and (rank.misses >= self.liveness_misses or rank.stalled):
                 self._hung(rank)
             if rank.proc is not None:
                 code = rank.proc.poll()
@@ -197,10 +215,12 @@ class Agent:
     def _hung(self, rank: Rank) -> None:
         """A started engine stopped answering: kill its group; the next round restarts it like a crash."""
         assert rank.proc is not None
+        why = (f"had requests running and counted no token for {rank.stalled:.0f} s (liveness_stall)"
+               if rank.stalled else
+               f"did not answer {rank.misses} liveness probes ({self.liveness_interval:g} s apart)")
         with open(rank.log, "ab", buffering=0) as log:
-            note(log, f"\n=== aegis: {rank.key} did not answer {rank.misses} liveness probes "
-                      f"({self.liveness_interval:g} s apart) at {time.ctime()}: killed, to be restarted\n")
-        rank.misses = 0
+            note(log, f"\n=== aegis: {rank.key} {why} at {time.ctime()}: killed, to be restarted\n")
+        rank.misses, rank.stalled = 0, 0.0
         signal_group(rank.proc.pid, signal.SIGKILL)
 
     def probe_once(self, pool) -> None:
@@ -215,6 +235,22 @@ class Agent:
                 rank.answered, rank.misses = True, 0
             elif rank.answered:
                 rank.misses += 1
+        if self.liveness_stall > 0:
+            busy = [(r, pid) for r, pid in live if r.metrics_url and r.answered and not r.misses]
+            looks = pool.map(lambda rp: progress(rp[0].metrics_url, self.key, deadline), busy)
+            for (rank, pid), seen in zip(busy, looks):
+                if seen is not None and rank.proc is not None and rank.proc.pid == pid:
+                    self._progress(rank, *seen)
+
+    def _progress(self, rank: Rank, running: float, tokens: float) -> None:
+        """The stall check: an engine that answers but, with requests running, counts no token (prompt or
+        generated) for liveness_stall seconds is hung (an engine core stuck in a collective, say)."""
+        now = time.monotonic()
+        if running <= 0 or rank.progress is None or tokens != rank.progress:
+            rank.progress_at = now
+        rank.progress = tokens
+        if now - rank.progress_at >= self.liveness_stall:
+            rank.stalled = now - rank.progress_at
 
     def _probe_forever(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -336,5 +372,6 @@ def run_agent(run: RunDir) -> int:
     ranks = build_ranks(run, index, site, cfg, run.read_plan(), alloc.addresses, run.read_api_key())
     agent = Agent(run, index, ranks, cfg.max_restarts, cfg.shutdown_grace, socket.gethostname(),
                   restart_window=cfg.restart_window, liveness_interval=cfg.liveness_interval,
-                  liveness_misses=cfg.liveness_misses, heartbeat=cfg.heartbeat_interval)
+                  liveness_misses=cfg.liveness_misses, heartbeat=cfg.heartbeat_interval,
+                  liveness_stall=cfg.liveness_stall, key=run.read_api_key())
     return agent.run_until_stopped()

@@ -82,6 +82,10 @@ class Rank:
     loaded_at: float | None = None
     log_offset: int = 0  # where the search for loaded_marker goes on in the log
     health_url: str | None = None  # head ranks: where the agent's liveness probe asks
+    metrics_url: str | None = None  # head ranks of engines with vLLM's metrics: where the stall check reads progress
+    progress: float | None = None  # tokens (prompt + generated) the current process had counted at the last look
+    progress_at: float = 0.0  # monotonic time its count last moved, or it last had nothing running
+    stalled: float = 0.0  # seconds it had requests running without a token counted (set when it counts as hung)
     listen: tuple[str, int] | None = None  # where it will listen (head: serve; Ray head: GCS), checked free first
     answered: bool = False  # the current process has answered a liveness probe (probing counts misses from then)
     misses: int = 0  # liveness probes in a row the current process did not answer
@@ -208,5 +212,7 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
                               log=run.log(rank_key(inst.name, r)),
                               loaded_marker=engine.loaded_marker if head else None,
                               health_url=f"http://{launch.host}:{launch.port}{engine.health_path}" if head else None,
+                              metrics_url=f"http://{launch.host}:{launch.port}{engine.metrics_path}"
+                              if head and engine.metrics_path else None,
                               listen=(launch.host, launch.port) if head else None))
     return ranks

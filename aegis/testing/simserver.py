@@ -63,6 +63,7 @@ class SimConfig:
     disconnect_every: int = 0
     legacy_metrics: bool = False
     truth_capacity: int = 200000
+    stall_after: int = 0  # a fault: after this many requests the engine counts no token (HTTP still answers)
 
 
 class Tokenizer:
@@ -121,9 +122,11 @@ class Engine:
         self.wake = asyncio.Event()
         self.counters: collections.Counter[str] = collections.Counter()
         self.task: asyncio.Task | None = None
+        self.added = 0
 
     def add(self, r: SimRequest) -> None:
         self.waiting.append(r)
+        self.added += 1
         self.wake.set()
 
     def abort(self, r: SimRequest) -> None:
@@ -209,6 +212,9 @@ class Engine:
             if not self.running and not self.waiting:
                 self.wake.clear()
                 await self.wake.wait()
+            if cfg.stall_after and self.added > cfg.stall_after:
+                self._admit()  # requests show as running, as in a stuck engine core; none ever advances
+                await asyncio.Event().wait()
             prefill, swap = self._admit()
             if not self.running:
                 await asyncio.sleep(0.001)
@@ -536,7 +542,7 @@ def _parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = SimConfig()
     for name in ("model", "max_num_seqs", "prefill_ms_per_token", "decode_ms", "decode_ms_per_seq",
                  "tokens_per_chunk", "kv_blocks", "block_size", "max_loras", "max_cpu_loras", "lora_swap_ms",
-                 "max_model_len", "fail_every", "disconnect_every", "truth_capacity"):
+                 "max_model_len", "fail_every", "disconnect_every", "truth_capacity", "stall_after"):
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)), default=getattr(d, name))
     p.add_argument("--lora-modules", default="", help="comma-separated adapter names")
     p.add_argument("--api-key-file", default=None, help="require this Bearer key on /v1/*")
@@ -556,7 +562,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, SimConfig]:
     cfg = SimConfig(**{k: getattr(a, k) for k in (
         "model", "max_num_seqs", "prefill_ms_per_token", "decode_ms", "decode_ms_per_seq", "tokens_per_chunk",
         "kv_blocks", "block_size", "max_loras", "max_cpu_loras", "lora_swap_ms", "max_model_len",
-        "fail_every", "disconnect_every", "truth_capacity", "legacy_metrics")},
+        "fail_every", "disconnect_every", "truth_capacity", "legacy_metrics", "stall_after")},
         lora_modules=[x for x in a.lora_modules.split(",") if x], api_key=key,
         prefix_cache=not a.no_prefix_cache)
     return a, cfg

@@ -137,6 +137,7 @@ def test_engines_die_with_their_agent_and_a_new_agent_takes_over(sim_fleet):
     print(f"agent killed -> new agent's 4 sim engines ready in {took:.1f} s")
 
 
+@pytest.mark.slow  # the fault-injection suite (issue 17): in .ci/run, not the fast loop
 def test_a_hung_agent_is_replaced_and_its_engines_ended(tmp_path):
     """Issue 17: an agent that stops (SIGSTOP: alive, silent) is lost after 4 missed heartbeats (here 1 s); a new
     agent ends it and its engines (which a stopped agent cannot do) and serves again. With the budget spent
@@ -171,6 +172,58 @@ def test_a_hung_agent_is_replaced_and_its_engines_ended(tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.slow  # the fault-injection suite (issue 17): in .ci/run, not the fast loop
+def test_an_engine_that_answers_but_counts_no_token_is_restarted(tmp_path):
+    """Issue 17, liveness that needs the engine to work: an engine whose HTTP server answers /health while its
+    engine core is stuck (the simulator's --stall-after: requests stay running, no token is ever counted) is
+    killed once it had requests running and no token counted for liveness_stall seconds, then restarted. A
+    long request that keeps counting tokens, for longer than liveness_stall, is left alone."""
+    import threading
+
+    fleet = launch_sim(tmp_path, tmp_path / "run", 1, free_port_block(1), liveness_interval=1, liveness_stall=3,
+                       extra_args=["--decode-ms", "2", "--startup-seconds", "0.3", "--stall-after", "2"],
+                       startup_timeout=60, shutdown_grace=5)
+    try:
+        doc = fleet.wait(lambda d: d.get("state") == "ready", 90, "the sim instance ready")
+        inst, key = doc["instances"][0], fleet.key
+        t0 = time.monotonic()
+        req = urllib.request.Request(inst["url"] + "/v1/completions", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+            data=json.dumps({"model": "sim-small", "prompt": "hi", "max_tokens": 2500}).encode())
+        with urllib.request.urlopen(req, timeout=60) as resp:  # ~5 s of tokens, longer than liveness_stall
+            assert json.loads(resp.read())["usage"]["completion_tokens"] == 2500
+        assert time.monotonic() - t0 > 4
+        assert completion(inst["url"], key)["usage"]["completion_tokens"] == 3
+        assert fleet.endpoints()["instances"][0]["restarts"] == 0
+        stuck = threading.Thread(target=_swallow, args=(lambda: completion(inst["url"], key),), daemon=True)
+        t0 = time.monotonic()
+        stuck.start()
+        doc = fleet.wait(lambda d: d["state"] == "ready" and d["instances"][0]["pid"] not in (None, inst["pid"]),
+                         60, "the stuck engine restarted and ready")
+        took = time.monotonic() - t0
+        assert doc["instances"][0]["restarts"] == 1
+        log = (fleet.run_dir / "logs" / f"{inst['name']}.log").read_text()
+        assert "had requests running and counted no token for" in log
+        assert 3 <= took < 20, took
+        print(f"stuck engine core -> restarted and ready in {took:.1f} s (liveness_stall 3 s)")
+    finally:
+        if fleet.proc.poll() is None:
+            aegis("shutdown", fleet.run_dir, "--timeout", "60", check=False)
+            fleet.proc.wait(60)
+        for p in fleet.processes():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _swallow(fn) -> None:
+    try:
+        fn()
+    except Exception:
+        pass
 
 
 def test_plan_commands_are_what_the_agent_runs(sim_fleet, tmp_path):
