@@ -75,6 +75,13 @@ def test_completions_and_streaming(state):
                           {"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": True}, fleet.key)
         events = [line for line in body.decode().splitlines() if line.startswith("data: ")]
         assert code == 200 and events[-1] == "data: [DONE]" and len(events) >= 3
+        # What the agent's stall check reads from a real vLLM behind the key guard: idle, 8 tokens generated
+        # (plus the prompts) by the two requests above at least.
+        from aegis.launch.agent import progress
+
+        running, tokens = progress(inst["url"] + "/metrics", fleet.key, 10)
+        assert running == 0 and tokens >= 8
+        assert progress(inst["url"] + "/metrics", None, 10) is None  # without the key: no answer to read
 
 
 def test_requests_without_the_key_are_refused(state):
