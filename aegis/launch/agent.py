@@ -274,6 +274,25 @@ class Agent:
             if rank.state != RankState.FAILED:
                 rank.state = RankState.STOPPED
 
+    def _hold_head(self) -> None:
+        """Hold a connection to the head (head.json names its port): when this agent dies, however it dies,
+        the kernel closes it and the head knows at once. Reconnects while the agent lives; where there is
+        no connection, the heartbeats in the status file still tell."""
+        import json
+
+        while not self.stopping:
+            try:
+                head = json.loads(self.run.head.read_text())
+                with socket.create_connection((head["host"], int(head["agent_port"])), timeout=10) as conn:
+                    conn.sendall(json.dumps({"index": self.index, "pid": os.getpid(),
+                                             "token": head["agent_token"]}).encode() + b"\n")
+                    conn.settimeout(None)
+                    while conn.recv(256):
+                        pass
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            time.sleep(min(5.0, self.heartbeat))
+
     # -- reporting ----------------------------------------------------------------------
 
     def status(self) -> NodeStatus:
@@ -304,6 +323,7 @@ class Agent:
         self.write_status()
         if self.liveness_interval > 0:
             threading.Thread(target=self._probe_forever, name="liveness", daemon=True).start()
+        threading.Thread(target=self._hold_head, name="head-connection", daemon=True).start()
         last = time.monotonic()
         while not self.stopping:
             if self.check() or self.unwritten or time.monotonic() - last >= self.heartbeat:

@@ -12,6 +12,7 @@ stop their engines), SIGKILL after the grace period.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ S = InstanceState
 log = logging.getLogger("aegis")
 LOST_AFTER = 4  # heartbeats an agent may miss before its node counts as lost
 READY_PROBE_INTERVAL = 5.0  # seconds between health probes of a ready instance (others: every round)
+DROP_GRACE = 3.0  # seconds an agent's closed connection may stay closed (a reconnect) before it counts as lost
 REPORT_WITHIN = 60.0  # seconds (plus a heartbeat) a new agent has to send its first report
 QUIET_ABOVE = 32  # more instances than this: progress lines instead of one line per instance
 
@@ -139,6 +141,9 @@ class Head:
         self.step: subprocess.Popen | None = None
         self.step_argv: list[str] = []
         self.step_started = 0.0  # unix time the current launcher step was started
+        self.agent_token = secrets.token_urlsafe(24)  # agents prove they are this run's (head.json, 0600)
+        self.agents_held: dict[int, int] = {}  # node index -> pid of the agent holding a connection to the head
+        self.agents_dropped: dict[int, tuple[int, float]] = {}  # node index -> (pid, monotonic time it closed)
         self.key: str | None = None
         self.t0 = time.monotonic()
         self.since: dict[str, float] = {}
@@ -170,9 +175,7 @@ class Head:
             self.key = secrets.token_urlsafe(32)
             atomic_write(run.api_key, self.key + "\n", mode=0o600)
             self.doc.api_key_file = str(run.api_key)
-        me = psutil.Process()
-        atomic_write(run.head, json.dumps(
-            {"pid": me.pid, "create_time": me.create_time(), "host": socket.gethostname()}) + "\n")
+        self._write_head_record()
         from aegis.engines import get_engine
 
         addresses = self.alloc.addresses or [self.site.serve_address.address(h) for h in self.alloc.hosts]
@@ -193,6 +196,38 @@ class Head:
                 nodes=[self.alloc.hosts[p.node] for p in inst.placement], engine=spec.engine,
                 status=S.STARTING, log=str(run.log(inst.name))))
             self.since[inst.name] = self.t0
+
+    def _write_head_record(self, agent_port: int | None = None) -> None:
+        """head.json: who the head is (pid, start time, host) and where agents hold their connection to it."""
+        me = psutil.Process()
+        record = {"pid": me.pid, "create_time": me.create_time(), "host": socket.gethostname()}
+        if agent_port is not None:
+            record.update(agent_port=agent_port, agent_token=self.agent_token)
+        atomic_write(self.run.head, json.dumps(record) + "\n", mode=0o600)
+
+    async def _agent_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One agent's connection: its hello (node index, pid, the run's agent token), then silence until it
+        closes, which the kernel does at once when the agent dies, however it dies."""
+        hello: dict = {}
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            hello = json.loads(line) if line else {}
+            if not (isinstance(hello, dict) and isinstance(hello.get("index"), int)
+                    and isinstance(hello.get("pid"), int) and isinstance(hello.get("token"), str)
+                    and hmac.compare_digest(hello["token"], self.agent_token)):
+                return
+            self.agents_held[hello["index"]] = hello["pid"]
+            self.agents_dropped.pop(hello["index"], None)
+            while await reader.read(256):
+                pass
+        except (OSError, ValueError, asyncio.TimeoutError, asyncio.CancelledError):  # cancelled: the head stops
+            pass
+        finally:
+            writer.close()
+            index = hello.get("index") if isinstance(hello, dict) else None
+            if isinstance(index, int) and self.agents_held.get(index) == hello.get("pid"):
+                del self.agents_held[index]
+                self.agents_dropped[index] = (hello["pid"], time.monotonic())
 
     def _publish(self) -> None:
         """Write endpoints.json; a write that fails (a full filesystem) is said once and retried every round."""
@@ -232,6 +267,10 @@ class Head:
                    "node or agent lost"
         if status.host == socket.gethostname() and not _alive(status.agent_pid):
             return f"its agent on {status.host} (pid {status.agent_pid}) is gone"
+        dropped = self.agents_dropped.get(status.index)
+        if dropped and dropped[0] == status.agent_pid and time.monotonic() - dropped[1] > DROP_GRACE:
+            return f"its agent on {status.host} (pid {status.agent_pid}) is gone (its connection to the head " \
+                   "closed)"
         return None
 
     def _agent_ranks(self) -> dict[str, list[RankStatus]]:
@@ -393,6 +432,15 @@ class Head:
     async def _loop(self) -> None:
         announced = False
         assert self.step is not None
+        try:  # agents connect to it: an agent's death is seen at once (heartbeats still cover a lost node)
+            dual = socket.has_dualstack_ipv6()
+            sock = socket.create_server(("", 0), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                        dualstack_ipv6=dual, backlog=1024)  # one port on IPv4 and IPv6
+            await asyncio.start_server(self._agent_connected, sock=sock)
+            self._write_head_record(sock.getsockname()[1])
+        except OSError as exc:
+            self.echo(f"aegis: no port for the agents' connections ({exc.strerror or exc}); lost agents are found "
+                      "by their heartbeats")
         while not self.stop_requested:
             if self.run.shutdown.exists():
                 self.echo("aegis: shutdown requested")

@@ -106,12 +106,13 @@ def test_300_sim_instances_survive_losing_10_percent(slurm_cluster, tmp_path):
 
 def test_a_lost_agent_on_another_node_is_replaced_then_failed_when_the_budget_is_spent(slurm_cluster, tmp_path):
     """Issue 17: an agent killed on one node while the launcher step goes on (srun --kill-on-bad-exit=0): its
-    engines die with it; the head, on another node, notices once the agent has missed 4 heartbeats (here 2 s
-    apart), starts a new agent on that node only (`srun --nodelist=<node> --overlap` inside the job) whose
-    engines serve again, and leaves the other nodes' instances alone. With the budget spent (max_restarts 1),
-    the next loss marks that node's instances failed, with the reason, instead of showing them ready."""
+    engines die with it; the head, on another node, notices within seconds (the agent's connection to the head
+    closes when it dies: heartbeats are 30 s apart here, 4 missed would take 2 minutes), starts a new agent on
+    that node only (`srun --nodelist=<node> --overlap` inside the job) whose engines serve again, and leaves the
+    other nodes' instances alone. With the budget spent (max_restarts 1), the next loss marks that node's
+    instances failed, with the reason, instead of showing them ready."""
     cfg = config(tmp_path, model="sim-fleet", engine="sim", instances=6, tensor_parallel_size=50,  # 2 per node
-                 startup_timeout=600, extra_args=["--decode-ms", "1"], heartbeat_interval=2, max_restarts=1,
+                 startup_timeout=600, extra_args=["--decode-ms", "1"], heartbeat_interval=30, max_restarts=1,
                  walltime="00:10:00")
     run = tmp_path / "run"
     proc = aegis(slurm_cluster, "submit", cfg, "--site-file", SITES / "testcluster-sim.yaml", "--run-dir", run,
@@ -143,7 +144,7 @@ def test_a_lost_agent_on_another_node_is_replaced_then_failed_when_the_budget_is
     assert statuses()[victim]["agent_pid"] != first[victim]["agent_pid"]
     assert all(by_name[n]["pid"] == before[n] and by_name[n]["restarts"] == 0 for n in before if n not in lost)
     print(f"agent lost on {victim}: a new agent's engines ready {took:.0f} s after the kill")
-    assert 8 <= took < 90, took
+    assert took < 60, took
 
     # The budget is spent: the next loss is final for that node's instances, and says why.
     t0 = time.monotonic()
@@ -157,9 +158,10 @@ def test_a_lost_agent_on_another_node_is_replaced_then_failed_when_the_budget_is
         assert time.monotonic() < deadline, [by_name[n] for n in lost]
         time.sleep(1)
     took = time.monotonic() - t0
-    assert 8 <= took < 40, took
-    assert all("sent no report" in by_name[n]["error"] and "restart budget spent" in by_name[n]["error"]
-               for n in lost), [by_name[n]["error"] for n in lost]
+    print(f"second loss on {victim}: its instances failed {took:.0f} s after the kill")
+    assert took < 30, took
+    assert all("connection to the head closed" in by_name[n]["error"] and "restart budget spent" in
+               by_name[n]["error"] for n in lost), [by_name[n]["error"] for n in lost]
     assert all(i["status"] == "ready" for i in doc["instances"] if i["name"] not in lost)
     assert doc["state"] == "degraded"
     proc = aegis(slurm_cluster, "shutdown", run, "--timeout", "120", timeout=200)
