@@ -40,13 +40,20 @@ def sim_fleet(tmp_path):
     fleet = launch_sim(tmp_path, tmp_path / "run", 4, free_port_block(4),
                        extra_args=["--decode-ms", "1", "--startup-seconds", "0.3"], startup_timeout=60,
                        shutdown_grace=10, liveness_interval=2, liveness_misses=3)
-    proc, run = fleet.proc, fleet.run_dir
     yield fleet
-    if proc.poll() is None:
-        aegis("shutdown", run, "--timeout", "60", check=False)
-        proc.wait(60)
+    tear_down(fleet)
+
+
+def tear_down(fleet: Fleet) -> None:
+    """Shut a fleet down as a user would, then kill whatever of it is left (a failed test's leftovers)."""
+    if fleet.proc.poll() is None:
+        aegis("shutdown", fleet.run_dir, "--timeout", "60", check=False)
+        fleet.proc.wait(60)
     for p in fleet.processes():
-        os.killpg(p.pid, signal.SIGKILL)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def completion(url: str, key: str | None) -> dict:
@@ -164,14 +171,7 @@ def test_a_hung_agent_is_replaced_and_its_engines_ended(tmp_path):
         assert final.state.value == "failed" and all(i.status.value == "failed" for i in final.instances)
         print(f"hung agent -> replaced, engines ready in {took:.1f} s")
     finally:
-        if fleet.proc.poll() is None:
-            aegis("shutdown", fleet.run_dir, "--timeout", "60", check=False)
-            fleet.proc.wait(60)
-        for p in fleet.processes():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        tear_down(fleet)
 
 
 @pytest.mark.slow  # the fault-injection suite (issue 17): in .ci/run, not the fast loop
@@ -209,14 +209,7 @@ def test_an_engine_that_answers_but_counts_no_token_is_restarted(tmp_path):
         assert 3 <= took < 20, took
         print(f"stuck engine core -> restarted and ready in {took:.1f} s (liveness_stall 3 s)")
     finally:
-        if fleet.proc.poll() is None:
-            aegis("shutdown", fleet.run_dir, "--timeout", "60", check=False)
-            fleet.proc.wait(60)
-        for p in fleet.processes():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        tear_down(fleet)
 
 
 def _swallow(fn) -> None:
