@@ -61,8 +61,14 @@ static struct {
     char hf_model[PATH_MAX], hf_rev[128];
     manifest_t m;
     char digest[65], key[65];
-    uint64_t K;
-    uint32_t *crc;
+    stream_t full;         /* every file with bytes: what the marker's chunk CRCs cover */
+    stream_t tx;           /* the files this staging sends over the ring (all on a first staging) */
+    uint64_t K, KT;        /* chunks of full and of tx */
+    uint32_t *crc;         /* CRC-32 of each chunk of full (the marker's) */
+    uint32_t *txcrc;       /* CRC-32 of each chunk of tx, as its reader computed it */
+    unsigned char *send;   /* send[i]: some node writes file i, so it goes over the ring */
+    size_t files_sent;
+    int sent;              /* the ring ran (not every node skipped) */
     fstate_t *fs;
     int *need;             /* need[i]: this node writes entry i (it is missing or differs at DEST) */
     int skip, failed, prepared, resend_all;
@@ -125,10 +131,16 @@ static void die_usage(const char *fmt, ...)
     exit(2);
 }
 
-static uint64_t chunk_len(uint64_t k)
+static uint64_t stream_chunk_len(const stream_t *s, uint64_t k)
 {
     uint64_t start = k * O.chunk;
-    return S.m.total - start < O.chunk ? S.m.total - start : O.chunk;
+    return s->total - start < O.chunk ? s->total - start : O.chunk;
+}
+
+/* Length of chunk k of the whole stream. */
+static uint64_t chunk_len(uint64_t k)
+{
+    return stream_chunk_len(&S.full, k);
 }
 
 /* ---------------------------------------------------------------- paths */
@@ -242,11 +254,12 @@ static int read_piece(const piece_t *pc, void *arg)
     return 0;
 }
 
-/* Read chunk k of the stream rooted at base into buf. */
-static int read_chunk(const char *base, int single, uint64_t k, unsigned char *buf, char *err, size_t errlen)
+/* Read chunk k of stream st of the tree (or file) at base into buf. */
+static int read_chunk(const stream_t *st, const char *base, int single, uint64_t k, unsigned char *buf, char *err,
+                      size_t errlen)
 {
     rd_t r = {base, single, buf, err, errlen};
-    return manifest_pieces(&S.m, k * O.chunk, k * O.chunk + chunk_len(k), read_piece, &r);
+    return stream_pieces(&S.m, st, k * O.chunk, k * O.chunk + stream_chunk_len(st, k), read_piece, &r);
 }
 
 static uint32_t crc_of(const unsigned char *buf, uint64_t len)
@@ -320,10 +333,10 @@ static int need_piece(const piece_t *pc, void *arg)
     return S.need[pc->entry];
 }
 
-/* Does this node write any byte of chunk k? */
+/* Does this node write any byte of chunk k of the ring's stream? */
 static int chunk_needed(uint64_t k)
 {
-    return manifest_pieces(&S.m, k * O.chunk, k * O.chunk + chunk_len(k), need_piece, NULL) != 0;
+    return stream_pieces(&S.m, &S.tx, k * O.chunk, k * O.chunk + stream_chunk_len(&S.tx, k), need_piece, NULL) != 0;
 }
 
 /* ---------------------------------------------------------------- I/O threads */
@@ -353,11 +366,11 @@ static void push_job(int type, int slot)
 
 static void do_read(slot_t *s)
 {
-    uint64_t len = chunk_len(s->k);
+    uint64_t len = stream_chunk_len(&S.tx, s->k);
     uint32_t flags = 0, crc = 0;
     char err[300] = "";
     double t0 = now();
-    if (read_chunk(O.src, S.single, s->k, s->buf, err, sizeof err) != 0) {
+    if (read_chunk(&S.tx, O.src, S.single, s->k, s->buf, err, sizeof err) != 0) {
         flags = 1;
         char msg[400];
         snprintf(msg, sizeof msg, "rank %d on %s: %s", S.wrank, S.host, err);
@@ -378,12 +391,12 @@ static void do_read(slot_t *s)
 
 static void do_write(slot_t *s)
 {
-    uint64_t len = chunk_len(s->k), k;
+    uint64_t len = stream_chunk_len(&S.tx, s->k), k;
     uint32_t crc, flags;
     memcpy(&k, s->buf + len, 8);
     memcpy(&crc, s->buf + len + 8, 4);
     memcpy(&flags, s->buf + len + 12, 4);
-    S.crc[s->k] = crc;
+    S.txcrc[s->k] = crc;
     if (k != (uint64_t)s->k) {
         node_fail("protocol error: expected chunk %lld, received %llu", (long long)s->k, (unsigned long long)k);
         return;
@@ -409,7 +422,7 @@ static void do_write(slot_t *s)
         /* Damaged in transit: re-read this chunk from SRC (a shared filesystem) here. */
         char err[300] = "";
         fix = malloc(len ? len : 1);
-        if (!fix || read_chunk(O.src, S.single, s->k, fix, err, sizeof err) != 0) {
+        if (!fix || read_chunk(&S.tx, O.src, S.single, s->k, fix, err, sizeof err) != 0) {
             node_fail("chunk %lld failed its checksum and could not be re-read from SRC: %s",
                       (long long)s->k, err);
             free(fix);
@@ -430,7 +443,7 @@ static void do_write(slot_t *s)
     }
     t0 = now();
     wr_t w = {data};
-    manifest_pieces(&S.m, s->k * O.chunk, s->k * O.chunk + len, write_piece, &w);
+    stream_pieces(&S.m, &S.tx, s->k * O.chunk, s->k * O.chunk + len, write_piece, &w);
     add_time(&S.t_write, t0);
     free(fix);
 }
@@ -490,9 +503,9 @@ static void transfer(void)
 
     double t0 = now();
     uint64_t next = 0, finished = 0;
-    while (finished < S.K) {
+    while (finished < S.KT) {
         int progress = 0;
-        while (next < S.K) {
+        while (next < S.KT) {
             int i = (int)(next % W);
             slot_t *s = &slots[i];
             if (s->k >= 0)
@@ -503,7 +516,7 @@ static void transfer(void)
                 push_job(JOB_READ, i);
             } else {
                 s->receiving = 1;
-                MPI_Irecv(s->buf, (int)(chunk_len(next) + TRAILER), MPI_BYTE, left, (int)(next % 32768),
+                MPI_Irecv(s->buf, (int)(stream_chunk_len(&S.tx, next) + TRAILER), MPI_BYTE, left, (int)(next % 32768),
                           S.leaders, &req[i]);
             }
             next++;
@@ -522,7 +535,7 @@ static void transfer(void)
             s->receiving = 0;
             if ((int)(s->k % n) != right) {
                 s->sending = 1;
-                MPI_Isend(s->buf, (int)(chunk_len(s->k) + TRAILER), MPI_BYTE, right, (int)(s->k % 32768),
+                MPI_Isend(s->buf, (int)(stream_chunk_len(&S.tx, s->k) + TRAILER), MPI_BYTE, right, (int)(s->k % 32768),
                           S.leaders, &req[W + i]);
             }
             s->writing = 1;
@@ -546,8 +559,8 @@ static void transfer(void)
                 s->reading = 0;
                 if (n > 1) {
                     s->sending = 1;
-                    MPI_Isend(s->buf, (int)(chunk_len(s->k) + TRAILER), MPI_BYTE, right, (int)(s->k % 32768),
-                              S.leaders, &req[W + done_local[j].slot]);
+                    MPI_Isend(s->buf, (int)(stream_chunk_len(&S.tx, s->k) + TRAILER), MPI_BYTE, right,
+                              (int)(s->k % 32768), S.leaders, &req[W + done_local[j].slot]);
                 }
                 s->writing = 1;
                 push_job(JOB_WRITE, done_local[j].slot);
@@ -592,7 +605,7 @@ static void *pass_worker(void *arg)
     pass_t *p = arg;
     unsigned char *buf = malloc(O.chunk ? O.chunk : 1);
     for (uint64_t k = p->first + (uint64_t)p->stride * p->tid; k < p->K; k += (uint64_t)p->stride * p->nthreads) {
-        if (read_chunk(p->base, p->single, k, buf, p->err, sizeof p->err) != 0) {
+        if (read_chunk(&S.full, p->base, p->single, k, buf, p->err, sizeof p->err) != 0) {
             p->bad = (int64_t)k;
             break;
         }
@@ -1103,6 +1116,55 @@ static void prepare(void)
         manifest_free(&old);
 }
 
+/* Which files go over the ring: those that at least one node writes (need[], OR over the nodes); a file
+ * every node already holds as SRC has it is not sent. send[n]: some node writes at all. */
+static void plan_send(void)
+{
+    size_t n = S.m.n;
+    unsigned char *mine = calloc(n + 1, 1);
+    int writes = !S.skip && !failed();
+    for (size_t i = 0; i < n; i++)
+        mine[i] = writes && S.need[i];
+    mine[n] = (unsigned char)writes;
+    MPI_Allreduce(mine, S.send, (int)n + 1, MPI_UNSIGNED_CHAR, MPI_MAX, S.leaders);
+    free(mine);
+    for (size_t i = 0; i < n; i++)
+        S.files_sent += S.m.e[i].type == 'f' && S.send[i];
+    stream_build(&S.m, S.send, &S.tx);
+    S.KT = (S.tx.total + O.chunk - 1) / O.chunk;
+    S.txcrc = calloc(S.KT ? S.KT : 1, sizeof *S.txcrc);
+    S.sent = 1;
+}
+
+/* The marker's CRC-32 of every chunk of the whole stream. When the ring carried all of it, these are the
+ * readers' CRCs; otherwise (files every node had were not sent) the leaders compute them from SRC, each
+ * its share (chunk k on leader k mod N), and sum them: only the CRCs travel. */
+static void full_crcs(void)
+{
+    if (S.tx.n == S.full.n) {
+        memcpy(S.crc, S.txcrc, S.K * sizeof *S.crc);
+        return;
+    }
+    if (!S.send[S.m.n])
+        return; /* no node writes a marker */
+    uint32_t *part = calloc(S.K ? S.K : 1, sizeof *part);
+    char err[300] = "", msg[400] = "";
+    double t0 = now();
+    int64_t bad = crc_pass(O.src, S.single, S.nleaders, S.lrank, part, NULL, err, sizeof err);
+    add_time(&S.t_read, t0);
+    MPI_Allreduce(part, S.crc, (int)S.K, MPI_UINT32_T, MPI_SUM, S.leaders);
+    free(part);
+    int first = bad >= 0 ? S.lrank : INT_MAX, who;
+    MPI_Allreduce(&first, &who, 1, MPI_INT, MPI_MIN, S.leaders);
+    if (who == INT_MAX)
+        return;
+    if (who == S.lrank)
+        snprintf(msg, sizeof msg, "rank %d on %s: %s", S.wrank, S.host, err);
+    MPI_Bcast(msg, sizeof msg, MPI_CHAR, who, S.leaders);
+    if (!S.skip)
+        node_fail("SRC could not be read (%s)", msg);
+}
+
 static void cleanup_tmp(void)
 {
     for (size_t i = 0; i < S.m.n; i++) {
@@ -1128,7 +1190,7 @@ static int drop_piece_file(const piece_t *pc, void *arg)
 /* Remove the files of chunk k at DEST (it failed --verify), so that the next staging rewrites them. */
 static void drop_chunk_files(uint64_t k)
 {
-    manifest_pieces(&S.m, k * O.chunk, k * O.chunk + chunk_len(k), drop_piece_file, NULL);
+    stream_pieces(&S.m, &S.full, k * O.chunk, k * O.chunk + chunk_len(k), drop_piece_file, NULL);
 }
 
 /* Rename what this node wrote into place (files, then links, then directory modes). */
@@ -1439,18 +1501,22 @@ static int report(double t_start)
             if (all[i].t[j] > mx[j]) mx[j] = all[i].t[j];
     }
     double secs = mx[5] > 0 ? mx[5] : 1e-9;
-    double moved = nskip == S.nleaders ? 0.0 : (double)S.m.total;
+    uint64_t sent = S.sent ? S.tx.total : 0;
+    double moved = (double)sent;
     if (O.json) {
         printf("{\"impl\": \"native\", \"src\": ");
         json_str(O.src);
         printf(", \"dest\": ");
         json_str(O.dest);
-        printf(", \"bytes\": %llu, \"files\": %zu, "
-               "\"nodes\": %d, \"ranks\": %d, \"seconds\": %.6f, \"gbps_per_node\": %.6f, \"skipped_nodes\": %d, "
+        printf(", \"bytes\": %llu, \"files\": %zu, \"bytes_sent\": %llu, \"bytes_skipped\": %llu, "
+               "\"files_sent\": %zu, \"chunks_sent\": %llu, \"nodes\": %d, \"ranks\": %d, \"seconds\": %.6f, "
+               "\"gbps_per_node\": %.6f, \"skipped_nodes\": %d, "
                "\"failed_nodes\": %d, \"repaired_chunks\": %ld, \"chunk_size\": %llu, \"window\": %d, "
                "\"threads\": %d, \"chunks\": %llu, \"manifest_sha256\": \"%s\", \"phases\": {\"read\": %.6f, "
                "\"network\": %.6f, \"write\": %.6f, \"checksum\": %.6f, \"verify\": %.6f}, \"failures\": [",
-               (unsigned long long)S.m.total, S.m.nfiles, S.nleaders, S.wsize, secs,
+               (unsigned long long)S.m.total, S.m.nfiles, (unsigned long long)sent,
+               (unsigned long long)(S.m.total - sent), S.files_sent, (unsigned long long)(S.sent ? S.KT : 0),
+               S.nleaders, S.wsize, secs,
                moved / secs / 1e9, nskip, nfail, rep, (unsigned long long)O.chunk, O.window, O.threads,
                (unsigned long long)S.K, S.digest, mx[0], mx[1], mx[2], mx[3], mx[4]);
         int first = 1;
@@ -1471,12 +1537,19 @@ static int report(double t_start)
         if (nskip == S.nleaders)
             printf("aegis stage: %s in %zu files already staged on all %d nodes at %s (%.2f s) [native]\n", sz,
                    S.m.nfiles, S.nleaders, O.dest, secs);
-        else
-            printf("aegis stage: %s in %zu files to %d nodes in %.2f s (%.2f GB/s per node); read %.2f s, "
+        else {
+            char part[160] = "", b[32];
+            if (S.send[S.m.n] && S.files_sent < S.m.nfiles) {
+                fmt_bytes(b, sizeof b, sent);
+                snprintf(part, sizeof part, "; sent %s (%zu of %zu files; the others were on every node already)",
+                         b, S.files_sent, S.m.nfiles);
+            }
+            printf("aegis stage: %s in %zu files to %d nodes in %.2f s (%.2f GB/s per node)%s; read %.2f s, "
                    "network %.2f s, write %.2f s, checksum %.2f s, verify %.2f s; %d skipped, %d failed, "
                    "%ld chunks repaired [native]\n",
-                   sz, S.m.nfiles, S.nleaders, secs, moved / secs / 1e9, mx[0], mx[1], mx[2], mx[3], mx[4], nskip,
-                   nfail, rep);
+                   sz, S.m.nfiles, S.nleaders, secs, moved / secs / 1e9, part, mx[0], mx[1], mx[2], mx[3], mx[4],
+                   nskip, nfail, rep);
+        }
         if (O.hf_repo && nfail < S.nleaders)
             printf("aegis stage: set HF_HUB_CACHE=%s and HF_HUB_OFFLINE=1, then serve the model as %s\n",
                    O.dest, O.hf_repo);
@@ -1711,6 +1784,8 @@ int main(int argc, char **argv)
     S.crc = calloc(S.K ? S.K : 1, sizeof *S.crc);
     S.fs = calloc(S.m.n ? S.m.n : 1, sizeof *S.fs);
     S.need = calloc(S.m.n ? S.m.n : 1, sizeof *S.need);
+    S.send = calloc(S.m.n + 1, 1);
+    stream_build(&S.m, NULL, &S.full);
     for (size_t i = 0; i < S.m.n; i++) {
         S.fs[i].fd = -1;
         pthread_mutex_init(&S.fs[i].mu, NULL);
@@ -1783,7 +1858,9 @@ int main(int argc, char **argv)
         /* 3. prepare, transfer, finalize */
         if (!S.skip && !failed())
             prepare();
+        plan_send();
         transfer();
+        full_crcs();
         content_key();
         if (!S.skip && !failed()) {
             double t0 = now();

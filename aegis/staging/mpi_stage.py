@@ -8,6 +8,7 @@ forwards to its right), up to --window chunks in flight; I/O threads read, check
 """
 from __future__ import annotations
 
+import array
 import fcntl
 import hashlib
 import json
@@ -46,8 +47,11 @@ class _Node:
     single: bool
     digest: str
     C: int
-    K: int
+    K: int  # chunks of the whole stream (m.full), what the marker's CRCs cover
     crc: list[int]
+    tx: mf.Stream  # the files this staging sends over the ring (all of them on a first staging)
+    KT: int
+    txcrc: list[int]  # CRC-32 of each chunk of tx, as its reader computed it
     fs: list[_FileState]
     need: list[bool]  # need[i]: this node writes entry i (it is missing or differs at DEST)
     src: bytes
@@ -59,6 +63,7 @@ class _Node:
         self.lock = threading.Lock()
         self.failed, self.reason, self.skip = False, "", False
         self.prepared = self.resend_all = False
+        self.sent, self.files_sent, self.writers = False, 0, False
         self.lock_fd, self.lock_lost, self.lock_file = -1, False, ""
         self.write_delay = int(os.environ.get("AEGIS_STAGE_TEST_WRITE_DELAY_MS") or 0) / 1000
         self.times = dict(read=0.0, network=0.0, write=0.0, checksum=0.0, verify=0.0)
@@ -81,15 +86,21 @@ class _Node:
     def chunk_len(self, k: int) -> int:
         return min(self.C, self.m.total - k * self.C)
 
+    def tx_len(self, k: int) -> int:
+        return self.tx.chunk_len(self.C, k)
+
     def tmp_name(self, i: int) -> bytes:
         path = self.m.entries[i].path
         d, _, _ = path.rpartition(b"/")
         name = b".aegis-part.%s.%d" % (self.digest[:8].encode(), i)
         return os.path.join(self.broot, d, name) if d else os.path.join(self.broot, name)
 
-    def read_chunk(self, base: bytes, single: bool, k: int, buf: memoryview) -> None:
-        """Read stream chunk k of the tree (or file) at base into buf; OSError on failure."""
-        for i, off, n, at in self.m.pieces(k * self.C, k * self.C + self.chunk_len(k)):
+    def read_chunk(self, base: bytes, single: bool, k: int, buf: memoryview, st: mf.Stream | None = None) -> None:
+        """Read chunk k of stream st (default: the whole stream) of the tree (or file) at base into buf;
+        OSError on failure."""
+        st = st or self.m.full
+        assert st is not None
+        for i, off, n, at in st.pieces(k * self.C, k * self.C + st.chunk_len(self.C, k)):
             path = base if single else base + b"/" + self.m.entries[i].path
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -342,11 +353,11 @@ class _Node:
 
     # ------------------------------------------------------------ I/O jobs
     def do_read(self, slot: _Slot) -> None:
-        k, n = slot.k, self.chunk_len(slot.k)
+        k, n = slot.k, self.tx_len(slot.k)
         mv, flags = slot.mv, 0
         t0 = _now()
         try:
-            self.read_chunk(self.src, self.single, k, mv)
+            self.read_chunk(self.src, self.single, k, mv, self.tx)
         except OSError as exc:
             flags = 1
             msg = f"rank {self.wrank} on {self.host}: cannot read {exc.filename}: {exc.strerror}".encode()[:n]
@@ -361,11 +372,11 @@ class _Node:
         mv[n:n + TRAILER] = k.to_bytes(8, "little") + crc.to_bytes(4, "little") + flags.to_bytes(4, "little")
 
     def do_write(self, slot: _Slot) -> None:
-        k, n = slot.k, self.chunk_len(slot.k)
+        k, n = slot.k, self.tx_len(slot.k)
         tr = bytes(slot.mv[n:n + TRAILER])
         got_k, crc, flags = int.from_bytes(tr[:8], "little"), int.from_bytes(tr[8:12], "little"), \
             int.from_bytes(tr[12:], "little")
-        self.crc[k] = crc
+        self.txcrc[k] = crc
         if got_k != k:
             self.fail(f"protocol error: expected chunk {k}, received {got_k}")
             return
@@ -375,7 +386,7 @@ class _Node:
             msg = bytes(slot.mv[:min(n, 299)]).split(b"\0")[0].decode(errors="replace")
             self.fail(f"SRC could not be read ({msg})")
             return
-        if not any(self.need[i] for i, _, _, _ in self.m.pieces(k * self.C, k * self.C + n)):
+        if not any(self.need[i] for i, _, _, _ in self.tx.pieces(k * self.C, k * self.C + n)):
             return
         if self.write_delay:
             time.sleep(self.write_delay)
@@ -386,7 +397,7 @@ class _Node:
         if not ok:
             fix = bytearray(n)
             try:
-                self.read_chunk(self.src, self.single, k, memoryview(fix))
+                self.read_chunk(self.src, self.single, k, memoryview(fix), self.tx)
             except OSError as exc:
                 self.fail(f"chunk {k} failed its checksum and could not be re-read from SRC: "
                           f"cannot read {exc.filename}: {exc.strerror}")
@@ -401,7 +412,7 @@ class _Node:
             data = memoryview(fix)
         t0 = _now()
         try:
-            for i, off, ln, at in self.m.pieces(k * self.C, k * self.C + n):
+            for i, off, ln, at in self.tx.pieces(k * self.C, k * self.C + n):
                 self.write_piece(i, off, data[at:at + ln])
         except OSError as exc:
             self.fail(f"cannot write {exc.filename}: {exc.strerror}")
@@ -464,9 +475,9 @@ class _Node:
         poll = float(os.environ.get("AEGIS_STAGE_POLL_US", "50")) * 1e-6
         t0 = _now()
         nxt = finished = 0
-        while finished < self.K:
+        while finished < self.KT:
             progress = False
-            while nxt < self.K:
+            while nxt < self.KT:
                 i = nxt % W
                 s = slots[i]
                 if s.k >= 0:
@@ -477,7 +488,7 @@ class _Node:
                     jobs.put((READ, i))
                 else:
                     s.receiving = True
-                    reqs[i] = self.comm.Irecv([s.mv[:self.chunk_len(nxt) + TRAILER], MPI.BYTE], left, nxt % 32768)
+                    reqs[i] = self.comm.Irecv([s.mv[:self.tx_len(nxt) + TRAILER], MPI.BYTE], left, nxt % 32768)
                 nxt += 1
                 progress = True
             idx = MPI.Request.Testsome(reqs)
@@ -491,7 +502,7 @@ class _Node:
                 s.receiving = False
                 if s.k % n != right:
                     s.sending = True
-                    reqs[W + i] = self.comm.Isend([s.mv[:self.chunk_len(s.k) + TRAILER], MPI.BYTE], right,
+                    reqs[W + i] = self.comm.Isend([s.mv[:self.tx_len(s.k) + TRAILER], MPI.BYTE], right,
                                                   s.k % 32768)
                 s.writing = True
                 jobs.put((WRITE, i))
@@ -508,7 +519,7 @@ class _Node:
                     s.reading = False
                     if n > 1:
                         s.sending = True
-                        reqs[W + i] = self.comm.Isend([s.mv[:self.chunk_len(s.k) + TRAILER], MPI.BYTE], right,
+                        reqs[W + i] = self.comm.Isend([s.mv[:self.tx_len(s.k) + TRAILER], MPI.BYTE], right,
                                                       s.k % 32768)
                     s.writing = True
                     jobs.put((WRITE, i))
@@ -523,6 +534,56 @@ class _Node:
             jobs.put(None)
         for t in threads:
             t.join()
+
+    # ------------------------------------------------------------ what goes over the ring
+    def plan_send(self) -> None:
+        """Which files go over the ring: those that at least one node writes (need, OR over the nodes); a
+        file every node already holds as SRC has it is not sent."""
+        from mpi4py import MPI
+
+        n = len(self.m.entries)
+        writes = not self.skip and not self.failed
+        mine = bytearray(n + 1)
+        if writes:
+            mine[:n] = bytes(self.need)
+            mine[n] = 1
+        send = bytearray(n + 1)
+        self.comm.Allreduce([mine, MPI.UNSIGNED_CHAR], [send, MPI.UNSIGNED_CHAR], op=MPI.MAX)
+        pick = [bool(x) for x in send[:n]]
+        self.writers = bool(send[n])
+        self.files_sent = sum(1 for i, e in enumerate(self.m.entries) if e.type == "f" and pick[i])
+        self.tx = self.m.substream(pick)
+        self.KT = self.tx.chunks(self.C)
+        self.txcrc = [0] * self.KT
+        self.sent = True
+
+    def full_crcs(self) -> None:
+        """The marker's CRC-32 of every chunk of the whole stream. When the ring carried all of it, these are
+        the readers' CRCs; otherwise (files every node had were not sent) the leaders compute them from SRC,
+        each its share (chunk k on leader k mod N), and sum them: only the CRCs travel."""
+        assert self.m.full is not None
+        if len(self.tx.files) == len(self.m.full.files):
+            self.crc = list(self.txcrc)
+            return
+        if not self.writers:
+            return
+        part = [0] * self.K
+        t0 = _now()
+        bad = self.crc_pass(self.src, self.single, self.n, self.lrank, part, None)
+        self.add("read", t0)
+        self.crc = self.sum_crcs(part)
+        errors = self.comm.allgather(f"rank {self.wrank} on {self.host}: {bad[1]}" if bad else None)
+        first = next((e for e in errors if e), None)
+        if first and not self.skip:
+            self.fail(f"SRC could not be read ({first})")
+
+    def sum_crcs(self, part: list[int]) -> list[int]:
+        """Every leader's share of the chunk CRCs (zeros elsewhere), summed over the leaders."""
+        from mpi4py import MPI
+
+        mine, total = array.array("I", part), array.array("I", bytes(4 * len(part)))
+        self.comm.Allreduce([mine, MPI.UINT32_T], [total, MPI.UINT32_T], op=MPI.SUM)
+        return list(total)
 
     # ------------------------------------------------------------ checksum passes
     def crc_pass(self, base: bytes, single: bool, stride: int, first: int, out: list[int] | None,
@@ -861,11 +922,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             node.times["read"] += _now() - t0
             if bad:
                 node.fail(bad[1])
-            import numpy as np
-
-            total = np.zeros(node.K, dtype=np.uint32)
-            comm.Allreduce(np.array(part, dtype=np.uint32), total, op=MPI.SUM)
-            node.crc = [int(c) for c in total]
+            node.crc = node.sum_crcs(part)
             node.key = mf.content_key(node.m.total, node.C, node.crc)
             have = have and mk is not None and mk["content_key"] == node.key
     node.skip = have
@@ -875,7 +932,9 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
         # 3. prepare, transfer, finalize
         if not node.skip and not node.failed:
             node.prepare()
+        node.plan_send()
         node.transfer()
+        node.full_crcs()
         node.key = mf.content_key(node.m.total, node.C, node.crc)
         marker = mf.marker_text(node.digest, node.key, node.m, node.C, node.crc)
         if not node.skip and not node.failed:
@@ -925,11 +984,14 @@ def _report(node: _Node, opts: StageOptions, t_start: float) -> int:
     rep = sum(r["repaired"] for r in everyone)
     mx = {p: max(r["times"][p] for r in everyone) for p in everyone[0]["times"]}
     secs = mx["total"] or 1e-9
-    moved = 0 if nskip == node.n else node.m.total
+    sent = node.tx.total if node.sent else 0
+    moved = sent
     nodes = node.n
     if opts.json:
         print(json.dumps({
             "impl": "mpi4py", "src": opts.src, "dest": opts.dest, "bytes": node.m.total, "files": node.m.nfiles,
+            "bytes_sent": sent, "bytes_skipped": node.m.total - sent, "files_sent": node.files_sent,
+            "chunks_sent": node.KT if node.sent else 0,
             "nodes": nodes, "ranks": _world_size(), "seconds": round(secs, 6),
             "gbps_per_node": round(moved / secs / 1e9, 6), "skipped_nodes": nskip, "failed_nodes": nfail,
             "repaired_chunks": rep, "chunk_size": node.C, "window": opts.window, "threads": opts.threads,
@@ -944,9 +1006,12 @@ def _report(node: _Node, opts: StageOptions, t_start: float) -> int:
             print(f"aegis stage: {size} in {node.m.nfiles} files already staged on all {nodes} nodes at "
                   f"{opts.dest} ({secs:.2f} s) [mpi4py]", flush=True)
         else:
+            part = (f"; sent {_fmt_bytes(sent)} ({node.files_sent} of {node.m.nfiles} files; the others were on "
+                    "every node already)") if node.writers and node.files_sent < node.m.nfiles else ""
             print(f"aegis stage: {size} in {node.m.nfiles} files to {nodes} nodes in {secs:.2f} s "
-                  f"({moved / secs / 1e9:.2f} GB/s per node); read {mx['read']:.2f} s, network {mx['network']:.2f} s, "
-                  f"write {mx['write']:.2f} s, checksum {mx['checksum']:.2f} s, verify {mx['verify']:.2f} s; "
+                  f"({moved / secs / 1e9:.2f} GB/s per node){part}; read {mx['read']:.2f} s, "
+                  f"network {mx['network']:.2f} s, write {mx['write']:.2f} s, checksum {mx['checksum']:.2f} s, "
+                  f"verify {mx['verify']:.2f} s; "
                   f"{nskip} skipped, {nfail} failed, {rep} chunks repaired [mpi4py]", flush=True)
         if opts.hf_repo and nfail < nodes:
             print(f"aegis stage: set HF_HUB_CACHE={opts.dest} and HF_HUB_OFFLINE=1, then serve the model as "
