@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <mpi.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -31,6 +32,8 @@
 #define TRAILER 16
 #define MAX_FAIL_LINES 20
 #define LOCK_REPORT_S 30 /* how often a staging waiting for another one says so */
+#define HEARTBEAT_S 1    /* how often a lock holder writes its progress into the lock file */
+#define SILENT_S 3       /* a holder whose heartbeat is this old is stopped or hung, not merely idle */
 
 /* ---------------------------------------------------------------- options */
 static struct {
@@ -40,7 +43,8 @@ static struct {
     const char *hf_repo, *hf_revision;
     const char *private_dir; /* DEST's ancestor that must be this user's alone (0700) */
     int lock_timeout;        /* seconds to wait for another staging into DEST */
-} O = {NULL, NULL, 16ull << 20, 8, 4, 0, 0, 0, 0, 0, NULL, NULL, NULL, 1800};
+    int lock_stall;          /* give up early when that staging has made no progress for this long (0: never) */
+} O = {NULL, NULL, 16ull << 20, 8, 4, 0, 0, 0, 0, 0, NULL, NULL, NULL, 1800, 300};
 
 /* ---------------------------------------------------------------- node state */
 typedef struct {
@@ -74,20 +78,33 @@ static struct {
     int skip, failed, prepared, resend_all;
     int lock_fd, lock_lost; /* lock_lost: another staging holds the lock file */
     char lock_file[PATH_MAX];
-    char reason[400];
+    char reason[1024];
     pthread_mutex_t mu;
     double t_read, t_write, t_cksum, t_net, t_verify, t_total;
     long repaired;
     int corrupt_rank;
     int64_t corrupt_chunk;
     int write_delay_ms;    /* test hook: slow every chunk write down */
-} S = {.mu = PTHREAD_MUTEX_INITIALIZER, .corrupt_chunk = -1, .corrupt_rank = -1, .lock_fd = -1};
+    uint64_t progress;     /* bytes this node has moved or checked so far (atomic), shown to a waiting staging */
+    const char *phase;     /* what this node is doing (atomic); "peers": waiting for the other nodes */
+} S = {.mu = PTHREAD_MUTEX_INITIALIZER, .phase = "start", .corrupt_chunk = -1, .corrupt_rank = -1, .lock_fd = -1};
 
 static double now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Progress for the lock file's heartbeat (any thread). */
+static void add_progress(uint64_t n)
+{
+    __atomic_add_fetch(&S.progress, n, __ATOMIC_RELAXED);
+}
+
+static void set_phase(const char *phase)
+{
+    __atomic_store_n(&S.phase, phase, __ATOMIC_RELAXED);
 }
 
 static void add_time(double *slot, double t0)
@@ -571,6 +588,7 @@ static void transfer(void)
         for (int i = 0; i < W; i++) {
             slot_t *s = &slots[i];
             if (s->k >= 0 && !s->reading && !s->receiving && !s->sending && !s->writing) {
+                add_progress(stream_chunk_len(&S.tx, (uint64_t)s->k));
                 s->k = -1;
                 finished++;
                 progress = 1;
@@ -610,6 +628,7 @@ static void *pass_worker(void *arg)
             break;
         }
         uint32_t c = crc_of(buf, chunk_len(k));
+        add_progress(chunk_len(k));
         if (p->out)
             p->out[k] = c;
         if (p->expect && p->expect[k] != c) {
@@ -1152,6 +1171,7 @@ static void full_crcs(void)
     double t0 = now();
     int64_t bad = crc_pass(O.src, S.single, S.nleaders, S.lrank, part, NULL, err, sizeof err);
     add_time(&S.t_read, t0);
+    set_phase("peers");
     MPI_Allreduce(part, S.crc, (int)S.K, MPI_UINT32_T, MPI_SUM, S.leaders);
     free(part);
     int first = bad >= 0 ? S.lrank : INT_MAX, who;
@@ -1253,7 +1273,24 @@ static int run_tar(const char *tarball, const char *dir, char *err, size_t errle
         _exit(127);
     }
     int st = 0;
-    if (pid < 0 || waitpid(pid, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+    pid_t got = pid;
+    uint64_t seen = 0;
+    while (pid > 0 && (got = waitpid(pid, &st, WNOHANG)) == 0) {
+        /* tar's reads and writes are this node's progress while it unpacks (can't tell: count it) */
+        char io[64], line[128];
+        unsigned long long v, sum = 0;
+        snprintf(io, sizeof io, "/proc/%d/io", (int)pid);
+        FILE *f = fopen(io, "r");
+        while (f && fgets(line, sizeof line, f))
+            if (sscanf(line, "rchar: %llu", &v) == 1 || sscanf(line, "wchar: %llu", &v) == 1)
+                sum += v;
+        if (f)
+            fclose(f);
+        add_progress(f ? sum - seen : 1);
+        seen = f ? sum : seen;
+        usleep(100000);
+    }
+    if (pid < 0 || got < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
         snprintf(err, errlen, "tar -x -f %s failed (status %d)", tarball, WIFEXITED(st) ? WEXITSTATUS(st) : -1);
         return -1;
     }
@@ -1330,32 +1367,99 @@ static void lock_path(char *out, char *dir, char *dest)
     join(out, dir, name);
 }
 
+/* What the holder of a lock wrote into the lock file: "pid host since DEST", then, from a staging that reports
+ * its progress, "progress BYTES CHANGED ALIVE PHASE" (unix times of its last progress and its last heartbeat). */
+typedef struct {
+    int pid, has_progress;
+    char host[256], phase[16];
+    long long since, changed, alive;
+    unsigned long long bytes;
+} holder_t;
+
+static int read_holder(holder_t *h)
+{
+    char buf[PATH_MAX + 512];
+    memset(h, 0, sizeof *h);
+    ssize_t got = pread(S.lock_fd, buf, sizeof buf - 1, 0);
+    buf[got > 0 ? got : 0] = '\0';
+    if (sscanf(buf, "%d %255s %lld", &h->pid, h->host, &h->since) != 3)
+        return -1;
+    const char *nl = strchr(buf, '\n');
+    h->has_progress = nl && sscanf(nl + 1, "progress %llu %lld %lld %15s", &h->bytes, &h->changed, &h->alive,
+                                   h->phase) == 4;
+    return 0;
+}
+
 /* "pid 123 on host since 2026-01-01T00:00:00Z", from the holder's line in the lock file. */
 static void lock_holder(char *out, size_t n)
 {
-    char buf[1024] = "", host[256];
-    int pid;
-    long long t;
-    ssize_t got = pread(S.lock_fd, buf, sizeof buf - 1, 0);
-    buf[got > 0 ? got : 0] = '\0';
-    if (sscanf(buf, "%d %255s %lld", &pid, host, &t) != 3) {
+    holder_t h;
+    if (read_holder(&h) != 0) {
         snprintf(out, n, "another process");
         return;
     }
-    time_t tt = (time_t)t;
+    time_t tt = (time_t)h.since;
     struct tm tm;
     char when[32];
     strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&tt, &tm));
-    snprintf(out, n, "pid %d on %s since %s", pid, host, when);
+    snprintf(out, n, "pid %d on %s since %s", h.pid, h.host, when);
+}
+
+/* The holder's heartbeat: a thread that rewrites the progress line in place every HEARTBEAT_S. */
+static struct {
+    pthread_t th;
+    int running, stop;
+    off_t at; /* offset of the progress line */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} HB = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static void *heartbeat(void *arg)
+{
+    (void)arg;
+    uint64_t last = 0;
+    const char *last_phase = NULL;
+    long long changed = 0;
+    pthread_mutex_lock(&HB.mu);
+    while (!HB.stop) {
+        pthread_mutex_unlock(&HB.mu);
+        uint64_t bytes = __atomic_load_n(&S.progress, __ATOMIC_RELAXED);
+        const char *phase = __atomic_load_n(&S.phase, __ATOMIC_RELAXED);
+        long long t = (long long)time(NULL);
+        if (bytes != last || phase != last_phase || !changed) {
+            last = bytes;
+            last_phase = phase;
+            changed = t;
+        }
+        char line[96];
+        int len = snprintf(line, sizeof line, "progress %20llu %12lld %12lld %-8.8s\n", (unsigned long long)bytes,
+                           changed, t, phase);
+        if (pwrite(S.lock_fd, line, len, HB.at) != len) {
+            /* nothing to do: a waiting staging sees the heartbeat stop */
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += HEARTBEAT_S;
+        pthread_mutex_lock(&HB.mu);
+        if (!HB.stop)
+            pthread_cond_timedwait(&HB.cv, &HB.mu, &ts);
+    }
+    pthread_mutex_unlock(&HB.mu);
+    return NULL;
 }
 
 static void lock_write_holder(const char *dest)
 {
     char line[PATH_MAX + 400];
     int len = snprintf(line, sizeof line, "%d %s %lld %s\n", (int)getpid(), S.host, (long long)time(NULL), dest);
-    if (ftruncate(S.lock_fd, 0) != 0 || pwrite(S.lock_fd, line, len, 0) != len)
+    if (ftruncate(S.lock_fd, 0) != 0 || pwrite(S.lock_fd, line, len, 0) != len) {
         fprintf(stderr, "aegis-stage: %s (rank %d): cannot write the lock file: %s\n", S.host, S.wrank,
                 strerror(errno));
+        return;
+    }
+    HB.at = len;
+    set_phase("check");
+    HB.running = pthread_create(&HB.th, NULL, heartbeat, NULL) == 0;
 }
 
 static void lock_open(const char *path)
@@ -1382,6 +1486,14 @@ static int lock_try(const char *path)
  * about to go). */
 static void lock_release(void)
 {
+    if (HB.running) {
+        pthread_mutex_lock(&HB.mu);
+        HB.stop = 1;
+        pthread_cond_signal(&HB.cv);
+        pthread_mutex_unlock(&HB.mu);
+        pthread_join(HB.th, NULL);
+        HB.running = 0;
+    }
     if (S.lock_fd < 0)
         return;
     if (!S.lock_lost)
@@ -1390,23 +1502,57 @@ static void lock_release(void)
     S.lock_fd = -1;
 }
 
+/* Has the holder of this node's lock stopped moving (why filled)? Only a holder that reports its progress
+ * and is alive is judged (a dead one's line is stale: the kernel freed its lock): by its heartbeat (a stopped
+ * process, or one hung on the filesystem of the lock file, writes none) and by its progress (none while it
+ * works; not judged while it waits for the other nodes of its own staging). */
+static int holder_stalled(holder_t *h, char *why, size_t n)
+{
+    if (O.lock_stall <= 0 || read_holder(h) != 0 || !h->has_progress)
+        return 0;
+    if (!strcmp(h->host, S.host) && kill(h->pid, 0) != 0 && errno == ESRCH)
+        return 0;
+    long long t = (long long)time(NULL), quiet = t - h->alive, idle = t - h->changed;
+    char done[32];
+    fmt_bytes(done, sizeof done, h->bytes);
+    if (quiet < O.lock_stall && (!strcmp(h->phase, "peers") || idle < O.lock_stall))
+        return 0;
+    if (quiet >= SILENT_S)
+        snprintf(why, n, "has shown no sign of life for %lld s (stopped, or hung on its filesystem; last progress "
+                 "%lld s ago, %s done)", quiet, idle, done);
+    else
+        snprintf(why, n, "has made no progress for %lld s (while in phase %s; %s done)", idle, h->phase, done);
+    return 1;
+}
+
 static void lock_report(double waited, int nwait)
 {
-    char holder[400];
+    char holder[400], prog[120] = "", stall[80] = "";
+    holder_t h;
     lock_holder(holder, sizeof holder);
+    if (read_holder(&h) == 0 && h.has_progress) {
+        char done[32];
+        fmt_bytes(done, sizeof done, h.bytes);
+        snprintf(prog, sizeof prog, "; its last progress %lld s ago, %s done", (long long)time(NULL) - h.changed,
+                 done);
+    }
+    if (O.lock_stall > 0)
+        snprintf(stall, sizeof stall, ", or after %d s without progress, --lock-stall", O.lock_stall);
     if (waited < 1)
         fprintf(stderr, "aegis-stage: %s (rank %d): %s is being staged by %s; waiting for it to finish (%d of %d "
-                "nodes wait; giving up after %d s, --lock-timeout)\n", S.host, S.wrank, S.dest, holder, nwait,
-                S.nleaders, O.lock_timeout);
+                "nodes wait; giving up after %d s, --lock-timeout%s%s)\n", S.host, S.wrank, S.dest, holder, nwait,
+                S.nleaders, O.lock_timeout, stall, prog);
     else
         fprintf(stderr, "aegis-stage: %s (rank %d): still waiting for %s to finish staging %s (%.0f of %d s; %d of "
-                "%d nodes wait)\n", S.host, S.wrank, holder, S.dest, waited, O.lock_timeout, nwait, S.nleaders);
+                "%d nodes wait%s)\n", S.host, S.wrank, holder, S.dest, waited, O.lock_timeout, nwait, S.nleaders,
+                prog);
 }
 
 /* Take the lock of DEST on every node (flock: the kernel drops it when the process ends). A node whose
  * lock another staging holds makes all wait: the others release theirs and all retry together, so two
- * stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout a node still
- * without its lock fails, naming the holder; the others go on. */
+ * stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout, or as soon as a
+ * node finds its holder stalled (--lock-stall), the nodes still without their lock fail, naming the holder;
+ * the others go on. */
 static void take_lock(void)
 {
     char dir[PATH_MAX], dest[PATH_MAX], err[400];
@@ -1420,18 +1566,30 @@ static void take_lock(void)
     double t0 = now(), report_at = 0;
     for (;;) {
         int got = failed() || lock_try(path);
-        int in[3] = {got, now() - t0 < O.lock_timeout, got ? INT_MAX : S.lrank}, all[3], wait = !got, nwait;
+        char why[200] = "";
+        holder_t h;
+        int stalled = !got && holder_stalled(&h, why, sizeof why), in_time = now() - t0 < O.lock_timeout;
+        int in[3] = {got, in_time && !stalled, got ? INT_MAX : S.lrank}, all[3], wait = !got, nwait;
         MPI_Allreduce(in, all, 3, MPI_INT, MPI_MIN, S.leaders);
         MPI_Allreduce(&wait, &nwait, 1, MPI_INT, MPI_SUM, S.leaders);
         if (all[0]) /* every node holds its lock */
             break;
-        if (!all[1]) { /* time is up: who holds a lock keeps it */
+        if (!all[1]) { /* time is up, or a holder hangs: who holds a lock keeps it */
             if (!got) {
                 S.lock_lost = 1; /* the file is the holder's */
                 char holder[400];
                 lock_holder(holder, sizeof holder);
-                node_fail("%s is being staged by %s (lock %s); gave up after %d s: let that staging finish and "
-                          "run again, stop it, or raise --lock-timeout", S.dest, holder, path, O.lock_timeout);
+                if (stalled)
+                    node_fail("%s is being staged by %s (lock %s), which %s; gave up after %.0f s (--lock-stall %d): "
+                              "if it hangs, end it (kill -KILL %d on %s, or cancel its job) and run again", S.dest,
+                              holder, path, why, now() - t0, O.lock_stall, h.pid, h.host);
+                else if (!in_time)
+                    node_fail("%s is being staged by %s (lock %s); gave up after %d s: let that staging finish and "
+                              "run again, stop it, or raise --lock-timeout", S.dest, holder, path, O.lock_timeout);
+                else
+                    node_fail("%s is being staged by %s (lock %s); gave up after %.0f s with the other nodes of this "
+                              "staging, as another node's holder hangs (see its line)", S.dest, holder, path,
+                              now() - t0);
             }
             break;
         }
@@ -1454,7 +1612,7 @@ typedef struct {
     double t[6]; /* read, network, write, checksum, verify, total */
     char host[64];
     int rank;
-    char reason[400];
+    char reason[1024];
 } report_t;
 
 static void json_str(const char *s)
@@ -1606,6 +1764,8 @@ static void usage(FILE *f)
             "  --json              print the summary as one JSON object\n"
             "  --private-dir DIR   DEST's ancestor that must be this user's alone (created 0700, else refused)\n"
             "  --lock-timeout S    wait at most S seconds for another staging into DEST (default 1800)\n"
+            "  --lock-stall S      give up at once when that staging has made no progress for S seconds\n"
+            "                      (default 300; 0: wait for --lock-timeout)\n"
             "  --per-rank          testing only: every rank acts as its own node\n"
             "DEST may contain {rank}, {node} and {host}.\n");
 }
@@ -1619,6 +1779,7 @@ static void parse_args(int argc, char **argv)
         {"hf-repo", required_argument, 0, 'r'},    {"hf-revision", required_argument, 0, 'R'},
         {"json", no_argument, 0, 'j'},             {"per-rank", no_argument, 0, 'p'},
         {"private-dir", required_argument, 0, 'P'}, {"lock-timeout", required_argument, 0, 'L'},
+        {"lock-stall", required_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     int c;
     opterr = 0;
@@ -1651,6 +1812,14 @@ static void parse_args(int argc, char **argv)
             if (*end || end == optarg || v < 0 || v > 86400 * 7)
                 die_usage("--lock-timeout %s is not a number of seconds (0 to 604800)", optarg);
             O.lock_timeout = (int)v;
+            break;
+        }
+        case 'T': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*end || end == optarg || v < 0 || v > 86400 * 7)
+                die_usage("--lock-stall %s is not a number of seconds (0 to 604800)", optarg);
+            O.lock_stall = (int)v;
             break;
         }
         case 'h': usage(stdout); exit(0);
@@ -1834,14 +2003,17 @@ int main(int argc, char **argv)
         /* candidates hold an unpacked copy of a tarball with this name, size and mtime:
          * confirm by content key, read in parallel from SRC without any transfer */
         int any = 0;
+        set_phase("peers");
         MPI_Allreduce(&have, &any, 1, MPI_INT, MPI_MAX, S.leaders);
         if (any) {
             uint32_t *part = calloc(S.K ? S.K : 1, sizeof *part);
             double t0 = now();
+            set_phase("checksum");
             int64_t bad = crc_pass(O.src, 1, S.nleaders, S.lrank, part, NULL, err, sizeof err);
             S.t_read += now() - t0;
             if (bad >= 0)
                 node_fail("%s", err);
+            set_phase("peers");
             MPI_Allreduce(part, S.crc, (int)S.K, MPI_UINT32_T, MPI_SUM, S.leaders);
             free(part);
             content_key();
@@ -1852,16 +2024,22 @@ int main(int argc, char **argv)
     free_marker(&mk);
     S.skip = have;
     int all_have = 0;
+    set_phase("peers");
     MPI_Allreduce(&have, &all_have, 1, MPI_INT, MPI_MIN, S.leaders);
 
     if (!all_have) {
         /* 3. prepare, transfer, finalize */
+        set_phase("prepare");
         if (!S.skip && !failed())
             prepare();
+        set_phase("peers");
         plan_send();
+        set_phase("transfer");
         transfer();
+        set_phase("checksum");
         full_crcs();
         content_key();
+        set_phase("finish");
         if (!S.skip && !failed()) {
             double t0 = now();
             finalize();
@@ -1869,6 +2047,7 @@ int main(int argc, char **argv)
         }
         if (!S.skip && !failed() && O.verify) {
             double t0 = now();
+            set_phase("verify");
             int64_t bad = crc_pass(vbase, S.single, 1, 0, NULL, S.crc, err, sizeof err);
             if (bad >= 0) {
                 node_fail("verify: %s; its files were removed: run again to rewrite them", err);
@@ -1879,6 +2058,7 @@ int main(int argc, char **argv)
         if (!S.skip && !failed()) {
             if (O.unpack) {
                 double t0 = now();
+                set_phase("unpack");
                 unpack();
                 add_time(&S.t_write, t0);
             } else if (write_marker(S.marker) != 0) {
@@ -1897,6 +2077,7 @@ int main(int argc, char **argv)
     }
 
     /* 4. one summary, one exit status everywhere */
+    set_phase("peers");
     status = report(t_start);
     lock_release();
     MPI_Ibcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD, &sreq);

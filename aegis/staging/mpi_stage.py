@@ -32,6 +32,8 @@ from aegis.staging.options import StageOptions
 TRAILER = 16
 MAX_FAIL_LINES = 20
 LOCK_REPORT_S = 30  # how often a staging waiting for another one says so
+HEARTBEAT_S = 1  # how often a lock holder writes its progress into the lock file
+SILENT_S = 3  # a holder whose heartbeat is this old is stopped or hung, not merely idle
 READ, WRITE = 1, 2
 
 
@@ -65,6 +67,9 @@ class _Node:
         self.prepared = self.resend_all = False
         self.sent, self.files_sent, self.writers = False, 0, False
         self.lock_fd, self.lock_lost, self.lock_file = -1, False, ""
+        self.progress, self.phase = 0, "start"  # shown to a waiting staging by the lock file's heartbeat
+        self.hb: threading.Thread | None = None
+        self.hb_stop = threading.Event()
         self.write_delay = int(os.environ.get("AEGIS_STAGE_TEST_WRITE_DELAY_MS") or 0) / 1000
         self.times = dict(read=0.0, network=0.0, write=0.0, checksum=0.0, verify=0.0)
         self.repaired = 0
@@ -277,30 +282,65 @@ class _Node:
             self.lock_open()
         return self.failed  # a lock file that cannot be opened fails the node, which then waits for nothing
 
+    def read_holder(self) -> _Holder | None:
+        """What the holder of the lock wrote into the lock file: "pid host since DEST", then, from a staging
+        that reports its progress, "progress BYTES CHANGED ALIVE PHASE" (unix times of its last progress and
+        its last heartbeat)."""
+        try:
+            first, _, rest = os.pread(self.lock_fd, 8192, 0).decode(errors="replace").partition("\n")
+            pid, host, since = first.split(" ", 3)[:3]
+            h = _Holder(int(pid), host, int(since))
+            f = rest.split("\n", 1)[0].split()
+            if len(f) == 5 and f[0] == "progress":
+                h.bytes, h.changed, h.alive, h.phase = int(f[1]), int(f[2]), int(f[3]), f[4]
+            return h
+        except (OSError, ValueError):
+            return None
+
     def lock_holder(self) -> str:
         """'pid 123 on host since 2026-01-01T00:00:00Z', from the holder's line in the lock file."""
-        try:
-            pid, host, since = os.pread(self.lock_fd, 1023, 0).decode(errors="replace").split(" ", 3)[:3]
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(since)))
-            return f"pid {int(pid)} on {host} since {when}"
-        except (OSError, ValueError):
+        h = self.read_holder()
+        if h is None:
             return "another process"
+        return f"pid {h.pid} on {h.host} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(h.since))}"
+
+    def holder_stalled(self) -> tuple[_Holder, str] | None:
+        """Has the holder of this node's lock stopped moving (and why)? Only a holder that reports its
+        progress and is alive is judged (a dead one's line is stale: the kernel freed its lock): by its
+        heartbeat (a stopped process, or one hung on the filesystem of the lock file, writes none) and by its
+        progress (none while it works; not judged while it waits for the other nodes of its own staging)."""
+        stall = self.o.lock_stall
+        h = self.read_holder() if stall > 0 else None
+        if h is None or not h.phase or (h.host == self.host and not _pid_alive(h.pid)):
+            return None
+        t = int(time.time())
+        quiet, idle, done = t - h.alive, t - h.changed, _fmt_bytes(h.bytes)
+        if quiet < stall and (h.phase == "peers" or idle < stall):
+            return None
+        if quiet >= SILENT_S:
+            return h, (f"has shown no sign of life for {quiet} s (stopped, or hung on its filesystem; last progress "
+                       f"{idle} s ago, {done} done)")
+        return h, f"has made no progress for {idle} s (while in phase {h.phase}; {done} done)"
 
     def lock_report(self, waited: float, nwait: int) -> None:
-        holder = self.lock_holder()
+        holder, h = self.lock_holder(), self.read_holder()
+        prog = f"; its last progress {int(time.time()) - h.changed} s ago, {_fmt_bytes(h.bytes)} done" \
+            if h is not None and h.phase else ""
+        stall = f", or after {self.o.lock_stall} s without progress, --lock-stall" if self.o.lock_stall > 0 else ""
         if waited < 1:
             msg = (f"{self.dest} is being staged by {holder}; waiting for it to finish ({nwait} of {self.n} nodes "
-                   f"wait; giving up after {self.o.lock_timeout} s, --lock-timeout)")
+                   f"wait; giving up after {self.o.lock_timeout} s, --lock-timeout{stall}{prog})")
         else:
             msg = (f"still waiting for {holder} to finish staging {self.dest} ({waited:.0f} of {self.o.lock_timeout}"
-                   f" s; {nwait} of {self.n} nodes wait)")
+                   f" s; {nwait} of {self.n} nodes wait{prog})")
         print(f"aegis-stage: {self.host} (rank {self.wrank}): {msg}", file=sys.stderr, flush=True)
 
     def take_lock(self) -> None:
         """Take the lock of DEST on every node (flock: the kernel drops it when the process ends). A node
         whose lock another staging holds makes all wait: the others release theirs and all retry together,
-        so two stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout a
-        node still without its lock fails, naming the holder; the others go on."""
+        so two stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout, or as
+        soon as a node finds its holder stalled (--lock-stall), the nodes still without their lock fail,
+        naming the holder; the others go on."""
         self.lock_file, folder, dest = self.lock_path()
         if not self.failed:
             try:
@@ -312,16 +352,27 @@ class _Node:
         t0, report_at = _now(), 0.0
         while True:
             got = self.failed or self.lock_try()
-            views = self.comm.allgather((got, _now() - t0 < self.o.lock_timeout))
+            stalled = None if got else self.holder_stalled()
+            in_time = _now() - t0 < self.o.lock_timeout
+            views = self.comm.allgather((got, in_time and not stalled))
             waiting = [r for r, (has, _) in enumerate(views) if not has]
             if not waiting:  # every node holds its lock
                 break
-            if not all(in_time for _, in_time in views):  # time is up: who holds a lock keeps it
+            if not all(go_on for _, go_on in views):  # time is up, or a holder hangs: who holds a lock keeps it
                 if not got:
                     self.lock_lost = True  # the file is the holder's
-                    self.fail(f"{self.dest} is being staged by {self.lock_holder()} (lock {self.lock_file}); gave "
-                              f"up after {self.o.lock_timeout} s: let that staging finish and run again, stop it, "
-                              "or raise --lock-timeout")
+                    where = f"{self.dest} is being staged by {self.lock_holder()} (lock {self.lock_file})"
+                    if stalled:
+                        h, why = stalled
+                        self.fail(f"{where}, which {why}; gave up after {_now() - t0:.0f} s (--lock-stall "
+                                  f"{self.o.lock_stall}): if it hangs, end it (kill -KILL {h.pid} on {h.host}, or "
+                                  "cancel its job) and run again")
+                    elif not in_time:
+                        self.fail(f"{where}; gave up after {self.o.lock_timeout} s: let that staging finish and run "
+                                  "again, stop it, or raise --lock-timeout")
+                    else:
+                        self.fail(f"{where}; gave up after {_now() - t0:.0f} s with the other nodes of this staging, "
+                                  "as another node's holder hangs (see its line)")
                 break
             if got and not self.failed:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
@@ -337,10 +388,38 @@ class _Node:
             except OSError as exc:
                 print(f"aegis-stage: {self.host} (rank {self.wrank}): cannot write the lock file: {exc.strerror}",
                       file=sys.stderr, flush=True)
+                return
+            self.phase = "check"
+            self.start_heartbeat(len(line))
+
+    def start_heartbeat(self, at: int) -> None:
+        """Rewrite the progress line (fixed width, at offset `at` of the lock file) every HEARTBEAT_S."""
+        def beat() -> None:
+            last: tuple[int, str] | None = None
+            changed = 0
+            while True:
+                now = (self.progress, self.phase)
+                t = int(time.time())
+                if now != last:
+                    last, changed = now, t
+                line = f"progress {now[0]:20d} {changed:12d} {t:12d} {now[1][:8]:<8}\n".encode()
+                try:
+                    os.pwrite(self.lock_fd, line, at)
+                except OSError:
+                    pass  # a waiting staging sees the heartbeat stop
+                if self.hb_stop.wait(HEARTBEAT_S):
+                    return
+
+        self.hb = threading.Thread(target=beat, daemon=True)
+        self.hb.start()
 
     def lock_release(self) -> None:
         """Remove the lock file, then release the lock (the other order could let a newcomer lock a file
         that is about to go)."""
+        if self.hb is not None:
+            self.hb_stop.set()
+            self.hb.join()
+            self.hb = None
         if self.lock_fd < 0:
             return
         if not self.lock_lost:
@@ -527,6 +606,7 @@ class _Node:
                     s.writing = False
             for s in slots:
                 if s.k >= 0 and not (s.reading or s.receiving or s.sending or s.writing):
+                    self.progress += self.tx_len(s.k)
                     s.k = -1
                     finished += 1
         self.times["network"] = _now() - t0
@@ -571,6 +651,7 @@ class _Node:
         t0 = _now()
         bad = self.crc_pass(self.src, self.single, self.n, self.lrank, part, None)
         self.add("read", t0)
+        self.phase = "peers"
         self.crc = self.sum_crcs(part)
         errors = self.comm.allgather(f"rank {self.wrank} on {self.host}: {bad[1]}" if bad else None)
         first = next((e for e in errors if e), None)
@@ -601,6 +682,8 @@ class _Node:
                     errors.append((k, f"cannot read {exc.filename}: {exc.strerror}"))
                     return
                 c = zlib.crc32(buf[:self.chunk_len(k)])
+                with self.lock:
+                    self.progress += self.chunk_len(k)
                 if out is not None:
                     out[k] = c
                 if expect is not None and expect[k] != c:
@@ -669,6 +752,22 @@ class _Node:
             except OSError:
                 pass
 
+    def run_tar(self, tarball: str, folder: str) -> int:
+        """tar -x; its reads and writes are this node's progress while it unpacks (can't tell: count it)."""
+        proc = subprocess.Popen(["tar", "-x", "-f", tarball, "-C", folder], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        seen = 0
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/io") as fh:
+                    io = sum(int(ln.split()[1]) for ln in fh if ln.startswith(("rchar:", "wchar:")))
+                self.progress += io - seen
+                seen = io
+            except (OSError, ValueError, IndexError):
+                self.progress += 1
+            time.sleep(0.1)
+        return proc.returncode
+
     def unpack(self, marker: str) -> None:
         base = os.path.basename(self.dest)
         tarball = os.path.join(self.root, os.fsdecode(self.m.entries[0].path))
@@ -678,10 +777,9 @@ class _Node:
             shutil.rmtree(p, ignore_errors=True)
         try:
             os.mkdir(fresh, 0o755)
-            r = subprocess.run(["tar", "-x", "-f", tarball, "-C", fresh], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-            if r.returncode != 0:
-                self.fail(f"tar -x -f {tarball} failed (status {r.returncode})")
+            code = self.run_tar(tarball, fresh)
+            if code != 0:
+                self.fail(f"tar -x -f {tarball} failed (status {code})")
             else:
                 mf.write_marker(os.path.join(fresh, mf.MARKER), marker)
                 if os.path.lexists(self.dest):
@@ -696,6 +794,25 @@ class _Node:
             os.unlink(tarball)
         except OSError:
             pass
+
+
+class _Holder:
+    """What the holder of a lock wrote into the lock file (phase "" when it reports no progress)."""
+
+    def __init__(self, pid: int, host: str, since: int):
+        self.pid, self.host, self.since = pid, host, since
+        self.bytes = self.changed = self.alive = 0
+        self.phase = ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 class _Slot:
@@ -915,26 +1032,35 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
     if opts.unpack:
         from mpi4py import MPI
 
+        node.phase = "peers"
         if comm.allreduce(int(have), op=MPI.MAX):
             part = [0] * node.K
             t0 = _now()
+            node.phase = "checksum"
             bad = node.crc_pass(node.src, True, node.n, node.lrank, part, None)
             node.times["read"] += _now() - t0
             if bad:
                 node.fail(bad[1])
+            node.phase = "peers"
             node.crc = node.sum_crcs(part)
             node.key = mf.content_key(node.m.total, node.C, node.crc)
             have = have and mk is not None and mk["content_key"] == node.key
     node.skip = have
+    node.phase = "peers"
     all_have = all(comm.allgather(have))
 
     if not all_have:
         # 3. prepare, transfer, finalize
+        node.phase = "prepare"
         if not node.skip and not node.failed:
             node.prepare()
+        node.phase = "peers"
         node.plan_send()
+        node.phase = "transfer"
         node.transfer()
+        node.phase = "checksum"
         node.full_crcs()
+        node.phase = "finish"
         node.key = mf.content_key(node.m.total, node.C, node.crc)
         marker = mf.marker_text(node.digest, node.key, node.m, node.C, node.crc)
         if not node.skip and not node.failed:
@@ -943,6 +1069,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             node.add("write", t0)
         if not node.skip and not node.failed and opts.verify:
             t0 = _now()
+            node.phase = "verify"
             bad = node.crc_pass(node.vbase, node.single, 1, 0, None, node.crc)
             if bad:
                 node.fail(f"verify: {bad[1]}; its files were removed: run again to rewrite them")
@@ -951,6 +1078,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
         if not node.skip and not node.failed:
             if opts.unpack:
                 t0 = _now()
+                node.phase = "unpack"
                 node.unpack(marker)
                 node.add("write", t0)
             else:
@@ -967,6 +1095,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             node.cleanup()
 
     # 4. one summary, one exit status
+    node.phase = "peers"
     code = _report(node, opts, t_start)
     node.lock_release()
     return code
