@@ -73,6 +73,9 @@ static struct {
     unsigned char *send;   /* send[i]: some node writes file i, so it goes over the ring */
     size_t files_sent;
     int sent;              /* the ring ran (not every node skipped) */
+    unsigned char *known;  /* known[k]: this node's last marker holds the CRC-32 of chunk k (lastcrc[k]) */
+    uint32_t *lastcrc;
+    uint64_t summed;       /* chunks of files not sent whose CRC-32 was computed from SRC for the marker */
     fstate_t *fs;
     int *need;             /* need[i]: this node writes entry i (it is missing or differs at DEST) */
     int skip, failed, prepared, resend_all;
@@ -615,6 +618,7 @@ typedef struct {
     uint32_t *out;
     int64_t bad; /* verify: first differing chunk */
     const uint32_t *expect;
+    const unsigned char *only; /* only the chunks k with only[k] (NULL: all) */
     char err[300];
 } pass_t;
 
@@ -623,6 +627,8 @@ static void *pass_worker(void *arg)
     pass_t *p = arg;
     unsigned char *buf = malloc(O.chunk ? O.chunk : 1);
     for (uint64_t k = p->first + (uint64_t)p->stride * p->tid; k < p->K; k += (uint64_t)p->stride * p->nthreads) {
+        if (p->only && !p->only[k])
+            continue;
         if (read_chunk(&S.full, p->base, p->single, k, buf, p->err, sizeof p->err) != 0) {
             p->bad = (int64_t)k;
             break;
@@ -641,16 +647,16 @@ static void *pass_worker(void *arg)
     return NULL;
 }
 
-/* Checksum chunks first, first+stride, ... of the stream at base; compare with expect
- * when given. Returns -1 on success, else the first bad chunk (err filled). */
+/* Checksum chunks first, first+stride, ... of the stream at base (those in only, when given); compare with
+ * expect when given. Returns -1 on success, else the first bad chunk (err filled). */
 static int64_t crc_pass(const char *base, int single, int stride, int first, uint32_t *out,
-                        const uint32_t *expect, char *err, size_t errlen)
+                        const uint32_t *expect, const unsigned char *only, char *err, size_t errlen)
 {
     int T = O.threads;
     pthread_t *th = calloc(T, sizeof *th);
     pass_t *ps = calloc(T, sizeof *ps);
     for (int t = 0; t < T; t++) {
-        ps[t] = (pass_t){base, single, stride, first, T, t, S.K, out, -1, expect, ""};
+        ps[t] = (pass_t){base, single, stride, first, T, t, S.K, out, -1, expect, only, ""};
         pthread_create(&th[t], NULL, pass_worker, &ps[t]);
     }
     int64_t bad = -1;
@@ -731,7 +737,8 @@ static int write_record(void)
     return rc;
 }
 
-static int read_record(manifest_t *old)
+/* The record's manifest (and, with digest, the SHA-256 of its bytes). */
+static int read_record(manifest_t *old, char *digest)
 {
     memset(old, 0, sizeof *old);
     FILE *f = S.record[0] ? fopen(S.record, "r") : NULL;
@@ -742,6 +749,8 @@ static int read_record(manifest_t *old)
     size_t got = text ? fread(text, 1, st.st_size, f) : 0;
     fclose(f);
     int rc = text && got == (size_t)st.st_size ? manifest_parse(text, got, old) : -1;
+    if (rc == 0 && digest)
+        sha256_hex(text, got, digest);
     free(text);
     return rc;
 }
@@ -1111,7 +1120,7 @@ static void prepare(void)
     unlink(probe);
     nftw(S.root, drop_stale_part, 32, FTW_PHYS);
     manifest_t old;
-    int have_old = read_record(&old) == 0;
+    int have_old = read_record(&old, NULL) == 0;
     uint64_t want = 0, freed = 0;
     size_t nwant = 0;
     plan_files(&want, &nwant, &freed);
@@ -1155,9 +1164,75 @@ static void plan_send(void)
     S.sent = 1;
 }
 
+/* Pieces of one chunk, to compare a chunk of this staging's stream with the same chunk of the last one's. */
+typedef struct { size_t n, cap; piece_t *p; } plist_t;
+
+static int collect_piece(const piece_t *pc, void *arg)
+{
+    plist_t *l = arg;
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 16;
+        l->p = realloc(l->p, l->cap * sizeof *l->p);
+    }
+    l->p[l->n++] = *pc;
+    return 0;
+}
+
+/* Which chunks' CRC-32 this node's last complete staging recorded (known[], lastcrc[]): the marker's list
+ * covers the stream of the manifest it names (this one, or the record when that is the record's digest),
+ * and chunk k is the same bytes now when, with the same chunk size, it covers the same pieces of the same
+ * files (path, size, mtime: what "unchanged" means for a re-stage). Read before prepare() removes them. */
+static void last_crcs(void)
+{
+    S.known = calloc(S.K ? S.K : 1, 1);
+    S.lastcrc = calloc(S.K ? S.K : 1, sizeof *S.lastcrc);
+    marker_t mk;
+    if (failed() || O.force || O.unpack)
+        return;
+    if (read_marker(S.marker, &mk) != 0) {
+        free_marker(&mk);
+        return;
+    }
+    manifest_t rec = {0};
+    char digest[65] = "";
+    const manifest_t *last = NULL;
+    if (!strcmp(mk.digest, S.digest))
+        last = &S.m;
+    else if (read_record(&rec, digest) == 0 && !strcmp(digest, mk.digest))
+        last = &rec;
+    uint64_t lastK = last ? (last->total + mk.chunk - 1) / mk.chunk : 0;
+    uint32_t *crcs = last && mk.chunk == O.chunk ? parse_crcs(mk.crc, lastK) : NULL;
+    if (crcs) {
+        stream_t ls;
+        plist_t a = {0}, b = {0};
+        stream_build(last, NULL, &ls);
+        for (uint64_t k = 0; k < S.K && k < lastK; k++) {
+            a.n = b.n = 0;
+            stream_pieces(&S.m, &S.full, k * O.chunk, k * O.chunk + chunk_len(k), collect_piece, &a);
+            stream_pieces(last, &ls, k * O.chunk, k * O.chunk + stream_chunk_len(&ls, k), collect_piece, &b);
+            int same = a.n == b.n;
+            for (size_t j = 0; same && j < a.n; j++) {
+                const entry_t *x = &S.m.e[a.p[j].entry], *y = &last->e[b.p[j].entry];
+                same = a.p[j].off == b.p[j].off && a.p[j].len == b.p[j].len && a.p[j].buf_off == b.p[j].buf_off &&
+                       x->size == y->size && x->mtime_ns == y->mtime_ns && !strcmp(x->path, y->path);
+            }
+            S.known[k] = (unsigned char)same;
+            S.lastcrc[k] = same ? crcs[k] : 0;
+        }
+        free(a.p);
+        free(b.p);
+        stream_free(&ls);
+        free(crcs);
+    }
+    if (last == &rec)
+        manifest_free(&rec);
+    free_marker(&mk);
+}
+
 /* The marker's CRC-32 of every chunk of the whole stream. When the ring carried all of it, these are the
- * readers' CRCs; otherwise (files every node had were not sent) the leaders compute them from SRC, each
- * its share (chunk k on leader k mod N), and sum them: only the CRCs travel. */
+ * readers' CRCs. Otherwise (files every node had were not sent) a chunk's CRC comes from a last marker that
+ * holds it (any node's), else the leaders compute it from SRC, each its share (chunk k on leader k mod N):
+ * only CRCs travel. */
 static void full_crcs(void)
 {
     if (S.tx.n == S.full.n) {
@@ -1166,14 +1241,27 @@ static void full_crcs(void)
     }
     if (!S.send[S.m.n])
         return; /* no node writes a marker */
-    uint32_t *part = calloc(S.K ? S.K : 1, sizeof *part);
+    size_t K1 = S.K ? S.K : 1;
+    unsigned char *todo = calloc(K1, 1);
+    uint32_t *part = calloc(K1, sizeof *part), *known = calloc(K1, sizeof *known);
+    MPI_Allreduce(S.known, todo, (int)S.K, MPI_UNSIGNED_CHAR, MPI_MAX, S.leaders);
+    MPI_Allreduce(S.lastcrc, known, (int)S.K, MPI_UINT32_T, MPI_MAX, S.leaders);
+    for (uint64_t k = 0; k < S.K; k++) {
+        todo[k] = !todo[k];
+        S.summed += todo[k];
+    }
     char err[300] = "", msg[400] = "";
     double t0 = now();
-    int64_t bad = crc_pass(O.src, S.single, S.nleaders, S.lrank, part, NULL, err, sizeof err);
+    int64_t bad = crc_pass(O.src, S.single, S.nleaders, S.lrank, part, NULL, todo, err, sizeof err);
     add_time(&S.t_read, t0);
     set_phase("peers");
     MPI_Allreduce(part, S.crc, (int)S.K, MPI_UINT32_T, MPI_SUM, S.leaders);
+    for (uint64_t k = 0; k < S.K; k++)
+        if (!todo[k])
+            S.crc[k] = known[k];
     free(part);
+    free(known);
+    free(todo);
     int first = bad >= 0 ? S.lrank : INT_MAX, who;
     MPI_Allreduce(&first, &who, 1, MPI_INT, MPI_MIN, S.leaders);
     if (who == INT_MAX)
@@ -1667,14 +1755,14 @@ static int report(double t_start)
         printf(", \"dest\": ");
         json_str(O.dest);
         printf(", \"bytes\": %llu, \"files\": %zu, \"bytes_sent\": %llu, \"bytes_skipped\": %llu, "
-               "\"files_sent\": %zu, \"chunks_sent\": %llu, \"nodes\": %d, \"ranks\": %d, \"seconds\": %.6f, "
-               "\"gbps_per_node\": %.6f, \"skipped_nodes\": %d, "
+               "\"files_sent\": %zu, \"chunks_sent\": %llu, \"chunks_summed\": %llu, \"nodes\": %d, "
+               "\"ranks\": %d, \"seconds\": %.6f, \"gbps_per_node\": %.6f, \"skipped_nodes\": %d, "
                "\"failed_nodes\": %d, \"repaired_chunks\": %ld, \"chunk_size\": %llu, \"window\": %d, "
                "\"threads\": %d, \"chunks\": %llu, \"manifest_sha256\": \"%s\", \"phases\": {\"read\": %.6f, "
                "\"network\": %.6f, \"write\": %.6f, \"checksum\": %.6f, \"verify\": %.6f}, \"failures\": [",
                (unsigned long long)S.m.total, S.m.nfiles, (unsigned long long)sent,
                (unsigned long long)(S.m.total - sent), S.files_sent, (unsigned long long)(S.sent ? S.KT : 0),
-               S.nleaders, S.wsize, secs,
+               (unsigned long long)S.summed, S.nleaders, S.wsize, secs,
                moved / secs / 1e9, nskip, nfail, rep, (unsigned long long)O.chunk, O.window, O.threads,
                (unsigned long long)S.K, S.digest, mx[0], mx[1], mx[2], mx[3], mx[4]);
         int first = 1;
@@ -1987,7 +2075,7 @@ int main(int argc, char **argv)
             S.K = (S.m.total + O.chunk - 1) / O.chunk;
             uint32_t *exp = parse_crcs(mk.crc, S.K);
             double t0 = now();
-            have = exp && crc_pass(vbase, S.single, 1, 0, NULL, exp, err, sizeof err) < 0;
+            have = exp && crc_pass(vbase, S.single, 1, 0, NULL, exp, NULL, err, sizeof err) < 0;
             S.t_verify += now() - t0;
             if (!have) {
                 fprintf(stderr, "aegis-stage: %s (rank %d): the existing copy differs (%s); re-sending\n", S.host,
@@ -2009,7 +2097,7 @@ int main(int argc, char **argv)
             uint32_t *part = calloc(S.K ? S.K : 1, sizeof *part);
             double t0 = now();
             set_phase("checksum");
-            int64_t bad = crc_pass(O.src, 1, S.nleaders, S.lrank, part, NULL, err, sizeof err);
+            int64_t bad = crc_pass(O.src, 1, S.nleaders, S.lrank, part, NULL, NULL, err, sizeof err);
             S.t_read += now() - t0;
             if (bad >= 0)
                 node_fail("%s", err);
@@ -2030,6 +2118,7 @@ int main(int argc, char **argv)
     if (!all_have) {
         /* 3. prepare, transfer, finalize */
         set_phase("prepare");
+        last_crcs();
         if (!S.skip && !failed())
             prepare();
         set_phase("peers");
@@ -2048,7 +2137,7 @@ int main(int argc, char **argv)
         if (!S.skip && !failed() && O.verify) {
             double t0 = now();
             set_phase("verify");
-            int64_t bad = crc_pass(vbase, S.single, 1, 0, NULL, S.crc, err, sizeof err);
+            int64_t bad = crc_pass(vbase, S.single, 1, 0, NULL, S.crc, NULL, err, sizeof err);
             if (bad >= 0) {
                 node_fail("verify: %s; its files were removed: run again to rewrite them", err);
                 drop_chunk_files((uint64_t)bad);

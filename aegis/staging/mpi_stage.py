@@ -65,7 +65,9 @@ class _Node:
         self.lock = threading.Lock()
         self.failed, self.reason, self.skip = False, "", False
         self.prepared = self.resend_all = False
-        self.sent, self.files_sent, self.writers = False, 0, False
+        self.sent, self.files_sent, self.writers, self.summed = False, 0, False, 0
+        self.known: bytearray = bytearray()  # known[k]: this node's last marker holds the CRC of chunk k
+        self.lastcrc: list[int] = []
         self.lock_fd, self.lock_lost, self.lock_file = -1, False, ""
         self.progress, self.phase = 0, "start"  # shown to a waiting staging by the lock file's heartbeat
         self.hb: threading.Thread | None = None
@@ -637,22 +639,60 @@ class _Node:
         self.txcrc = [0] * self.KT
         self.sent = True
 
+    def last_crcs(self) -> None:
+        """Which chunks' CRC-32 this node's last complete staging recorded (known, lastcrc): the marker's list
+        covers the stream of the manifest it names (this one, or the record when that is the record's digest),
+        and chunk k is the same bytes now when, with the same chunk size, it covers the same pieces of the same
+        files (path, size, mtime: what "unchanged" means for a re-stage). Read before prepare() removes them."""
+        self.known, self.lastcrc = bytearray(self.K), [0] * self.K
+        mk = None if (self.failed or self.o.force or self.o.unpack) else mf.read_marker(self.marker)
+        if mk is None or mk["chunk_size"] != self.C:
+            return
+        last = self.m if mk["manifest_sha256"] == self.digest else None
+        if last is None and self.record:
+            try:
+                with open(self.record, "rb") as fh:
+                    raw = fh.read()
+                if hashlib.sha256(raw).hexdigest() == mk["manifest_sha256"]:
+                    last = mf.Manifest.parse(raw)
+            except (OSError, StageError, ValueError, IndexError):
+                pass
+        if last is None or len(mk["crcs"]) != -(-last.total // self.C):
+            return
+        def pieces(m: mf.Manifest, k: int) -> list[tuple[bytes, int, int, int, int, int]]:
+            assert m.full is not None
+            return [(m.entries[i].path, m.entries[i].size, m.entries[i].mtime_ns, off, n, at)
+                    for i, off, n, at in m.full.pieces(k * self.C, k * self.C + m.full.chunk_len(self.C, k))]
+
+        for k in range(min(self.K, len(mk["crcs"]))):
+            if pieces(self.m, k) == pieces(last, k):
+                self.known[k], self.lastcrc[k] = 1, mk["crcs"][k]
+
     def full_crcs(self) -> None:
         """The marker's CRC-32 of every chunk of the whole stream. When the ring carried all of it, these are
-        the readers' CRCs; otherwise (files every node had were not sent) the leaders compute them from SRC,
-        each its share (chunk k on leader k mod N), and sum them: only the CRCs travel."""
+        the readers' CRCs. Otherwise (files every node had were not sent) a chunk's CRC comes from a last
+        marker that holds it (any node's), else the leaders compute it from SRC, each its share (chunk k on
+        leader k mod N): only CRCs travel."""
+        from mpi4py import MPI
+
         assert self.m.full is not None
         if len(self.tx.files) == len(self.m.full.files):
             self.crc = list(self.txcrc)
             return
         if not self.writers:
             return
+        known = bytearray(self.K)
+        self.comm.Allreduce([self.known, MPI.UNSIGNED_CHAR], [known, MPI.UNSIGNED_CHAR], op=MPI.MAX)
+        mine, vals = array.array("I", self.lastcrc), array.array("I", bytes(4 * self.K))
+        self.comm.Allreduce([mine, MPI.UINT32_T], [vals, MPI.UINT32_T], op=MPI.MAX)
+        todo = [not k for k in known]
+        self.summed = sum(todo)
         part = [0] * self.K
         t0 = _now()
-        bad = self.crc_pass(self.src, self.single, self.n, self.lrank, part, None)
+        bad = self.crc_pass(self.src, self.single, self.n, self.lrank, part, None, todo)
         self.add("read", t0)
         self.phase = "peers"
-        self.crc = self.sum_crcs(part)
+        self.crc = [c if todo[k] else vals[k] for k, c in enumerate(self.sum_crcs(part))]
         errors = self.comm.allgather(f"rank {self.wrank} on {self.host}: {bad[1]}" if bad else None)
         first = next((e for e in errors if e), None)
         if first and not self.skip:
@@ -668,9 +708,10 @@ class _Node:
 
     # ------------------------------------------------------------ checksum passes
     def crc_pass(self, base: bytes, single: bool, stride: int, first: int, out: list[int] | None,
-                 expect: list[int] | None) -> tuple[int, str] | None:
-        """Checksum chunks first, first+stride, ...; returns the first failing chunk and why, or None."""
-        ks = list(range(first, self.K, stride))
+                 expect: list[int] | None, only: list[bool] | None = None) -> tuple[int, str] | None:
+        """Checksum chunks first, first+stride, ... (those in only, when given); returns the first failing
+        chunk and why, or None."""
+        ks = [k for k in range(first, self.K, stride) if only is None or only[k]]
         errors: list[tuple[int, str]] = []
 
         def work(part):
@@ -1052,6 +1093,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
     if not all_have:
         # 3. prepare, transfer, finalize
         node.phase = "prepare"
+        node.last_crcs()
         if not node.skip and not node.failed:
             node.prepare()
         node.phase = "peers"
@@ -1120,7 +1162,7 @@ def _report(node: _Node, opts: StageOptions, t_start: float) -> int:
         print(json.dumps({
             "impl": "mpi4py", "src": opts.src, "dest": opts.dest, "bytes": node.m.total, "files": node.m.nfiles,
             "bytes_sent": sent, "bytes_skipped": node.m.total - sent, "files_sent": node.files_sent,
-            "chunks_sent": node.KT if node.sent else 0,
+            "chunks_sent": node.KT if node.sent else 0, "chunks_summed": node.summed,
             "nodes": nodes, "ranks": _world_size(), "seconds": round(secs, 6),
             "gbps_per_node": round(moved / secs / 1e9, 6), "skipped_nodes": nskip, "failed_nodes": nfail,
             "repaired_chunks": rep, "chunk_size": node.C, "window": opts.window, "threads": opts.threads,

@@ -279,7 +279,8 @@ def test_a_stopped_lock_holder_is_named_and_a_killed_one_never_blocks(impl, mode
 def test_a_restage_sends_only_what_some_node_lacks(impl, model, tmp_path, sent_bytes):
     """A changed file is the only one to go over the ring; a file one node lost goes again while the others
     skip. The bytes sent are counted by the tool's summary and, independently, by an MPI_Isend wrapper in every
-    rank: each chunk of what is sent, with its 16-byte trailer, crosses N-1 links of the ring."""
+    rank: each chunk of what is sent, with its 16-byte trailer, crosses N-1 links of the ring. The marker's
+    chunk CRCs are taken from the last marker where the chunk holds the same bytes, else summed from SRC."""
     n = 3
     dest = tmp_path / "node{rank}"
 
@@ -294,8 +295,10 @@ def test_a_restage_sends_only_what_some_node_lacks(impl, model, tmp_path, sent_b
     changed = model / "model-00002.safetensors"
     changed.write_bytes(os.urandom(705_001))  # new content and size: what follows it moves in the stream
     size = changed.stat().st_size
+    starts = (model / "config.json").stat().st_size + (model / "model-00001.safetensors").stat().st_size
     s = ok(run_stage(impl, n, model, dest, *CHUNK, env=sent_bytes.env()))
     assert s["skipped_nodes"] == 0 and (s["files_sent"], s["bytes_sent"], s["chunks_sent"]) == (1, size, 11)
+    assert s["chunks_summed"] == s["chunks"] - starts // 65536  # from the changed file's first chunk on
     assert s["bytes_skipped"] == s["bytes"] - size and sent_bytes.total() == ring(s) == (size + 16 * 11) * 2
     for r in range(n):
         assert tree_digest(tmp_path / f"node{r}") == tree_digest(model)
@@ -306,7 +309,7 @@ def test_a_restage_sends_only_what_some_node_lacks(impl, model, tmp_path, sent_b
     (tmp_path / "node1" / lost.name).unlink()
     s = ok(run_stage(_other(impl), n, model, dest, *CHUNK, env=sent_bytes.env()))
     assert s["skipped_nodes"] == 2 and (s["files_sent"], s["bytes_sent"]) == (1, lost.stat().st_size)
-    assert sent_bytes.total() == ring(s)
+    assert sent_bytes.total() == ring(s) and s["chunks_summed"] == 0  # every chunk's CRC is in the last marker
     for r in range(n):
         assert tree_digest(tmp_path / f"node{r}") == tree_digest(model)
     for r in (0, 2):
