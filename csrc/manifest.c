@@ -290,3 +290,50 @@ void manifest_free(manifest_t *m)
     free(m->files);
     memset(m, 0, sizeof *m);
 }
+
+void stream_build(const manifest_t *m, const unsigned char *pick, stream_t *s)
+{
+    s->n = 0;
+    s->total = 0;
+    s->files = malloc((m->nstream + 1) * sizeof *s->files);
+    s->off = malloc((m->nstream + 1) * sizeof *s->off);
+    for (size_t j = 0; j < m->nstream; j++) {
+        size_t i = m->files[j];
+        if (pick && !pick[i])
+            continue;
+        s->files[s->n] = i;
+        s->off[s->n++] = s->total;
+        s->total += m->e[i].size;
+    }
+}
+
+int stream_pieces(const manifest_t *m, const stream_t *s, uint64_t start, uint64_t end,
+                  int (*fn)(const piece_t *, void *), void *arg)
+{
+    size_t lo = 0, hi = s->n;
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        if (s->off[mid] <= start) lo = mid; else hi = mid;
+    }
+    uint64_t pos = start;
+    for (size_t i = lo; i < s->n && pos < end; i++) {
+        uint64_t size = m->e[s->files[i]].size;
+        if (s->off[i] + size <= pos)
+            continue;
+        uint64_t off = pos - s->off[i];
+        uint64_t take = size - off;
+        if (take > end - pos) take = end - pos;
+        piece_t pc = {s->files[i], off, take, pos - start};
+        int rc = fn(&pc, arg);
+        if (rc) return rc;
+        pos += take;
+    }
+    return 0;
+}
+
+void stream_free(stream_t *s)
+{
+    free(s->files);
+    free(s->off);
+    memset(s, 0, sizeof *s);
+}

@@ -38,4 +38,20 @@ typedef struct { size_t entry; uint64_t off; uint64_t len; uint64_t buf_off; } p
 int manifest_pieces(const manifest_t *m, uint64_t start, uint64_t end,
                     int (*fn)(const piece_t *, void *), void *arg);
 void manifest_free(manifest_t *m);
+
+/* A byte stream over some of the regular files of a manifest, in manifest order: all of them (what the
+ * marker's chunk CRCs cover) or only those a re-stage sends. */
+typedef struct {
+    size_t n;          /* files with bytes in the stream */
+    size_t *files;     /* their entry indexes */
+    uint64_t *off;     /* their offsets in the stream */
+    uint64_t total;
+} stream_t;
+
+/* The stream of the files i with size > 0 and (pick == NULL or pick[i]). */
+void stream_build(const manifest_t *m, const unsigned char *pick, stream_t *s);
+/* Like manifest_pieces, over stream s. */
+int stream_pieces(const manifest_t *m, const stream_t *s, uint64_t start, uint64_t end,
+                  int (*fn)(const piece_t *, void *), void *arg);
+void stream_free(stream_t *s);
 #endif

@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <mpi.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -31,6 +32,8 @@
 #define TRAILER 16
 #define MAX_FAIL_LINES 20
 #define LOCK_REPORT_S 30 /* how often a staging waiting for another one says so */
+#define HEARTBEAT_S 1    /* how often a lock holder writes its progress into the lock file */
+#define SILENT_S 3       /* a holder whose heartbeat is this old is stopped or hung, not merely idle */
 
 /* ---------------------------------------------------------------- options */
 static struct {
@@ -40,7 +43,8 @@ static struct {
     const char *hf_repo, *hf_revision;
     const char *private_dir; /* DEST's ancestor that must be this user's alone (0700) */
     int lock_timeout;        /* seconds to wait for another staging into DEST */
-} O = {NULL, NULL, 16ull << 20, 8, 4, 0, 0, 0, 0, 0, NULL, NULL, NULL, 1800};
+    int lock_stall;          /* give up early when that staging has made no progress for this long (0: never) */
+} O = {NULL, NULL, 16ull << 20, 8, 4, 0, 0, 0, 0, 0, NULL, NULL, NULL, 1800, 300};
 
 /* ---------------------------------------------------------------- node state */
 typedef struct {
@@ -61,27 +65,49 @@ static struct {
     char hf_model[PATH_MAX], hf_rev[128];
     manifest_t m;
     char digest[65], key[65];
-    uint64_t K;
-    uint32_t *crc;
+    stream_t full;         /* every file with bytes: what the marker's chunk CRCs cover */
+    stream_t tx;           /* the files this staging sends over the ring (all on a first staging) */
+    uint64_t K, KT;        /* chunks of full and of tx */
+    uint32_t *crc;         /* CRC-32 of each chunk of full (the marker's) */
+    uint32_t *txcrc;       /* CRC-32 of each chunk of tx, as its reader computed it */
+    unsigned char *send;   /* send[i]: some node writes file i, so it goes over the ring */
+    size_t files_sent;
+    int sent;              /* the ring ran (not every node skipped) */
+    unsigned char *known;  /* known[k]: this node's last marker holds the CRC-32 of chunk k (lastcrc[k]) */
+    uint32_t *lastcrc;
+    uint64_t summed;       /* chunks of files not sent whose CRC-32 was computed from SRC for the marker */
     fstate_t *fs;
     int *need;             /* need[i]: this node writes entry i (it is missing or differs at DEST) */
     int skip, failed, prepared, resend_all;
     int lock_fd, lock_lost; /* lock_lost: another staging holds the lock file */
     char lock_file[PATH_MAX];
-    char reason[400];
+    char reason[1024];
     pthread_mutex_t mu;
     double t_read, t_write, t_cksum, t_net, t_verify, t_total;
     long repaired;
     int corrupt_rank;
     int64_t corrupt_chunk;
     int write_delay_ms;    /* test hook: slow every chunk write down */
-} S = {.mu = PTHREAD_MUTEX_INITIALIZER, .corrupt_chunk = -1, .corrupt_rank = -1, .lock_fd = -1};
+    uint64_t progress;     /* bytes this node has moved or checked so far (atomic), shown to a waiting staging */
+    const char *phase;     /* what this node is doing (atomic); "peers": waiting for the other nodes */
+} S = {.mu = PTHREAD_MUTEX_INITIALIZER, .phase = "start", .corrupt_chunk = -1, .corrupt_rank = -1, .lock_fd = -1};
 
 static double now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Progress for the lock file's heartbeat (any thread). */
+static void add_progress(uint64_t n)
+{
+    __atomic_add_fetch(&S.progress, n, __ATOMIC_RELAXED);
+}
+
+static void set_phase(const char *phase)
+{
+    __atomic_store_n(&S.phase, phase, __ATOMIC_RELAXED);
 }
 
 static void add_time(double *slot, double t0)
@@ -125,10 +151,16 @@ static void die_usage(const char *fmt, ...)
     exit(2);
 }
 
-static uint64_t chunk_len(uint64_t k)
+static uint64_t stream_chunk_len(const stream_t *s, uint64_t k)
 {
     uint64_t start = k * O.chunk;
-    return S.m.total - start < O.chunk ? S.m.total - start : O.chunk;
+    return s->total - start < O.chunk ? s->total - start : O.chunk;
+}
+
+/* Length of chunk k of the whole stream. */
+static uint64_t chunk_len(uint64_t k)
+{
+    return stream_chunk_len(&S.full, k);
 }
 
 /* ---------------------------------------------------------------- paths */
@@ -242,11 +274,12 @@ static int read_piece(const piece_t *pc, void *arg)
     return 0;
 }
 
-/* Read chunk k of the stream rooted at base into buf. */
-static int read_chunk(const char *base, int single, uint64_t k, unsigned char *buf, char *err, size_t errlen)
+/* Read chunk k of stream st of the tree (or file) at base into buf. */
+static int read_chunk(const stream_t *st, const char *base, int single, uint64_t k, unsigned char *buf, char *err,
+                      size_t errlen)
 {
     rd_t r = {base, single, buf, err, errlen};
-    return manifest_pieces(&S.m, k * O.chunk, k * O.chunk + chunk_len(k), read_piece, &r);
+    return stream_pieces(&S.m, st, k * O.chunk, k * O.chunk + stream_chunk_len(st, k), read_piece, &r);
 }
 
 static uint32_t crc_of(const unsigned char *buf, uint64_t len)
@@ -320,10 +353,10 @@ static int need_piece(const piece_t *pc, void *arg)
     return S.need[pc->entry];
 }
 
-/* Does this node write any byte of chunk k? */
+/* Does this node write any byte of chunk k of the ring's stream? */
 static int chunk_needed(uint64_t k)
 {
-    return manifest_pieces(&S.m, k * O.chunk, k * O.chunk + chunk_len(k), need_piece, NULL) != 0;
+    return stream_pieces(&S.m, &S.tx, k * O.chunk, k * O.chunk + stream_chunk_len(&S.tx, k), need_piece, NULL) != 0;
 }
 
 /* ---------------------------------------------------------------- I/O threads */
@@ -353,11 +386,11 @@ static void push_job(int type, int slot)
 
 static void do_read(slot_t *s)
 {
-    uint64_t len = chunk_len(s->k);
+    uint64_t len = stream_chunk_len(&S.tx, s->k);
     uint32_t flags = 0, crc = 0;
     char err[300] = "";
     double t0 = now();
-    if (read_chunk(O.src, S.single, s->k, s->buf, err, sizeof err) != 0) {
+    if (read_chunk(&S.tx, O.src, S.single, s->k, s->buf, err, sizeof err) != 0) {
         flags = 1;
         char msg[400];
         snprintf(msg, sizeof msg, "rank %d on %s: %s", S.wrank, S.host, err);
@@ -378,12 +411,12 @@ static void do_read(slot_t *s)
 
 static void do_write(slot_t *s)
 {
-    uint64_t len = chunk_len(s->k), k;
+    uint64_t len = stream_chunk_len(&S.tx, s->k), k;
     uint32_t crc, flags;
     memcpy(&k, s->buf + len, 8);
     memcpy(&crc, s->buf + len + 8, 4);
     memcpy(&flags, s->buf + len + 12, 4);
-    S.crc[s->k] = crc;
+    S.txcrc[s->k] = crc;
     if (k != (uint64_t)s->k) {
         node_fail("protocol error: expected chunk %lld, received %llu", (long long)s->k, (unsigned long long)k);
         return;
@@ -409,7 +442,7 @@ static void do_write(slot_t *s)
         /* Damaged in transit: re-read this chunk from SRC (a shared filesystem) here. */
         char err[300] = "";
         fix = malloc(len ? len : 1);
-        if (!fix || read_chunk(O.src, S.single, s->k, fix, err, sizeof err) != 0) {
+        if (!fix || read_chunk(&S.tx, O.src, S.single, s->k, fix, err, sizeof err) != 0) {
             node_fail("chunk %lld failed its checksum and could not be re-read from SRC: %s",
                       (long long)s->k, err);
             free(fix);
@@ -430,7 +463,7 @@ static void do_write(slot_t *s)
     }
     t0 = now();
     wr_t w = {data};
-    manifest_pieces(&S.m, s->k * O.chunk, s->k * O.chunk + len, write_piece, &w);
+    stream_pieces(&S.m, &S.tx, s->k * O.chunk, s->k * O.chunk + len, write_piece, &w);
     add_time(&S.t_write, t0);
     free(fix);
 }
@@ -490,9 +523,9 @@ static void transfer(void)
 
     double t0 = now();
     uint64_t next = 0, finished = 0;
-    while (finished < S.K) {
+    while (finished < S.KT) {
         int progress = 0;
-        while (next < S.K) {
+        while (next < S.KT) {
             int i = (int)(next % W);
             slot_t *s = &slots[i];
             if (s->k >= 0)
@@ -503,7 +536,7 @@ static void transfer(void)
                 push_job(JOB_READ, i);
             } else {
                 s->receiving = 1;
-                MPI_Irecv(s->buf, (int)(chunk_len(next) + TRAILER), MPI_BYTE, left, (int)(next % 32768),
+                MPI_Irecv(s->buf, (int)(stream_chunk_len(&S.tx, next) + TRAILER), MPI_BYTE, left, (int)(next % 32768),
                           S.leaders, &req[i]);
             }
             next++;
@@ -522,7 +555,7 @@ static void transfer(void)
             s->receiving = 0;
             if ((int)(s->k % n) != right) {
                 s->sending = 1;
-                MPI_Isend(s->buf, (int)(chunk_len(s->k) + TRAILER), MPI_BYTE, right, (int)(s->k % 32768),
+                MPI_Isend(s->buf, (int)(stream_chunk_len(&S.tx, s->k) + TRAILER), MPI_BYTE, right, (int)(s->k % 32768),
                           S.leaders, &req[W + i]);
             }
             s->writing = 1;
@@ -546,8 +579,8 @@ static void transfer(void)
                 s->reading = 0;
                 if (n > 1) {
                     s->sending = 1;
-                    MPI_Isend(s->buf, (int)(chunk_len(s->k) + TRAILER), MPI_BYTE, right, (int)(s->k % 32768),
-                              S.leaders, &req[W + done_local[j].slot]);
+                    MPI_Isend(s->buf, (int)(stream_chunk_len(&S.tx, s->k) + TRAILER), MPI_BYTE, right,
+                              (int)(s->k % 32768), S.leaders, &req[W + done_local[j].slot]);
                 }
                 s->writing = 1;
                 push_job(JOB_WRITE, done_local[j].slot);
@@ -558,6 +591,7 @@ static void transfer(void)
         for (int i = 0; i < W; i++) {
             slot_t *s = &slots[i];
             if (s->k >= 0 && !s->reading && !s->receiving && !s->sending && !s->writing) {
+                add_progress(stream_chunk_len(&S.tx, (uint64_t)s->k));
                 s->k = -1;
                 finished++;
                 progress = 1;
@@ -584,6 +618,7 @@ typedef struct {
     uint32_t *out;
     int64_t bad; /* verify: first differing chunk */
     const uint32_t *expect;
+    const unsigned char *only; /* only the chunks k with only[k] (NULL: all) */
     char err[300];
 } pass_t;
 
@@ -592,11 +627,14 @@ static void *pass_worker(void *arg)
     pass_t *p = arg;
     unsigned char *buf = malloc(O.chunk ? O.chunk : 1);
     for (uint64_t k = p->first + (uint64_t)p->stride * p->tid; k < p->K; k += (uint64_t)p->stride * p->nthreads) {
-        if (read_chunk(p->base, p->single, k, buf, p->err, sizeof p->err) != 0) {
+        if (p->only && !p->only[k])
+            continue;
+        if (read_chunk(&S.full, p->base, p->single, k, buf, p->err, sizeof p->err) != 0) {
             p->bad = (int64_t)k;
             break;
         }
         uint32_t c = crc_of(buf, chunk_len(k));
+        add_progress(chunk_len(k));
         if (p->out)
             p->out[k] = c;
         if (p->expect && p->expect[k] != c) {
@@ -609,16 +647,16 @@ static void *pass_worker(void *arg)
     return NULL;
 }
 
-/* Checksum chunks first, first+stride, ... of the stream at base; compare with expect
- * when given. Returns -1 on success, else the first bad chunk (err filled). */
+/* Checksum chunks first, first+stride, ... of the stream at base (those in only, when given); compare with
+ * expect when given. Returns -1 on success, else the first bad chunk (err filled). */
 static int64_t crc_pass(const char *base, int single, int stride, int first, uint32_t *out,
-                        const uint32_t *expect, char *err, size_t errlen)
+                        const uint32_t *expect, const unsigned char *only, char *err, size_t errlen)
 {
     int T = O.threads;
     pthread_t *th = calloc(T, sizeof *th);
     pass_t *ps = calloc(T, sizeof *ps);
     for (int t = 0; t < T; t++) {
-        ps[t] = (pass_t){base, single, stride, first, T, t, S.K, out, -1, expect, ""};
+        ps[t] = (pass_t){base, single, stride, first, T, t, S.K, out, -1, expect, only, ""};
         pthread_create(&th[t], NULL, pass_worker, &ps[t]);
     }
     int64_t bad = -1;
@@ -699,7 +737,8 @@ static int write_record(void)
     return rc;
 }
 
-static int read_record(manifest_t *old)
+/* The record's manifest (and, with digest, the SHA-256 of its bytes). */
+static int read_record(manifest_t *old, char *digest)
 {
     memset(old, 0, sizeof *old);
     FILE *f = S.record[0] ? fopen(S.record, "r") : NULL;
@@ -710,6 +749,8 @@ static int read_record(manifest_t *old)
     size_t got = text ? fread(text, 1, st.st_size, f) : 0;
     fclose(f);
     int rc = text && got == (size_t)st.st_size ? manifest_parse(text, got, old) : -1;
+    if (rc == 0 && digest)
+        sha256_hex(text, got, digest);
     free(text);
     return rc;
 }
@@ -1079,7 +1120,7 @@ static void prepare(void)
     unlink(probe);
     nftw(S.root, drop_stale_part, 32, FTW_PHYS);
     manifest_t old;
-    int have_old = read_record(&old) == 0;
+    int have_old = read_record(&old, NULL) == 0;
     uint64_t want = 0, freed = 0;
     size_t nwant = 0;
     plan_files(&want, &nwant, &freed);
@@ -1101,6 +1142,135 @@ static void prepare(void)
         node_fail("cannot write %s: %s", S.record, strerror(errno));
     if (have_old)
         manifest_free(&old);
+}
+
+/* Which files go over the ring: those that at least one node writes (need[], OR over the nodes); a file
+ * every node already holds as SRC has it is not sent. send[n]: some node writes at all. */
+static void plan_send(void)
+{
+    size_t n = S.m.n;
+    unsigned char *mine = calloc(n + 1, 1);
+    int writes = !S.skip && !failed();
+    for (size_t i = 0; i < n; i++)
+        mine[i] = writes && S.need[i];
+    mine[n] = (unsigned char)writes;
+    MPI_Allreduce(mine, S.send, (int)n + 1, MPI_UNSIGNED_CHAR, MPI_MAX, S.leaders);
+    free(mine);
+    for (size_t i = 0; i < n; i++)
+        S.files_sent += S.m.e[i].type == 'f' && S.send[i];
+    stream_build(&S.m, S.send, &S.tx);
+    S.KT = (S.tx.total + O.chunk - 1) / O.chunk;
+    S.txcrc = calloc(S.KT ? S.KT : 1, sizeof *S.txcrc);
+    S.sent = 1;
+}
+
+/* Pieces of one chunk, to compare a chunk of this staging's stream with the same chunk of the last one's. */
+typedef struct { size_t n, cap; piece_t *p; } plist_t;
+
+static int collect_piece(const piece_t *pc, void *arg)
+{
+    plist_t *l = arg;
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 16;
+        l->p = realloc(l->p, l->cap * sizeof *l->p);
+    }
+    l->p[l->n++] = *pc;
+    return 0;
+}
+
+/* Which chunks' CRC-32 this node's last complete staging recorded (known[], lastcrc[]): the marker's list
+ * covers the stream of the manifest it names (this one, or the record when that is the record's digest),
+ * and chunk k is the same bytes now when, with the same chunk size, it covers the same pieces of the same
+ * files (path, size, mtime: what "unchanged" means for a re-stage). Read before prepare() removes them. */
+static void last_crcs(void)
+{
+    S.known = calloc(S.K ? S.K : 1, 1);
+    S.lastcrc = calloc(S.K ? S.K : 1, sizeof *S.lastcrc);
+    marker_t mk;
+    if (failed() || O.force || O.unpack)
+        return;
+    if (read_marker(S.marker, &mk) != 0) {
+        free_marker(&mk);
+        return;
+    }
+    manifest_t rec = {0};
+    char digest[65] = "";
+    const manifest_t *last = NULL;
+    if (!strcmp(mk.digest, S.digest))
+        last = &S.m;
+    else if (read_record(&rec, digest) == 0 && !strcmp(digest, mk.digest))
+        last = &rec;
+    uint64_t lastK = last ? (last->total + mk.chunk - 1) / mk.chunk : 0;
+    uint32_t *crcs = last && mk.chunk == O.chunk ? parse_crcs(mk.crc, lastK) : NULL;
+    if (crcs) {
+        stream_t ls;
+        plist_t a = {0}, b = {0};
+        stream_build(last, NULL, &ls);
+        for (uint64_t k = 0; k < S.K && k < lastK; k++) {
+            a.n = b.n = 0;
+            stream_pieces(&S.m, &S.full, k * O.chunk, k * O.chunk + chunk_len(k), collect_piece, &a);
+            stream_pieces(last, &ls, k * O.chunk, k * O.chunk + stream_chunk_len(&ls, k), collect_piece, &b);
+            int same = a.n == b.n;
+            for (size_t j = 0; same && j < a.n; j++) {
+                const entry_t *x = &S.m.e[a.p[j].entry], *y = &last->e[b.p[j].entry];
+                same = a.p[j].off == b.p[j].off && a.p[j].len == b.p[j].len && a.p[j].buf_off == b.p[j].buf_off &&
+                       x->size == y->size && x->mtime_ns == y->mtime_ns && !strcmp(x->path, y->path);
+            }
+            S.known[k] = (unsigned char)same;
+            S.lastcrc[k] = same ? crcs[k] : 0;
+        }
+        free(a.p);
+        free(b.p);
+        stream_free(&ls);
+        free(crcs);
+    }
+    if (last == &rec)
+        manifest_free(&rec);
+    free_marker(&mk);
+}
+
+/* The marker's CRC-32 of every chunk of the whole stream. When the ring carried all of it, these are the
+ * readers' CRCs. Otherwise (files every node had were not sent) a chunk's CRC comes from a last marker that
+ * holds it (any node's), else the leaders compute it from SRC, each its share (chunk k on leader k mod N):
+ * only CRCs travel. */
+static void full_crcs(void)
+{
+    if (S.tx.n == S.full.n) {
+        memcpy(S.crc, S.txcrc, S.K * sizeof *S.crc);
+        return;
+    }
+    if (!S.send[S.m.n])
+        return; /* no node writes a marker */
+    size_t K1 = S.K ? S.K : 1;
+    unsigned char *todo = calloc(K1, 1);
+    uint32_t *part = calloc(K1, sizeof *part), *known = calloc(K1, sizeof *known);
+    MPI_Allreduce(S.known, todo, (int)S.K, MPI_UNSIGNED_CHAR, MPI_MAX, S.leaders);
+    MPI_Allreduce(S.lastcrc, known, (int)S.K, MPI_UINT32_T, MPI_MAX, S.leaders);
+    for (uint64_t k = 0; k < S.K; k++) {
+        todo[k] = !todo[k];
+        S.summed += todo[k];
+    }
+    char err[300] = "", msg[400] = "";
+    double t0 = now();
+    int64_t bad = crc_pass(O.src, S.single, S.nleaders, S.lrank, part, NULL, todo, err, sizeof err);
+    add_time(&S.t_read, t0);
+    set_phase("peers");
+    MPI_Allreduce(part, S.crc, (int)S.K, MPI_UINT32_T, MPI_SUM, S.leaders);
+    for (uint64_t k = 0; k < S.K; k++)
+        if (!todo[k])
+            S.crc[k] = known[k];
+    free(part);
+    free(known);
+    free(todo);
+    int first = bad >= 0 ? S.lrank : INT_MAX, who;
+    MPI_Allreduce(&first, &who, 1, MPI_INT, MPI_MIN, S.leaders);
+    if (who == INT_MAX)
+        return;
+    if (who == S.lrank)
+        snprintf(msg, sizeof msg, "rank %d on %s: %s", S.wrank, S.host, err);
+    MPI_Bcast(msg, sizeof msg, MPI_CHAR, who, S.leaders);
+    if (!S.skip)
+        node_fail("SRC could not be read (%s)", msg);
 }
 
 static void cleanup_tmp(void)
@@ -1128,7 +1298,7 @@ static int drop_piece_file(const piece_t *pc, void *arg)
 /* Remove the files of chunk k at DEST (it failed --verify), so that the next staging rewrites them. */
 static void drop_chunk_files(uint64_t k)
 {
-    manifest_pieces(&S.m, k * O.chunk, k * O.chunk + chunk_len(k), drop_piece_file, NULL);
+    stream_pieces(&S.m, &S.full, k * O.chunk, k * O.chunk + chunk_len(k), drop_piece_file, NULL);
 }
 
 /* Rename what this node wrote into place (files, then links, then directory modes). */
@@ -1191,7 +1361,24 @@ static int run_tar(const char *tarball, const char *dir, char *err, size_t errle
         _exit(127);
     }
     int st = 0;
-    if (pid < 0 || waitpid(pid, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+    pid_t got = pid;
+    uint64_t seen = 0;
+    while (pid > 0 && (got = waitpid(pid, &st, WNOHANG)) == 0) {
+        /* tar's reads and writes are this node's progress while it unpacks (can't tell: count it) */
+        char io[64], line[128];
+        unsigned long long v, sum = 0;
+        snprintf(io, sizeof io, "/proc/%d/io", (int)pid);
+        FILE *f = fopen(io, "r");
+        while (f && fgets(line, sizeof line, f))
+            if (sscanf(line, "rchar: %llu", &v) == 1 || sscanf(line, "wchar: %llu", &v) == 1)
+                sum += v;
+        if (f)
+            fclose(f);
+        add_progress(f ? sum - seen : 1);
+        seen = f ? sum : seen;
+        usleep(100000);
+    }
+    if (pid < 0 || got < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
         snprintf(err, errlen, "tar -x -f %s failed (status %d)", tarball, WIFEXITED(st) ? WEXITSTATUS(st) : -1);
         return -1;
     }
@@ -1268,32 +1455,99 @@ static void lock_path(char *out, char *dir, char *dest)
     join(out, dir, name);
 }
 
+/* What the holder of a lock wrote into the lock file: "pid host since DEST", then, from a staging that reports
+ * its progress, "progress BYTES CHANGED ALIVE PHASE" (unix times of its last progress and its last heartbeat). */
+typedef struct {
+    int pid, has_progress;
+    char host[256], phase[16];
+    long long since, changed, alive;
+    unsigned long long bytes;
+} holder_t;
+
+static int read_holder(holder_t *h)
+{
+    char buf[PATH_MAX + 512];
+    memset(h, 0, sizeof *h);
+    ssize_t got = pread(S.lock_fd, buf, sizeof buf - 1, 0);
+    buf[got > 0 ? got : 0] = '\0';
+    if (sscanf(buf, "%d %255s %lld", &h->pid, h->host, &h->since) != 3)
+        return -1;
+    const char *nl = strchr(buf, '\n');
+    h->has_progress = nl && sscanf(nl + 1, "progress %llu %lld %lld %15s", &h->bytes, &h->changed, &h->alive,
+                                   h->phase) == 4;
+    return 0;
+}
+
 /* "pid 123 on host since 2026-01-01T00:00:00Z", from the holder's line in the lock file. */
 static void lock_holder(char *out, size_t n)
 {
-    char buf[1024] = "", host[256];
-    int pid;
-    long long t;
-    ssize_t got = pread(S.lock_fd, buf, sizeof buf - 1, 0);
-    buf[got > 0 ? got : 0] = '\0';
-    if (sscanf(buf, "%d %255s %lld", &pid, host, &t) != 3) {
+    holder_t h;
+    if (read_holder(&h) != 0) {
         snprintf(out, n, "another process");
         return;
     }
-    time_t tt = (time_t)t;
+    time_t tt = (time_t)h.since;
     struct tm tm;
     char when[32];
     strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&tt, &tm));
-    snprintf(out, n, "pid %d on %s since %s", pid, host, when);
+    snprintf(out, n, "pid %d on %s since %s", h.pid, h.host, when);
+}
+
+/* The holder's heartbeat: a thread that rewrites the progress line in place every HEARTBEAT_S. */
+static struct {
+    pthread_t th;
+    int running, stop;
+    off_t at; /* offset of the progress line */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} HB = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static void *heartbeat(void *arg)
+{
+    (void)arg;
+    uint64_t last = 0;
+    const char *last_phase = NULL;
+    long long changed = 0;
+    pthread_mutex_lock(&HB.mu);
+    while (!HB.stop) {
+        pthread_mutex_unlock(&HB.mu);
+        uint64_t bytes = __atomic_load_n(&S.progress, __ATOMIC_RELAXED);
+        const char *phase = __atomic_load_n(&S.phase, __ATOMIC_RELAXED);
+        long long t = (long long)time(NULL);
+        if (bytes != last || phase != last_phase || !changed) {
+            last = bytes;
+            last_phase = phase;
+            changed = t;
+        }
+        char line[96];
+        int len = snprintf(line, sizeof line, "progress %20llu %12lld %12lld %-8.8s\n", (unsigned long long)bytes,
+                           changed, t, phase);
+        if (pwrite(S.lock_fd, line, len, HB.at) != len) {
+            /* nothing to do: a waiting staging sees the heartbeat stop */
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += HEARTBEAT_S;
+        pthread_mutex_lock(&HB.mu);
+        if (!HB.stop)
+            pthread_cond_timedwait(&HB.cv, &HB.mu, &ts);
+    }
+    pthread_mutex_unlock(&HB.mu);
+    return NULL;
 }
 
 static void lock_write_holder(const char *dest)
 {
     char line[PATH_MAX + 400];
     int len = snprintf(line, sizeof line, "%d %s %lld %s\n", (int)getpid(), S.host, (long long)time(NULL), dest);
-    if (ftruncate(S.lock_fd, 0) != 0 || pwrite(S.lock_fd, line, len, 0) != len)
+    if (ftruncate(S.lock_fd, 0) != 0 || pwrite(S.lock_fd, line, len, 0) != len) {
         fprintf(stderr, "aegis-stage: %s (rank %d): cannot write the lock file: %s\n", S.host, S.wrank,
                 strerror(errno));
+        return;
+    }
+    HB.at = len;
+    set_phase("check");
+    HB.running = pthread_create(&HB.th, NULL, heartbeat, NULL) == 0;
 }
 
 static void lock_open(const char *path)
@@ -1320,6 +1574,14 @@ static int lock_try(const char *path)
  * about to go). */
 static void lock_release(void)
 {
+    if (HB.running) {
+        pthread_mutex_lock(&HB.mu);
+        HB.stop = 1;
+        pthread_cond_signal(&HB.cv);
+        pthread_mutex_unlock(&HB.mu);
+        pthread_join(HB.th, NULL);
+        HB.running = 0;
+    }
     if (S.lock_fd < 0)
         return;
     if (!S.lock_lost)
@@ -1328,23 +1590,57 @@ static void lock_release(void)
     S.lock_fd = -1;
 }
 
+/* Has the holder of this node's lock stopped moving (why filled)? Only a holder that reports its progress
+ * and is alive is judged (a dead one's line is stale: the kernel freed its lock): by its heartbeat (a stopped
+ * process, or one hung on the filesystem of the lock file, writes none) and by its progress (none while it
+ * works; not judged while it waits for the other nodes of its own staging). */
+static int holder_stalled(holder_t *h, char *why, size_t n)
+{
+    if (O.lock_stall <= 0 || read_holder(h) != 0 || !h->has_progress)
+        return 0;
+    if (!strcmp(h->host, S.host) && kill(h->pid, 0) != 0 && errno == ESRCH)
+        return 0;
+    long long t = (long long)time(NULL), quiet = t - h->alive, idle = t - h->changed;
+    char done[32];
+    fmt_bytes(done, sizeof done, h->bytes);
+    if (quiet < O.lock_stall && (!strcmp(h->phase, "peers") || idle < O.lock_stall))
+        return 0;
+    if (quiet >= SILENT_S)
+        snprintf(why, n, "has shown no sign of life for %lld s (stopped, or hung on its filesystem; last progress "
+                 "%lld s ago, %s done)", quiet, idle, done);
+    else
+        snprintf(why, n, "has made no progress for %lld s (while in phase %s; %s done)", idle, h->phase, done);
+    return 1;
+}
+
 static void lock_report(double waited, int nwait)
 {
-    char holder[400];
+    char holder[400], prog[120] = "", stall[80] = "";
+    holder_t h;
     lock_holder(holder, sizeof holder);
+    if (read_holder(&h) == 0 && h.has_progress) {
+        char done[32];
+        fmt_bytes(done, sizeof done, h.bytes);
+        snprintf(prog, sizeof prog, "; its last progress %lld s ago, %s done", (long long)time(NULL) - h.changed,
+                 done);
+    }
+    if (O.lock_stall > 0)
+        snprintf(stall, sizeof stall, ", or after %d s without progress, --lock-stall", O.lock_stall);
     if (waited < 1)
         fprintf(stderr, "aegis-stage: %s (rank %d): %s is being staged by %s; waiting for it to finish (%d of %d "
-                "nodes wait; giving up after %d s, --lock-timeout)\n", S.host, S.wrank, S.dest, holder, nwait,
-                S.nleaders, O.lock_timeout);
+                "nodes wait; giving up after %d s, --lock-timeout%s%s)\n", S.host, S.wrank, S.dest, holder, nwait,
+                S.nleaders, O.lock_timeout, stall, prog);
     else
         fprintf(stderr, "aegis-stage: %s (rank %d): still waiting for %s to finish staging %s (%.0f of %d s; %d of "
-                "%d nodes wait)\n", S.host, S.wrank, holder, S.dest, waited, O.lock_timeout, nwait, S.nleaders);
+                "%d nodes wait%s)\n", S.host, S.wrank, holder, S.dest, waited, O.lock_timeout, nwait, S.nleaders,
+                prog);
 }
 
 /* Take the lock of DEST on every node (flock: the kernel drops it when the process ends). A node whose
  * lock another staging holds makes all wait: the others release theirs and all retry together, so two
- * stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout a node still
- * without its lock fails, naming the holder; the others go on. */
+ * stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout, or as soon as a
+ * node finds its holder stalled (--lock-stall), the nodes still without their lock fail, naming the holder;
+ * the others go on. */
 static void take_lock(void)
 {
     char dir[PATH_MAX], dest[PATH_MAX], err[400];
@@ -1358,18 +1654,30 @@ static void take_lock(void)
     double t0 = now(), report_at = 0;
     for (;;) {
         int got = failed() || lock_try(path);
-        int in[3] = {got, now() - t0 < O.lock_timeout, got ? INT_MAX : S.lrank}, all[3], wait = !got, nwait;
+        char why[200] = "";
+        holder_t h;
+        int stalled = !got && holder_stalled(&h, why, sizeof why), in_time = now() - t0 < O.lock_timeout;
+        int in[3] = {got, in_time && !stalled, got ? INT_MAX : S.lrank}, all[3], wait = !got, nwait;
         MPI_Allreduce(in, all, 3, MPI_INT, MPI_MIN, S.leaders);
         MPI_Allreduce(&wait, &nwait, 1, MPI_INT, MPI_SUM, S.leaders);
         if (all[0]) /* every node holds its lock */
             break;
-        if (!all[1]) { /* time is up: who holds a lock keeps it */
+        if (!all[1]) { /* time is up, or a holder hangs: who holds a lock keeps it */
             if (!got) {
                 S.lock_lost = 1; /* the file is the holder's */
                 char holder[400];
                 lock_holder(holder, sizeof holder);
-                node_fail("%s is being staged by %s (lock %s); gave up after %d s: let that staging finish and "
-                          "run again, stop it, or raise --lock-timeout", S.dest, holder, path, O.lock_timeout);
+                if (stalled)
+                    node_fail("%s is being staged by %s (lock %s), which %s; gave up after %.0f s (--lock-stall %d): "
+                              "if it hangs, end it (kill -KILL %d on %s, or cancel its job) and run again", S.dest,
+                              holder, path, why, now() - t0, O.lock_stall, h.pid, h.host);
+                else if (!in_time)
+                    node_fail("%s is being staged by %s (lock %s); gave up after %d s: let that staging finish and "
+                              "run again, stop it, or raise --lock-timeout", S.dest, holder, path, O.lock_timeout);
+                else
+                    node_fail("%s is being staged by %s (lock %s); gave up after %.0f s with the other nodes of this "
+                              "staging, as another node's holder hangs (see its line)", S.dest, holder, path,
+                              now() - t0);
             }
             break;
         }
@@ -1392,7 +1700,7 @@ typedef struct {
     double t[6]; /* read, network, write, checksum, verify, total */
     char host[64];
     int rank;
-    char reason[400];
+    char reason[1024];
 } report_t;
 
 static void json_str(const char *s)
@@ -1439,18 +1747,22 @@ static int report(double t_start)
             if (all[i].t[j] > mx[j]) mx[j] = all[i].t[j];
     }
     double secs = mx[5] > 0 ? mx[5] : 1e-9;
-    double moved = nskip == S.nleaders ? 0.0 : (double)S.m.total;
+    uint64_t sent = S.sent ? S.tx.total : 0;
+    double moved = (double)sent;
     if (O.json) {
         printf("{\"impl\": \"native\", \"src\": ");
         json_str(O.src);
         printf(", \"dest\": ");
         json_str(O.dest);
-        printf(", \"bytes\": %llu, \"files\": %zu, "
-               "\"nodes\": %d, \"ranks\": %d, \"seconds\": %.6f, \"gbps_per_node\": %.6f, \"skipped_nodes\": %d, "
+        printf(", \"bytes\": %llu, \"files\": %zu, \"bytes_sent\": %llu, \"bytes_skipped\": %llu, "
+               "\"files_sent\": %zu, \"chunks_sent\": %llu, \"chunks_summed\": %llu, \"nodes\": %d, "
+               "\"ranks\": %d, \"seconds\": %.6f, \"gbps_per_node\": %.6f, \"skipped_nodes\": %d, "
                "\"failed_nodes\": %d, \"repaired_chunks\": %ld, \"chunk_size\": %llu, \"window\": %d, "
                "\"threads\": %d, \"chunks\": %llu, \"manifest_sha256\": \"%s\", \"phases\": {\"read\": %.6f, "
                "\"network\": %.6f, \"write\": %.6f, \"checksum\": %.6f, \"verify\": %.6f}, \"failures\": [",
-               (unsigned long long)S.m.total, S.m.nfiles, S.nleaders, S.wsize, secs,
+               (unsigned long long)S.m.total, S.m.nfiles, (unsigned long long)sent,
+               (unsigned long long)(S.m.total - sent), S.files_sent, (unsigned long long)(S.sent ? S.KT : 0),
+               (unsigned long long)S.summed, S.nleaders, S.wsize, secs,
                moved / secs / 1e9, nskip, nfail, rep, (unsigned long long)O.chunk, O.window, O.threads,
                (unsigned long long)S.K, S.digest, mx[0], mx[1], mx[2], mx[3], mx[4]);
         int first = 1;
@@ -1471,12 +1783,19 @@ static int report(double t_start)
         if (nskip == S.nleaders)
             printf("aegis stage: %s in %zu files already staged on all %d nodes at %s (%.2f s) [native]\n", sz,
                    S.m.nfiles, S.nleaders, O.dest, secs);
-        else
-            printf("aegis stage: %s in %zu files to %d nodes in %.2f s (%.2f GB/s per node); read %.2f s, "
+        else {
+            char part[160] = "", b[32];
+            if (S.send[S.m.n] && S.files_sent < S.m.nfiles) {
+                fmt_bytes(b, sizeof b, sent);
+                snprintf(part, sizeof part, "; sent %s (%zu of %zu files; the others were on every node already)",
+                         b, S.files_sent, S.m.nfiles);
+            }
+            printf("aegis stage: %s in %zu files to %d nodes in %.2f s (%.2f GB/s per node)%s; read %.2f s, "
                    "network %.2f s, write %.2f s, checksum %.2f s, verify %.2f s; %d skipped, %d failed, "
                    "%ld chunks repaired [native]\n",
-                   sz, S.m.nfiles, S.nleaders, secs, moved / secs / 1e9, mx[0], mx[1], mx[2], mx[3], mx[4], nskip,
-                   nfail, rep);
+                   sz, S.m.nfiles, S.nleaders, secs, moved / secs / 1e9, part, mx[0], mx[1], mx[2], mx[3], mx[4],
+                   nskip, nfail, rep);
+        }
         if (O.hf_repo && nfail < S.nleaders)
             printf("aegis stage: set HF_HUB_CACHE=%s and HF_HUB_OFFLINE=1, then serve the model as %s\n",
                    O.dest, O.hf_repo);
@@ -1533,6 +1852,8 @@ static void usage(FILE *f)
             "  --json              print the summary as one JSON object\n"
             "  --private-dir DIR   DEST's ancestor that must be this user's alone (created 0700, else refused)\n"
             "  --lock-timeout S    wait at most S seconds for another staging into DEST (default 1800)\n"
+            "  --lock-stall S      give up at once when that staging has made no progress for S seconds\n"
+            "                      (default 300; 0: wait for --lock-timeout)\n"
             "  --per-rank          testing only: every rank acts as its own node\n"
             "DEST may contain {rank}, {node} and {host}.\n");
 }
@@ -1546,6 +1867,7 @@ static void parse_args(int argc, char **argv)
         {"hf-repo", required_argument, 0, 'r'},    {"hf-revision", required_argument, 0, 'R'},
         {"json", no_argument, 0, 'j'},             {"per-rank", no_argument, 0, 'p'},
         {"private-dir", required_argument, 0, 'P'}, {"lock-timeout", required_argument, 0, 'L'},
+        {"lock-stall", required_argument, 0, 'T'},
         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     int c;
     opterr = 0;
@@ -1578,6 +1900,14 @@ static void parse_args(int argc, char **argv)
             if (*end || end == optarg || v < 0 || v > 86400 * 7)
                 die_usage("--lock-timeout %s is not a number of seconds (0 to 604800)", optarg);
             O.lock_timeout = (int)v;
+            break;
+        }
+        case 'T': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*end || end == optarg || v < 0 || v > 86400 * 7)
+                die_usage("--lock-stall %s is not a number of seconds (0 to 604800)", optarg);
+            O.lock_stall = (int)v;
             break;
         }
         case 'h': usage(stdout); exit(0);
@@ -1711,6 +2041,8 @@ int main(int argc, char **argv)
     S.crc = calloc(S.K ? S.K : 1, sizeof *S.crc);
     S.fs = calloc(S.m.n ? S.m.n : 1, sizeof *S.fs);
     S.need = calloc(S.m.n ? S.m.n : 1, sizeof *S.need);
+    S.send = calloc(S.m.n + 1, 1);
+    stream_build(&S.m, NULL, &S.full);
     for (size_t i = 0; i < S.m.n; i++) {
         S.fs[i].fd = -1;
         pthread_mutex_init(&S.fs[i].mu, NULL);
@@ -1743,7 +2075,7 @@ int main(int argc, char **argv)
             S.K = (S.m.total + O.chunk - 1) / O.chunk;
             uint32_t *exp = parse_crcs(mk.crc, S.K);
             double t0 = now();
-            have = exp && crc_pass(vbase, S.single, 1, 0, NULL, exp, err, sizeof err) < 0;
+            have = exp && crc_pass(vbase, S.single, 1, 0, NULL, exp, NULL, err, sizeof err) < 0;
             S.t_verify += now() - t0;
             if (!have) {
                 fprintf(stderr, "aegis-stage: %s (rank %d): the existing copy differs (%s); re-sending\n", S.host,
@@ -1759,14 +2091,17 @@ int main(int argc, char **argv)
         /* candidates hold an unpacked copy of a tarball with this name, size and mtime:
          * confirm by content key, read in parallel from SRC without any transfer */
         int any = 0;
+        set_phase("peers");
         MPI_Allreduce(&have, &any, 1, MPI_INT, MPI_MAX, S.leaders);
         if (any) {
             uint32_t *part = calloc(S.K ? S.K : 1, sizeof *part);
             double t0 = now();
-            int64_t bad = crc_pass(O.src, 1, S.nleaders, S.lrank, part, NULL, err, sizeof err);
+            set_phase("checksum");
+            int64_t bad = crc_pass(O.src, 1, S.nleaders, S.lrank, part, NULL, NULL, err, sizeof err);
             S.t_read += now() - t0;
             if (bad >= 0)
                 node_fail("%s", err);
+            set_phase("peers");
             MPI_Allreduce(part, S.crc, (int)S.K, MPI_UINT32_T, MPI_SUM, S.leaders);
             free(part);
             content_key();
@@ -1777,14 +2112,23 @@ int main(int argc, char **argv)
     free_marker(&mk);
     S.skip = have;
     int all_have = 0;
+    set_phase("peers");
     MPI_Allreduce(&have, &all_have, 1, MPI_INT, MPI_MIN, S.leaders);
 
     if (!all_have) {
         /* 3. prepare, transfer, finalize */
+        set_phase("prepare");
+        last_crcs();
         if (!S.skip && !failed())
             prepare();
+        set_phase("peers");
+        plan_send();
+        set_phase("transfer");
         transfer();
+        set_phase("checksum");
+        full_crcs();
         content_key();
+        set_phase("finish");
         if (!S.skip && !failed()) {
             double t0 = now();
             finalize();
@@ -1792,7 +2136,8 @@ int main(int argc, char **argv)
         }
         if (!S.skip && !failed() && O.verify) {
             double t0 = now();
-            int64_t bad = crc_pass(vbase, S.single, 1, 0, NULL, S.crc, err, sizeof err);
+            set_phase("verify");
+            int64_t bad = crc_pass(vbase, S.single, 1, 0, NULL, S.crc, NULL, err, sizeof err);
             if (bad >= 0) {
                 node_fail("verify: %s; its files were removed: run again to rewrite them", err);
                 drop_chunk_files((uint64_t)bad);
@@ -1802,6 +2147,7 @@ int main(int argc, char **argv)
         if (!S.skip && !failed()) {
             if (O.unpack) {
                 double t0 = now();
+                set_phase("unpack");
                 unpack();
                 add_time(&S.t_write, t0);
             } else if (write_marker(S.marker) != 0) {
@@ -1820,6 +2166,7 @@ int main(int argc, char **argv)
     }
 
     /* 4. one summary, one exit status everywhere */
+    set_phase("peers");
     status = report(t_start);
     lock_release();
     MPI_Ibcast(&status, 1, MPI_INT, 0, MPI_COMM_WORLD, &sreq);

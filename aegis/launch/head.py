@@ -542,7 +542,12 @@ class Head:
             summary = stage(str(src), str(dest), launcher=per_node_step(self.site, len(self.alloc.hosts), []),
                             private_dir=str(private))
             skipped, nodes = summary.get("skipped_nodes", 0), len(self.alloc.hosts)
-            note = " (already there)" if skipped == nodes else f" ({skipped} node(s) had it already)" if skipped else ""
+            total, sent = summary.get("bytes", 0), summary.get("bytes_sent", summary.get("bytes", 0))
+            parts = [f"{skipped} node(s) had it already"] if skipped else []
+            if sent < total:
+                parts.append(f"sent {sent / 1e9:.2f} GB in {summary.get('files_sent', 0)} of {summary.get('files', 0)} "
+                             "files; the others were on every node already")
+            note = " (already there)" if skipped == nodes else f" ({'; '.join(parts)})" if parts else ""
             self.echo(f"aegis: staged {summary.get('bytes', 0) / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s{note}")
             # An HF cache repo is found by its id through HF_HOME; a plain directory is loaded by path.
             staged[spec.short_name] = {"hf_home": str(root), "model": spec.model} if hf_layout else \

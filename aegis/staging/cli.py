@@ -29,12 +29,15 @@ from aegis.staging.options import StageOptions, parse_size
               "created with mode 0700, or refused when it exists owned by another user or open to others.")
 @click.option("--lock-timeout", default=1800, show_default=True, type=int, metavar="SECONDS",
               help="Wait at most this long for another staging into DEST on a node (0: do not wait).")
+@click.option("--lock-stall", default=300, show_default=True, type=int, metavar="SECONDS",
+              help="Give up at once when that other staging has made no progress for this long: it is stopped "
+              "or hangs (0: wait for --lock-timeout).")
 @click.option("--impl", type=click.Choice(["auto", "native", "mpi4py"]), default="auto", show_default=True,
               help="The compiled tool (native), the mpi4py fallback, or native when it is installed.")
 @click.option("--per-rank", is_flag=True, hidden=True,
               help="Testing and benchmarks only: every rank acts as its own node (use {rank} in DEST).")
 def stage_cmd(src, dest, chunk_size, window, threads, verify, force, unpack, hf_repo, hf_revision, as_json,
-              private_dir, lock_timeout, impl, per_rank):
+              private_dir, lock_timeout, lock_stall, impl, per_rank):
     """Copy SRC (a directory or a file) to DEST on every node, once, verified.
 
     Run it under mpiexec or srun with one or more ranks per node; the lowest rank on
@@ -44,7 +47,7 @@ def stage_cmd(src, dest, chunk_size, window, threads, verify, force, unpack, hf_
     opts = StageOptions(src=src, dest=dest, chunk_size=parse_size(chunk_size), window=window, threads=threads,
                         verify=verify, force=force, unpack=unpack, hf_repo=hf_repo, hf_revision=hf_revision,
                         json=as_json, per_rank=per_rank, private_dir=private_dir,
-                        lock_timeout=lock_timeout).validate()
+                        lock_timeout=lock_timeout, lock_stall=lock_stall).validate()
     binary = find_binary() if impl != "mpi4py" else None
     if impl == "native" and binary is None:
         raise UsageError("the compiled aegis-stage is not installed; set AEGIS_STAGE_BIN, reinstall with mpicc "

@@ -52,7 +52,7 @@ class Manifest:
     total: int = 0
     nfiles: int = 0
     stream: list[int] = field(default_factory=list)
-    _starts: list[int] = field(default_factory=list)
+    full: Stream | None = field(default=None, repr=False, compare=False)  # every file with bytes (index())
     _by_path: dict[bytes, Entry] = field(default_factory=dict)
 
     def index(self) -> Manifest:
@@ -67,23 +67,17 @@ class Manifest:
             self.total += e.size
             if e.size:
                 self.stream.append(i)
-        self._starts = [self.entries[i].offset for i in self.stream]
+        self.full = Stream(self, self.stream)
         return self
 
     def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
         """Yield (entry index, file offset, length, offset in chunk) for stream bytes [start, end)."""
-        import bisect
+        assert self.full is not None
+        return self.full.pieces(start, end)
 
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        pos = start
-        while i < len(self.stream) and pos < end:
-            e = self.entries[self.stream[i]]
-            if e.offset + e.size > pos:
-                off = pos - e.offset
-                take = min(e.size - off, end - pos)
-                yield self.stream[i], off, take, pos - start
-                pos += take
-            i += 1
+    def substream(self, pick: list[bool] | bytes | None = None) -> Stream:
+        """The stream of the files i with bytes and pick[i] (all of them without pick)."""
+        return Stream(self, [i for i in self.stream if pick is None or pick[i]])
 
     def by_path(self) -> dict[bytes, Entry]:
         """Entries by path (built once)."""
@@ -116,6 +110,39 @@ class Manifest:
                 e.target = _unescape(parts[5])
             m.entries.append(e)
         return m.index()
+
+
+class Stream:
+    """A byte stream over some of the regular files of a manifest, in manifest order: all of them (what the
+    marker's chunk CRCs cover) or only those a re-stage sends."""
+
+    def __init__(self, m: Manifest, files: list[int]):
+        self.m, self.files, self.off = m, files, []
+        self.total = 0
+        for i in files:
+            self.off.append(self.total)
+            self.total += m.entries[i].size
+
+    def chunks(self, chunk: int) -> int:
+        return -(-self.total // chunk)
+
+    def chunk_len(self, chunk: int, k: int) -> int:
+        return min(chunk, self.total - k * chunk)
+
+    def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """Yield (entry index, file offset, length, offset in chunk) for stream bytes [start, end)."""
+        import bisect
+
+        j = max(0, bisect.bisect_right(self.off, start) - 1)
+        pos = start
+        while j < len(self.files) and pos < end:
+            size = self.m.entries[self.files[j]].size
+            if self.off[j] + size > pos:
+                off = pos - self.off[j]
+                take = min(size - off, end - pos)
+                yield self.files[j], off, take, pos - start
+                pos += take
+            j += 1
 
 
 def _escape(b: bytes) -> bytes:

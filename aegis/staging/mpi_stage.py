@@ -8,6 +8,7 @@ forwards to its right), up to --window chunks in flight; I/O threads read, check
 """
 from __future__ import annotations
 
+import array
 import fcntl
 import hashlib
 import json
@@ -31,6 +32,8 @@ from aegis.staging.options import StageOptions
 TRAILER = 16
 MAX_FAIL_LINES = 20
 LOCK_REPORT_S = 30  # how often a staging waiting for another one says so
+HEARTBEAT_S = 1  # how often a lock holder writes its progress into the lock file
+SILENT_S = 3  # a holder whose heartbeat is this old is stopped or hung, not merely idle
 READ, WRITE = 1, 2
 
 
@@ -46,8 +49,11 @@ class _Node:
     single: bool
     digest: str
     C: int
-    K: int
+    K: int  # chunks of the whole stream (m.full), what the marker's CRCs cover
     crc: list[int]
+    tx: mf.Stream  # the files this staging sends over the ring (all of them on a first staging)
+    KT: int
+    txcrc: list[int]  # CRC-32 of each chunk of tx, as its reader computed it
     fs: list[_FileState]
     need: list[bool]  # need[i]: this node writes entry i (it is missing or differs at DEST)
     src: bytes
@@ -59,7 +65,13 @@ class _Node:
         self.lock = threading.Lock()
         self.failed, self.reason, self.skip = False, "", False
         self.prepared = self.resend_all = False
+        self.sent, self.files_sent, self.writers, self.summed = False, 0, False, 0
+        self.known: bytearray = bytearray()  # known[k]: this node's last marker holds the CRC of chunk k
+        self.lastcrc: list[int] = []
         self.lock_fd, self.lock_lost, self.lock_file = -1, False, ""
+        self.progress, self.phase = 0, "start"  # shown to a waiting staging by the lock file's heartbeat
+        self.hb: threading.Thread | None = None
+        self.hb_stop = threading.Event()
         self.write_delay = int(os.environ.get("AEGIS_STAGE_TEST_WRITE_DELAY_MS") or 0) / 1000
         self.times = dict(read=0.0, network=0.0, write=0.0, checksum=0.0, verify=0.0)
         self.repaired = 0
@@ -81,15 +93,21 @@ class _Node:
     def chunk_len(self, k: int) -> int:
         return min(self.C, self.m.total - k * self.C)
 
+    def tx_len(self, k: int) -> int:
+        return self.tx.chunk_len(self.C, k)
+
     def tmp_name(self, i: int) -> bytes:
         path = self.m.entries[i].path
         d, _, _ = path.rpartition(b"/")
         name = b".aegis-part.%s.%d" % (self.digest[:8].encode(), i)
         return os.path.join(self.broot, d, name) if d else os.path.join(self.broot, name)
 
-    def read_chunk(self, base: bytes, single: bool, k: int, buf: memoryview) -> None:
-        """Read stream chunk k of the tree (or file) at base into buf; OSError on failure."""
-        for i, off, n, at in self.m.pieces(k * self.C, k * self.C + self.chunk_len(k)):
+    def read_chunk(self, base: bytes, single: bool, k: int, buf: memoryview, st: mf.Stream | None = None) -> None:
+        """Read chunk k of stream st (default: the whole stream) of the tree (or file) at base into buf;
+        OSError on failure."""
+        st = st or self.m.full
+        assert st is not None
+        for i, off, n, at in st.pieces(k * self.C, k * self.C + st.chunk_len(self.C, k)):
             path = base if single else base + b"/" + self.m.entries[i].path
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -266,30 +284,65 @@ class _Node:
             self.lock_open()
         return self.failed  # a lock file that cannot be opened fails the node, which then waits for nothing
 
+    def read_holder(self) -> _Holder | None:
+        """What the holder of the lock wrote into the lock file: "pid host since DEST", then, from a staging
+        that reports its progress, "progress BYTES CHANGED ALIVE PHASE" (unix times of its last progress and
+        its last heartbeat)."""
+        try:
+            first, _, rest = os.pread(self.lock_fd, 8192, 0).decode(errors="replace").partition("\n")
+            pid, host, since = first.split(" ", 3)[:3]
+            h = _Holder(int(pid), host, int(since))
+            f = rest.split("\n", 1)[0].split()
+            if len(f) == 5 and f[0] == "progress":
+                h.bytes, h.changed, h.alive, h.phase = int(f[1]), int(f[2]), int(f[3]), f[4]
+            return h
+        except (OSError, ValueError):
+            return None
+
     def lock_holder(self) -> str:
         """'pid 123 on host since 2026-01-01T00:00:00Z', from the holder's line in the lock file."""
-        try:
-            pid, host, since = os.pread(self.lock_fd, 1023, 0).decode(errors="replace").split(" ", 3)[:3]
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(since)))
-            return f"pid {int(pid)} on {host} since {when}"
-        except (OSError, ValueError):
+        h = self.read_holder()
+        if h is None:
             return "another process"
+        return f"pid {h.pid} on {h.host} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(h.since))}"
+
+    def holder_stalled(self) -> tuple[_Holder, str] | None:
+        """Has the holder of this node's lock stopped moving (and why)? Only a holder that reports its
+        progress and is alive is judged (a dead one's line is stale: the kernel freed its lock): by its
+        heartbeat (a stopped process, or one hung on the filesystem of the lock file, writes none) and by its
+        progress (none while it works; not judged while it waits for the other nodes of its own staging)."""
+        stall = self.o.lock_stall
+        h = self.read_holder() if stall > 0 else None
+        if h is None or not h.phase or (h.host == self.host and not _pid_alive(h.pid)):
+            return None
+        t = int(time.time())
+        quiet, idle, done = t - h.alive, t - h.changed, _fmt_bytes(h.bytes)
+        if quiet < stall and (h.phase == "peers" or idle < stall):
+            return None
+        if quiet >= SILENT_S:
+            return h, (f"has shown no sign of life for {quiet} s (stopped, or hung on its filesystem; last progress "
+                       f"{idle} s ago, {done} done)")
+        return h, f"has made no progress for {idle} s (while in phase {h.phase}; {done} done)"
 
     def lock_report(self, waited: float, nwait: int) -> None:
-        holder = self.lock_holder()
+        holder, h = self.lock_holder(), self.read_holder()
+        prog = f"; its last progress {int(time.time()) - h.changed} s ago, {_fmt_bytes(h.bytes)} done" \
+            if h is not None and h.phase else ""
+        stall = f", or after {self.o.lock_stall} s without progress, --lock-stall" if self.o.lock_stall > 0 else ""
         if waited < 1:
             msg = (f"{self.dest} is being staged by {holder}; waiting for it to finish ({nwait} of {self.n} nodes "
-                   f"wait; giving up after {self.o.lock_timeout} s, --lock-timeout)")
+                   f"wait; giving up after {self.o.lock_timeout} s, --lock-timeout{stall}{prog})")
         else:
             msg = (f"still waiting for {holder} to finish staging {self.dest} ({waited:.0f} of {self.o.lock_timeout}"
-                   f" s; {nwait} of {self.n} nodes wait)")
+                   f" s; {nwait} of {self.n} nodes wait{prog})")
         print(f"aegis-stage: {self.host} (rank {self.wrank}): {msg}", file=sys.stderr, flush=True)
 
     def take_lock(self) -> None:
         """Take the lock of DEST on every node (flock: the kernel drops it when the process ends). A node
         whose lock another staging holds makes all wait: the others release theirs and all retry together,
-        so two stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout a
-        node still without its lock fails, naming the holder; the others go on."""
+        so two stagings sharing nodes never hold part each and wait for the rest. After --lock-timeout, or as
+        soon as a node finds its holder stalled (--lock-stall), the nodes still without their lock fail,
+        naming the holder; the others go on."""
         self.lock_file, folder, dest = self.lock_path()
         if not self.failed:
             try:
@@ -301,16 +354,27 @@ class _Node:
         t0, report_at = _now(), 0.0
         while True:
             got = self.failed or self.lock_try()
-            views = self.comm.allgather((got, _now() - t0 < self.o.lock_timeout))
+            stalled = None if got else self.holder_stalled()
+            in_time = _now() - t0 < self.o.lock_timeout
+            views = self.comm.allgather((got, in_time and not stalled))
             waiting = [r for r, (has, _) in enumerate(views) if not has]
             if not waiting:  # every node holds its lock
                 break
-            if not all(in_time for _, in_time in views):  # time is up: who holds a lock keeps it
+            if not all(go_on for _, go_on in views):  # time is up, or a holder hangs: who holds a lock keeps it
                 if not got:
                     self.lock_lost = True  # the file is the holder's
-                    self.fail(f"{self.dest} is being staged by {self.lock_holder()} (lock {self.lock_file}); gave "
-                              f"up after {self.o.lock_timeout} s: let that staging finish and run again, stop it, "
-                              "or raise --lock-timeout")
+                    where = f"{self.dest} is being staged by {self.lock_holder()} (lock {self.lock_file})"
+                    if stalled:
+                        h, why = stalled
+                        self.fail(f"{where}, which {why}; gave up after {_now() - t0:.0f} s (--lock-stall "
+                                  f"{self.o.lock_stall}): if it hangs, end it (kill -KILL {h.pid} on {h.host}, or "
+                                  "cancel its job) and run again")
+                    elif not in_time:
+                        self.fail(f"{where}; gave up after {self.o.lock_timeout} s: let that staging finish and run "
+                                  "again, stop it, or raise --lock-timeout")
+                    else:
+                        self.fail(f"{where}; gave up after {_now() - t0:.0f} s with the other nodes of this staging, "
+                                  "as another node's holder hangs (see its line)")
                 break
             if got and not self.failed:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
@@ -326,10 +390,38 @@ class _Node:
             except OSError as exc:
                 print(f"aegis-stage: {self.host} (rank {self.wrank}): cannot write the lock file: {exc.strerror}",
                       file=sys.stderr, flush=True)
+                return
+            self.phase = "check"
+            self.start_heartbeat(len(line))
+
+    def start_heartbeat(self, at: int) -> None:
+        """Rewrite the progress line (fixed width, at offset `at` of the lock file) every HEARTBEAT_S."""
+        def beat() -> None:
+            last: tuple[int, str] | None = None
+            changed = 0
+            while True:
+                now = (self.progress, self.phase)
+                t = int(time.time())
+                if now != last:
+                    last, changed = now, t
+                line = f"progress {now[0]:20d} {changed:12d} {t:12d} {now[1][:8]:<8}\n".encode()
+                try:
+                    os.pwrite(self.lock_fd, line, at)
+                except OSError:
+                    pass  # a waiting staging sees the heartbeat stop
+                if self.hb_stop.wait(HEARTBEAT_S):
+                    return
+
+        self.hb = threading.Thread(target=beat, daemon=True)
+        self.hb.start()
 
     def lock_release(self) -> None:
         """Remove the lock file, then release the lock (the other order could let a newcomer lock a file
         that is about to go)."""
+        if self.hb is not None:
+            self.hb_stop.set()
+            self.hb.join()
+            self.hb = None
         if self.lock_fd < 0:
             return
         if not self.lock_lost:
@@ -342,11 +434,11 @@ class _Node:
 
     # ------------------------------------------------------------ I/O jobs
     def do_read(self, slot: _Slot) -> None:
-        k, n = slot.k, self.chunk_len(slot.k)
+        k, n = slot.k, self.tx_len(slot.k)
         mv, flags = slot.mv, 0
         t0 = _now()
         try:
-            self.read_chunk(self.src, self.single, k, mv)
+            self.read_chunk(self.src, self.single, k, mv, self.tx)
         except OSError as exc:
             flags = 1
             msg = f"rank {self.wrank} on {self.host}: cannot read {exc.filename}: {exc.strerror}".encode()[:n]
@@ -361,11 +453,11 @@ class _Node:
         mv[n:n + TRAILER] = k.to_bytes(8, "little") + crc.to_bytes(4, "little") + flags.to_bytes(4, "little")
 
     def do_write(self, slot: _Slot) -> None:
-        k, n = slot.k, self.chunk_len(slot.k)
+        k, n = slot.k, self.tx_len(slot.k)
         tr = bytes(slot.mv[n:n + TRAILER])
         got_k, crc, flags = int.from_bytes(tr[:8], "little"), int.from_bytes(tr[8:12], "little"), \
             int.from_bytes(tr[12:], "little")
-        self.crc[k] = crc
+        self.txcrc[k] = crc
         if got_k != k:
             self.fail(f"protocol error: expected chunk {k}, received {got_k}")
             return
@@ -375,7 +467,7 @@ class _Node:
             msg = bytes(slot.mv[:min(n, 299)]).split(b"\0")[0].decode(errors="replace")
             self.fail(f"SRC could not be read ({msg})")
             return
-        if not any(self.need[i] for i, _, _, _ in self.m.pieces(k * self.C, k * self.C + n)):
+        if not any(self.need[i] for i, _, _, _ in self.tx.pieces(k * self.C, k * self.C + n)):
             return
         if self.write_delay:
             time.sleep(self.write_delay)
@@ -386,7 +478,7 @@ class _Node:
         if not ok:
             fix = bytearray(n)
             try:
-                self.read_chunk(self.src, self.single, k, memoryview(fix))
+                self.read_chunk(self.src, self.single, k, memoryview(fix), self.tx)
             except OSError as exc:
                 self.fail(f"chunk {k} failed its checksum and could not be re-read from SRC: "
                           f"cannot read {exc.filename}: {exc.strerror}")
@@ -401,7 +493,7 @@ class _Node:
             data = memoryview(fix)
         t0 = _now()
         try:
-            for i, off, ln, at in self.m.pieces(k * self.C, k * self.C + n):
+            for i, off, ln, at in self.tx.pieces(k * self.C, k * self.C + n):
                 self.write_piece(i, off, data[at:at + ln])
         except OSError as exc:
             self.fail(f"cannot write {exc.filename}: {exc.strerror}")
@@ -464,9 +556,9 @@ class _Node:
         poll = float(os.environ.get("AEGIS_STAGE_POLL_US", "50")) * 1e-6
         t0 = _now()
         nxt = finished = 0
-        while finished < self.K:
+        while finished < self.KT:
             progress = False
-            while nxt < self.K:
+            while nxt < self.KT:
                 i = nxt % W
                 s = slots[i]
                 if s.k >= 0:
@@ -477,7 +569,7 @@ class _Node:
                     jobs.put((READ, i))
                 else:
                     s.receiving = True
-                    reqs[i] = self.comm.Irecv([s.mv[:self.chunk_len(nxt) + TRAILER], MPI.BYTE], left, nxt % 32768)
+                    reqs[i] = self.comm.Irecv([s.mv[:self.tx_len(nxt) + TRAILER], MPI.BYTE], left, nxt % 32768)
                 nxt += 1
                 progress = True
             idx = MPI.Request.Testsome(reqs)
@@ -491,7 +583,7 @@ class _Node:
                 s.receiving = False
                 if s.k % n != right:
                     s.sending = True
-                    reqs[W + i] = self.comm.Isend([s.mv[:self.chunk_len(s.k) + TRAILER], MPI.BYTE], right,
+                    reqs[W + i] = self.comm.Isend([s.mv[:self.tx_len(s.k) + TRAILER], MPI.BYTE], right,
                                                   s.k % 32768)
                 s.writing = True
                 jobs.put((WRITE, i))
@@ -508,7 +600,7 @@ class _Node:
                     s.reading = False
                     if n > 1:
                         s.sending = True
-                        reqs[W + i] = self.comm.Isend([s.mv[:self.chunk_len(s.k) + TRAILER], MPI.BYTE], right,
+                        reqs[W + i] = self.comm.Isend([s.mv[:self.tx_len(s.k) + TRAILER], MPI.BYTE], right,
                                                       s.k % 32768)
                     s.writing = True
                     jobs.put((WRITE, i))
@@ -516,6 +608,7 @@ class _Node:
                     s.writing = False
             for s in slots:
                 if s.k >= 0 and not (s.reading or s.receiving or s.sending or s.writing):
+                    self.progress += self.tx_len(s.k)
                     s.k = -1
                     finished += 1
         self.times["network"] = _now() - t0
@@ -524,11 +617,101 @@ class _Node:
         for t in threads:
             t.join()
 
+    # ------------------------------------------------------------ what goes over the ring
+    def plan_send(self) -> None:
+        """Which files go over the ring: those that at least one node writes (need, OR over the nodes); a
+        file every node already holds as SRC has it is not sent."""
+        from mpi4py import MPI
+
+        n = len(self.m.entries)
+        writes = not self.skip and not self.failed
+        mine = bytearray(n + 1)
+        if writes:
+            mine[:n] = bytes(self.need)
+            mine[n] = 1
+        send = bytearray(n + 1)
+        self.comm.Allreduce([mine, MPI.UNSIGNED_CHAR], [send, MPI.UNSIGNED_CHAR], op=MPI.MAX)
+        pick = [bool(x) for x in send[:n]]
+        self.writers = bool(send[n])
+        self.files_sent = sum(1 for i, e in enumerate(self.m.entries) if e.type == "f" and pick[i])
+        self.tx = self.m.substream(pick)
+        self.KT = self.tx.chunks(self.C)
+        self.txcrc = [0] * self.KT
+        self.sent = True
+
+    def last_crcs(self) -> None:
+        """Which chunks' CRC-32 this node's last complete staging recorded (known, lastcrc): the marker's list
+        covers the stream of the manifest it names (this one, or the record when that is the record's digest),
+        and chunk k is the same bytes now when, with the same chunk size, it covers the same pieces of the same
+        files (path, size, mtime: what "unchanged" means for a re-stage). Read before prepare() removes them."""
+        self.known, self.lastcrc = bytearray(self.K), [0] * self.K
+        mk = None if (self.failed or self.o.force or self.o.unpack) else mf.read_marker(self.marker)
+        if mk is None or mk["chunk_size"] != self.C:
+            return
+        last = self.m if mk["manifest_sha256"] == self.digest else None
+        if last is None and self.record:
+            try:
+                with open(self.record, "rb") as fh:
+                    raw = fh.read()
+                if hashlib.sha256(raw).hexdigest() == mk["manifest_sha256"]:
+                    last = mf.Manifest.parse(raw)
+            except (OSError, StageError, ValueError, IndexError):
+                pass
+        if last is None or len(mk["crcs"]) != -(-last.total // self.C):
+            return
+        def pieces(m: mf.Manifest, k: int) -> list[tuple[bytes, int, int, int, int, int]]:
+            assert m.full is not None
+            return [(m.entries[i].path, m.entries[i].size, m.entries[i].mtime_ns, off, n, at)
+                    for i, off, n, at in m.full.pieces(k * self.C, k * self.C + m.full.chunk_len(self.C, k))]
+
+        for k in range(min(self.K, len(mk["crcs"]))):
+            if pieces(self.m, k) == pieces(last, k):
+                self.known[k], self.lastcrc[k] = 1, mk["crcs"][k]
+
+    def full_crcs(self) -> None:
+        """The marker's CRC-32 of every chunk of the whole stream. When the ring carried all of it, these are
+        the readers' CRCs. Otherwise (files every node had were not sent) a chunk's CRC comes from a last
+        marker that holds it (any node's), else the leaders compute it from SRC, each its share (chunk k on
+        leader k mod N): only CRCs travel."""
+        from mpi4py import MPI
+
+        assert self.m.full is not None
+        if len(self.tx.files) == len(self.m.full.files):
+            self.crc = list(self.txcrc)
+            return
+        if not self.writers:
+            return
+        known = bytearray(self.K)
+        self.comm.Allreduce([self.known, MPI.UNSIGNED_CHAR], [known, MPI.UNSIGNED_CHAR], op=MPI.MAX)
+        mine, vals = array.array("I", self.lastcrc), array.array("I", bytes(4 * self.K))
+        self.comm.Allreduce([mine, MPI.UINT32_T], [vals, MPI.UINT32_T], op=MPI.MAX)
+        todo = [not k for k in known]
+        self.summed = sum(todo)
+        part = [0] * self.K
+        t0 = _now()
+        bad = self.crc_pass(self.src, self.single, self.n, self.lrank, part, None, todo)
+        self.add("read", t0)
+        self.phase = "peers"
+        self.crc = [c if todo[k] else vals[k] for k, c in enumerate(self.sum_crcs(part))]
+        errors = self.comm.allgather(f"rank {self.wrank} on {self.host}: {bad[1]}" if bad else None)
+        first = next((e for e in errors if e), None)
+        if first and not self.skip:
+            self.fail(f"SRC could not be read ({first})")
+
+    def sum_crcs(self, part: list[int]) -> list[int]:
+        """Every leader's share of the chunk CRCs (zeros elsewhere), summed over the leaders."""
+        from mpi4py import MPI
+
+        mine, total = array.array("I", part), array.array("I", bytes(4 * len(part)))
+        self.comm.Allreduce([mine, MPI.UINT32_T], [total, MPI.UINT32_T], op=MPI.SUM)
+        return list(total)
+
     # ------------------------------------------------------------ checksum passes
     def crc_pass(self, base: bytes, single: bool, stride: int, first: int, out: list[int] | None,
-                 expect: list[int] | None) -> tuple[int, str] | None:
-        """Checksum chunks first, first+stride, ...; returns the first failing chunk and why, or None."""
-        ks = list(range(first, self.K, stride))
+                 expect: list[int] | None, only: list[bool] | None = None) -> tuple[int, str] | None:
+        """Checksum chunks first, first+stride, ... (those in only, when given); returns the first failing
+        chunk and why, or None."""
+        ks = [k for k in range(first, self.K, stride) if only is None or only[k]]
         errors: list[tuple[int, str]] = []
 
         def work(part):
@@ -540,6 +723,8 @@ class _Node:
                     errors.append((k, f"cannot read {exc.filename}: {exc.strerror}"))
                     return
                 c = zlib.crc32(buf[:self.chunk_len(k)])
+                with self.lock:
+                    self.progress += self.chunk_len(k)
                 if out is not None:
                     out[k] = c
                 if expect is not None and expect[k] != c:
@@ -608,6 +793,22 @@ class _Node:
             except OSError:
                 pass
 
+    def run_tar(self, tarball: str, folder: str) -> int:
+        """tar -x; its reads and writes are this node's progress while it unpacks (can't tell: count it)."""
+        proc = subprocess.Popen(["tar", "-x", "-f", tarball, "-C", folder], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        seen = 0
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/io") as fh:
+                    io = sum(int(ln.split()[1]) for ln in fh if ln.startswith(("rchar:", "wchar:")))
+                self.progress += io - seen
+                seen = io
+            except (OSError, ValueError, IndexError):
+                self.progress += 1
+            time.sleep(0.1)
+        return proc.returncode
+
     def unpack(self, marker: str) -> None:
         base = os.path.basename(self.dest)
         tarball = os.path.join(self.root, os.fsdecode(self.m.entries[0].path))
@@ -617,10 +818,9 @@ class _Node:
             shutil.rmtree(p, ignore_errors=True)
         try:
             os.mkdir(fresh, 0o755)
-            r = subprocess.run(["tar", "-x", "-f", tarball, "-C", fresh], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-            if r.returncode != 0:
-                self.fail(f"tar -x -f {tarball} failed (status {r.returncode})")
+            code = self.run_tar(tarball, fresh)
+            if code != 0:
+                self.fail(f"tar -x -f {tarball} failed (status {code})")
             else:
                 mf.write_marker(os.path.join(fresh, mf.MARKER), marker)
                 if os.path.lexists(self.dest):
@@ -635,6 +835,25 @@ class _Node:
             os.unlink(tarball)
         except OSError:
             pass
+
+
+class _Holder:
+    """What the holder of a lock wrote into the lock file (phase "" when it reports no progress)."""
+
+    def __init__(self, pid: int, host: str, since: int):
+        self.pid, self.host, self.since = pid, host, since
+        self.bytes = self.changed = self.alive = 0
+        self.phase = ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 class _Slot:
@@ -854,28 +1073,36 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
     if opts.unpack:
         from mpi4py import MPI
 
+        node.phase = "peers"
         if comm.allreduce(int(have), op=MPI.MAX):
             part = [0] * node.K
             t0 = _now()
+            node.phase = "checksum"
             bad = node.crc_pass(node.src, True, node.n, node.lrank, part, None)
             node.times["read"] += _now() - t0
             if bad:
                 node.fail(bad[1])
-            import numpy as np
-
-            total = np.zeros(node.K, dtype=np.uint32)
-            comm.Allreduce(np.array(part, dtype=np.uint32), total, op=MPI.SUM)
-            node.crc = [int(c) for c in total]
+            node.phase = "peers"
+            node.crc = node.sum_crcs(part)
             node.key = mf.content_key(node.m.total, node.C, node.crc)
             have = have and mk is not None and mk["content_key"] == node.key
     node.skip = have
+    node.phase = "peers"
     all_have = all(comm.allgather(have))
 
     if not all_have:
         # 3. prepare, transfer, finalize
+        node.phase = "prepare"
+        node.last_crcs()
         if not node.skip and not node.failed:
             node.prepare()
+        node.phase = "peers"
+        node.plan_send()
+        node.phase = "transfer"
         node.transfer()
+        node.phase = "checksum"
+        node.full_crcs()
+        node.phase = "finish"
         node.key = mf.content_key(node.m.total, node.C, node.crc)
         marker = mf.marker_text(node.digest, node.key, node.m, node.C, node.crc)
         if not node.skip and not node.failed:
@@ -884,6 +1111,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             node.add("write", t0)
         if not node.skip and not node.failed and opts.verify:
             t0 = _now()
+            node.phase = "verify"
             bad = node.crc_pass(node.vbase, node.single, 1, 0, None, node.crc)
             if bad:
                 node.fail(f"verify: {bad[1]}; its files were removed: run again to rewrite them")
@@ -892,6 +1120,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
         if not node.skip and not node.failed:
             if opts.unpack:
                 t0 = _now()
+                node.phase = "unpack"
                 node.unpack(marker)
                 node.add("write", t0)
             else:
@@ -908,6 +1137,7 @@ def _run_leader(opts: StageOptions, comm, wrank: int, host: str, t_start: float)
             node.cleanup()
 
     # 4. one summary, one exit status
+    node.phase = "peers"
     code = _report(node, opts, t_start)
     node.lock_release()
     return code
@@ -925,11 +1155,14 @@ def _report(node: _Node, opts: StageOptions, t_start: float) -> int:
     rep = sum(r["repaired"] for r in everyone)
     mx = {p: max(r["times"][p] for r in everyone) for p in everyone[0]["times"]}
     secs = mx["total"] or 1e-9
-    moved = 0 if nskip == node.n else node.m.total
+    sent = node.tx.total if node.sent else 0
+    moved = sent
     nodes = node.n
     if opts.json:
         print(json.dumps({
             "impl": "mpi4py", "src": opts.src, "dest": opts.dest, "bytes": node.m.total, "files": node.m.nfiles,
+            "bytes_sent": sent, "bytes_skipped": node.m.total - sent, "files_sent": node.files_sent,
+            "chunks_sent": node.KT if node.sent else 0, "chunks_summed": node.summed,
             "nodes": nodes, "ranks": _world_size(), "seconds": round(secs, 6),
             "gbps_per_node": round(moved / secs / 1e9, 6), "skipped_nodes": nskip, "failed_nodes": nfail,
             "repaired_chunks": rep, "chunk_size": node.C, "window": opts.window, "threads": opts.threads,
@@ -944,9 +1177,12 @@ def _report(node: _Node, opts: StageOptions, t_start: float) -> int:
             print(f"aegis stage: {size} in {node.m.nfiles} files already staged on all {nodes} nodes at "
                   f"{opts.dest} ({secs:.2f} s) [mpi4py]", flush=True)
         else:
+            part = (f"; sent {_fmt_bytes(sent)} ({node.files_sent} of {node.m.nfiles} files; the others were on "
+                    "every node already)") if node.writers and node.files_sent < node.m.nfiles else ""
             print(f"aegis stage: {size} in {node.m.nfiles} files to {nodes} nodes in {secs:.2f} s "
-                  f"({moved / secs / 1e9:.2f} GB/s per node); read {mx['read']:.2f} s, network {mx['network']:.2f} s, "
-                  f"write {mx['write']:.2f} s, checksum {mx['checksum']:.2f} s, verify {mx['verify']:.2f} s; "
+                  f"({moved / secs / 1e9:.2f} GB/s per node){part}; read {mx['read']:.2f} s, "
+                  f"network {mx['network']:.2f} s, write {mx['write']:.2f} s, checksum {mx['checksum']:.2f} s, "
+                  f"verify {mx['verify']:.2f} s; "
                   f"{nskip} skipped, {nfail} failed, {rep} chunks repaired [mpi4py]", flush=True)
         if opts.hf_repo and nfail < nodes:
             print(f"aegis stage: set HF_HUB_CACHE={opts.dest} and HF_HUB_OFFLINE=1, then serve the model as "

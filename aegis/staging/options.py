@@ -40,6 +40,7 @@ class StageOptions:
     per_rank: bool = False
     private_dir: str | None = None  # DEST's private ancestor: created 0700, or refused unless ours and 0700
     lock_timeout: int = 1800  # seconds to wait for another staging into the same DEST
+    lock_stall: int = 300  # give up at once when that staging has made no progress for this long (0: never)
 
     def validate(self) -> StageOptions:
         """Raise UsageError for values both implementations reject."""
@@ -51,6 +52,8 @@ class StageOptions:
             raise UsageError("--threads must be between 1 and 256")
         if not 0 <= self.lock_timeout <= 7 * 86400:
             raise UsageError(f"--lock-timeout {self.lock_timeout} is not a number of seconds (0 to 604800)")
+        if not 0 <= self.lock_stall <= 7 * 86400:
+            raise UsageError(f"--lock-stall {self.lock_stall} is not a number of seconds (0 to 604800)")
         if self.hf_repo is not None:
             org, _, name = self.hf_repo.partition("/")
             if not org or not name or "/" in name or ".." in self.hf_repo:
@@ -84,4 +87,6 @@ class StageOptions:
             out += ["--private-dir", self.private_dir]
         if self.lock_timeout != StageOptions.lock_timeout:
             out += ["--lock-timeout", str(self.lock_timeout)]
+        if self.lock_stall != StageOptions.lock_stall:
+            out += ["--lock-stall", str(self.lock_stall)]
         return out + ["--", self.src, self.dest]

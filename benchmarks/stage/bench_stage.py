@@ -2,6 +2,10 @@
 
     python benchmarks/stage/bench_stage.py [--ranks 2,4] [--repeat 3] [--file-size 512M] [--files 8]
                                            [--workdir /var/tmp/aegis-stage-bench] [--sweep 1M,2M,4M,16M,64M]
+                                           [--parts methods,restage,sweep]
+
+The restage part times, in the same run, a full staging and the re-stage after one weight file of SRC
+changed (only that file goes over the ring), with both implementations, and prints their ratio.
 
 Every figure is a median wall time of `mpirun` commands measured in this run (mpirun start-up
 included for every method alike); ratios compare figures from the same run. Each rank is its own
@@ -120,6 +124,48 @@ def methods(n: int, src: str, dest: str, chunk: str) -> dict[str, list[str]]:
     }
 
 
+def change_one_file(src: str, files: int, size: int) -> str:
+    """Rewrite the first weight file with new random bytes (same size, new mtime); returns its path."""
+    p = os.path.join(src, f"model-{1:05d}-of-{files:05d}.safetensors")
+    with open(p, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 64 << 20)
+            fh.write(os.urandom(n))
+            left -= n
+    return p
+
+
+def restage(a, src: str, dest: str, total: int, out: dict) -> None:
+    """Full staging vs the re-stage after a 1-file change, per implementation and rank count (medians)."""
+    size = parse_size(a.file_size)
+    for n in [int(x) for x in a.ranks.split(",")]:
+        for impl in ("aegis-native", "aegis-mpi4py"):
+            if impl in {s.strip() for s in a.skip.split(",")}:
+                continue
+            argv = methods(n, src, dest, a.chunk_size)[impl]
+            full, again, sent, same = [], [], [], []
+            for _ in range(a.repeat):
+                clean(dest)
+                full.append(timed(argv)[0])
+                same.append(timed(argv)[0])  # nothing changed: every node skips (the floor: start-up, checks)
+                change_one_file(src, a.files, size)
+                dt, stdout = timed(argv)
+                again.append(dt)
+                s = json.loads(stdout.strip().splitlines()[-1])
+                assert s["bytes_sent"] == size and s["files_sent"] == 1, s
+                sent.append(s["bytes_sent"])
+            f, r, z = statistics.median(full), statistics.median(again), statistics.median(same)
+            out.setdefault("restage", {}).setdefault(str(n), {})[impl] = {
+                "full_s": full, "restage_s": again, "unchanged_s": same, "bytes_sent": sent[0], "bytes": total,
+                "ratio": r / f}
+            print(f"  restage, {impl}, {n} ranks: full staging {f:.2f} s, after a 1-file change {r:.2f} s "
+                  f"({sent[0] / 1e9:.2f} of {total / 1e9:.2f} GB sent), nothing changed {z:.2f} s: "
+                  f"re-stage / full = {r / f:.2f} ({f / r:.1f}x faster); runs {', '.join(f'{x:.2f}' for x in full)}"
+                  f" / {', '.join(f'{x:.2f}' for x in again)} / {', '.join(f'{x:.2f}' for x in same)} s", flush=True)
+    clean(dest)
+
+
 def fit(points: list[tuple[int, float]], total: int, n: int) -> tuple[float, float]:
     """Least squares for t = (T/C + N - 1) * alpha + (T/C + N - 1) * C / B; returns (alpha s, B bytes/s)."""
     rows, ys = [], []
@@ -148,7 +194,9 @@ def main():
     ap.add_argument("--sweep-ranks", type=int, default=2)
     ap.add_argument("--skip", default="", help="comma-separated methods to leave out")
     ap.add_argument("--json-out", help="write all figures here")
+    ap.add_argument("--parts", default="methods,restage,sweep", help="which measurements to run")
     a = ap.parse_args()
+    parts = {p.strip() for p in a.parts.split(",")}
     src = os.path.join(a.workdir, "src")
     dest = a.dest_dir or os.path.join(a.workdir, "dest")
     total = make_source(src, a.files, parse_size(a.file_size))
@@ -158,7 +206,7 @@ def main():
     print(f"source: {total / 1e9:.2f} GB in {a.files} x {a.file_size} + 5 small files; {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.1f}; memcpy {out['memcpy_gbps']:.1f} GB/s", flush=True)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
-    for n in [int(x) for x in a.ranks.split(",")]:
+    for n in [int(x) for x in a.ranks.split(",")] if "methods" in parts else []:
         res: dict[str, list[float]] = {}
         for rep in range(a.repeat):
             for name, argv in methods(n, src, dest, a.chunk_size).items():
@@ -189,6 +237,14 @@ def main():
             if "aegis-mpi4py" in med:
                 print(f"  speed-up of aegis-native over aegis-mpi4py: {med['aegis-mpi4py'] / nat:.2f}x")
         print(flush=True)
+    if "restage" in parts:
+        restage(a, src, dest, total, out)
+    if "sweep" not in parts:
+        out["load_after"] = os.getloadavg()
+        if a.json_out:
+            with open(a.json_out, "w") as fh:
+                json.dump(out, fh, indent=1)
+        return
     # chunk-size sweep with the compiled tool, fitted to the pipeline model
     n = a.sweep_ranks
     points = []

@@ -95,6 +95,43 @@ def leftovers(root: Path) -> list[str]:
     return [str(p) for p in root.rglob(".aegis-part*")] if root.exists() else []
 
 
+class SentBytes:
+    """Counts, outside the stage tools, the bytes every rank hands to MPI_Send/MPI_Isend (the ring's traffic)."""
+
+    def __init__(self, lib: Path, folder: Path):
+        self.lib, self.folder = lib, folder
+
+    def env(self) -> dict:
+        """The environment of one counted run (the last count is cleared)."""
+        for f in self.folder.iterdir():
+            f.unlink()
+        return {"LD_PRELOAD": str(self.lib), "AEGIS_TEST_SENT_DIR": str(self.folder)}
+
+    def total(self) -> int:
+        """Bytes sent by all ranks of the last counted run."""
+        counts = [int(f.read_text()) for f in self.folder.iterdir()]
+        assert counts, "no rank wrote its count: was the run started with env()?"
+        return sum(counts)
+
+
+@pytest.fixture(scope="session")
+def sent_lib(tmp_path_factory) -> Path:
+    """tests/stage/sent_bytes.c (a PMPI wrapper) built with mpicc."""
+    mpicc = shutil.which("mpicc")
+    assert mpicc, "mpicc not found: tests/setup.d/10-apt.sh installs libopenmpi-dev"
+    lib = tmp_path_factory.mktemp("sent-bytes") / "sent_bytes.so"
+    subprocess.run([mpicc, "-shared", "-fPIC", "-O2", "-o", str(lib), str(REPO / "tests" / "stage" / "sent_bytes.c")],
+                   check=True)
+    return lib
+
+
+@pytest.fixture
+def sent_bytes(sent_lib, tmp_path) -> SentBytes:
+    folder = tmp_path / "sent-bytes"
+    folder.mkdir()
+    return SentBytes(sent_lib, folder)
+
+
 @pytest.fixture(params=IMPLS)
 def impl(request):
     """Each test runs against the compiled tool and the mpi4py fallback."""

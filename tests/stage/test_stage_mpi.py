@@ -228,6 +228,7 @@ def test_launcher_api(model, tmp_path):
     (["--hf-repo", "noslash"], "is not of the form ORG/NAME"),
     (["--window", "0"], "--window must be between 1 and 1024"),
     (["--lock-timeout", "-1"], "--lock-timeout -1 is not a number of seconds"),
+    (["--lock-stall", "-5"], "--lock-stall -5 is not a number of seconds"),
 ])
 def test_usage_errors_are_one_line(args, message, tmp_path):
     proc = subprocess.run([os.sys.executable, "-m", "aegis", "stage", *args, str(tmp_path), str(tmp_path / "d")],
@@ -260,6 +261,8 @@ def test_native_binary_rejects_bad_options():
 
     proc = subprocess.run([find_binary(), "--chunk-size", "3", "a", "b"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("aegis: error: --chunk-size 3")
+    proc = subprocess.run([find_binary(), "--lock-stall", "soon", "a", "b"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("aegis: error: --lock-stall soon is not a number")
 
 
 @pytest.mark.slow

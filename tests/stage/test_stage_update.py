@@ -1,10 +1,13 @@
-"""Issue 17, staging: concurrent stagings into one DEST, mirror semantics, in-place updates in little room.
+"""Issue 17, staging: concurrent stagings into one DEST, a stopped or dead lock holder, mirror semantics,
+in-place updates in little room, re-stages that send only what some node lacks.
 
-Real mpirun with 2 oversubscribed ranks, each its own "node" (--per-rank), compiled tool and mpi4py."""
+Real mpirun with 2-3 oversubscribed ranks, each its own "node" (--per-rank), compiled tool and mpi4py."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -207,3 +210,114 @@ def test_a_kept_file_that_fails_verify_is_rewritten_next_time(impl, model, tmp_p
     ok(run_stage(_other(impl), 2, model, dest, "--verify", *CHUNK))
     for r in range(2):
         assert tree_digest(tmp_path / f"node{r}") == tree_digest(model)
+
+
+def _progress(private: Path) -> int:
+    """Bytes done by the staging that holds the lock in private, from its lock file's progress line (-1: none)."""
+    locks = list(private.glob(".aegis-lock.*"))
+    lines = locks[0].read_text().splitlines() if locks else []
+    return int(lines[1].split()[1]) if len(lines) > 1 and lines[1].startswith("progress ") else -1
+
+
+@pytest.mark.slow
+def test_a_stopped_lock_holder_is_named_and_a_killed_one_never_blocks(impl, model, tmp_path):
+    """A staging holding the lock of DEST is stopped (SIGSTOP) on one node; its other node, alive, can make no
+    progress without it. The next staging fails within --lock-stall, not --lock-timeout, naming each holder (pid,
+    host), how long it has been silent or idle, and how to clear it; once that pid is killed as the line says,
+    the kernel has dropped its locks: a staging that will not wait at all (--lock-timeout 0) completes DEST."""
+    private = tmp_path / "node{rank}" / "aegis-me"
+    dest = private / "models" / "m"
+    args = ["--private-dir", str(private), *CHUNK]
+    host = socket.gethostname()
+    first = start_stage(impl, 2, model, dest, *args, env={"AEGIS_STAGE_TEST_WRITE_DELAY_MS": "1000"})
+    node0, node1 = tmp_path / "node0" / "aegis-me", tmp_path / "node1" / "aegis-me"
+    pid0 = pid1 = 0
+    try:
+        _wait_for("the first staging to write", lambda: leftovers(node0 / "models" / "m"))
+        _wait_for("progress in the lock files", lambda: all(_progress(p) > 0 for p in (node0, node1)))
+        pid0, pid1 = _holder_pid(node0), _holder_pid(node1)
+        os.kill(pid0, signal.SIGSTOP)
+        t0 = time.monotonic()
+        stopped = run_stage(_other(impl), 2, model, dest, *args, "--lock-stall", "5", "--lock-timeout", "600")
+        waited = time.monotonic() - t0
+        # node1 alone: its holder is alive (its heartbeat goes on) but its ring is stuck at the stopped node
+        lone = str(node1 / "models" / "m")
+        idle = run_stage(impl, 1, model, lone, "--private-dir", str(node1), *CHUNK, "--lock-stall", "5",
+                         "--lock-timeout", "600")
+        os.kill(pid0, signal.SIGKILL)  # what the line says to do
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            if pid0:
+                os.kill(pid0, signal.SIGKILL)
+            first.kill()
+            first.communicate()
+    assert stopped.returncode == 1 and summary(stopped)["failed_nodes"] == 2 and "Traceback" not in stopped.stderr
+    assert waited < 60, waited  # --lock-stall 5, far below --lock-timeout 600 (mpirun start-up included)
+    line = next(ln for ln in stopped.stderr.splitlines() if ln.startswith(f"aegis: error: {host} (rank 0): "))
+    assert f"is being staged by pid {pid0} on {host} since " in line
+    assert re.search(r"which has shown no sign of life for \d+ s \(stopped, or hung on its filesystem; last "
+                     r"progress \d+ s ago, [0-9.]+ [kM]B done\)", line), line
+    assert f"(--lock-stall 5): if it hangs, end it (kill -KILL {pid0} on {host}, or cancel its job)" in line
+    assert "waiting for it to finish" in stopped.stderr and "or after 5 s without progress, --lock-stall" in \
+        stopped.stderr
+    assert idle.returncode == 1 and "Traceback" not in idle.stderr
+    line = next(ln for ln in idle.stderr.splitlines() if ln.startswith("aegis: error: ") and "(rank 0)" in ln)
+    assert f"is being staged by pid {pid1} on {host} since " in line
+    assert re.search(r"which has made no progress for \d+ s \(while in phase transfer; ", line), line
+    assert f"kill -KILL {pid1} on {host}" in line
+
+    again = run_stage(_other(impl), 2, model, dest, *args, "--lock-timeout", "0")
+    assert ok(again)["skipped_nodes"] == 0 and "being staged by" not in again.stderr
+    for r in range(2):
+        private_r = tmp_path / f"node{r}" / "aegis-me"
+        assert tree_digest(private_r / "models" / "m") == tree_digest(model)
+        assert not leftovers(private_r) and not list(private_r.glob(".aegis-lock.*"))
+
+
+@pytest.mark.slow
+def test_a_restage_sends_only_what_some_node_lacks(impl, model, tmp_path, sent_bytes):
+    """A changed file is the only one to go over the ring; a file one node lost goes again while the others
+    skip. The bytes sent are counted by the tool's summary and, independently, by an MPI_Isend wrapper in every
+    rank: each chunk of what is sent, with its 16-byte trailer, crosses N-1 links of the ring. The marker's
+    chunk CRCs are taken from the last marker where the chunk holds the same bytes, else summed from SRC."""
+    n = 3
+    dest = tmp_path / "node{rank}"
+
+    def ring(s: dict) -> int:
+        return (s["bytes_sent"] + 16 * s["chunks_sent"]) * (n - 1)
+
+    s = ok(run_stage(impl, n, model, dest, *CHUNK, env=sent_bytes.env()))
+    assert (s["bytes_sent"], s["bytes_skipped"], s["files_sent"]) == (s["bytes"], 0, s["files"])
+    assert s["chunks_sent"] == s["chunks"] and sent_bytes.total() == ring(s)
+    kept = {r: (tmp_path / f"node{r}" / "model-00001.safetensors").stat().st_ino for r in range(n)}
+
+    changed = model / "model-00002.safetensors"
+    changed.write_bytes(os.urandom(705_001))  # new content and size: what follows it moves in the stream
+    size = changed.stat().st_size
+    starts = (model / "config.json").stat().st_size + (model / "model-00001.safetensors").stat().st_size
+    s = ok(run_stage(impl, n, model, dest, *CHUNK, env=sent_bytes.env()))
+    assert s["skipped_nodes"] == 0 and (s["files_sent"], s["bytes_sent"], s["chunks_sent"]) == (1, size, 11)
+    assert s["chunks_summed"] == s["chunks"] - starts // 65536  # from the changed file's first chunk on
+    assert s["bytes_skipped"] == s["bytes"] - size and sent_bytes.total() == ring(s) == (size + 16 * 11) * 2
+    for r in range(n):
+        assert tree_digest(tmp_path / f"node{r}") == tree_digest(model)
+        assert (tmp_path / f"node{r}" / "model-00001.safetensors").stat().st_ino == kept[r]
+        assert not leftovers(tmp_path / f"node{r}")
+
+    lost = model / "model-00001.safetensors"
+    (tmp_path / "node1" / lost.name).unlink()
+    s = ok(run_stage(_other(impl), n, model, dest, *CHUNK, env=sent_bytes.env()))
+    assert s["skipped_nodes"] == 2 and (s["files_sent"], s["bytes_sent"]) == (1, lost.stat().st_size)
+    assert sent_bytes.total() == ring(s) and s["chunks_summed"] == 0  # every chunk's CRC is in the last marker
+    for r in range(n):
+        assert tree_digest(tmp_path / f"node{r}") == tree_digest(model)
+    for r in (0, 2):
+        assert (tmp_path / f"node{r}" / lost.name).stat().st_ino == kept[r]
+
+    # The markers' chunk CRCs cover what was not sent too: the same bytes as a first staging writes, and
+    # --verify re-reads every copy against them.
+    ok(run_stage(impl, 1, model, tmp_path / "fresh", *CHUNK))
+    fresh = (tmp_path / "fresh" / ".aegis-stage.json").read_bytes()
+    assert all((tmp_path / f"node{r}" / ".aegis-stage.json").read_bytes() == fresh for r in range(n))
+    assert ok(run_stage(impl, n, model, dest, "--verify", *CHUNK))["skipped_nodes"] == n
