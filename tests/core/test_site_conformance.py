@@ -242,7 +242,9 @@ def test_aurora_runs_alcfs_multi_node_layout_over_ray(tmp_path):
     assert load_site("aurora").multinode_backends == {"vllm": "ray"}
     assert ray_head.part == "ray-head" and serve.head and not worker.head
     head_hsn = "x4102c5s2b0n0.hsn.cm.aurora.alcf.anl.gov"
-    assert ray_head.argv[1:3] == ["start", "--head"] and worker.argv[1:3] == ["start", "--address"]
+    head_start = ray_head.argv[ray_head.argv.index("start") - 1:]  # behind aegis_raystart.py (its client port)
+    assert head_start[0].split("/")[-1] == "ray" and ray_head.argv[1].endswith("/aegis_raystart.py")
+    assert head_start[1:3] == ["start", "--head"] and worker.argv[1:3] == ["start", "--address"]
     assert flag(worker.argv, "--address") == f"{head_hsn}:{flag(ray_head.argv, '--port')}"
     for r in (ray_head, worker):
         assert flag(r.argv, "--num-gpus") == "8" and flag(r.argv, "--num-cpus") == "64"
