@@ -216,8 +216,11 @@ def test_the_head_start_drops_the_client_port_without_ray_client(tmp_path):
 
 
 def ray_python() -> str | None:
-    """A Python with Ray: AEGIS_RAY_PYTHON, else the CPU vLLM venv's if it has Ray."""
-    candidates = [os.environ.get("AEGIS_RAY_PYTHON"), os.path.expanduser("~/.cache/aegis/vllm-venv/bin/python")]
+    """A Python with Ray: AEGIS_RAY_PYTHON (tests/setup.d/45-ray.sh sets it), else the Ray venv or the CPU vLLM
+    venv of $AEGIS_CACHE if it has Ray."""
+    cache = os.environ.get("AEGIS_CACHE") or os.path.expanduser("~/.cache/aegis")
+    candidates = [os.environ.get("AEGIS_RAY_PYTHON"), os.path.join(cache, "ray-venv", "bin", "python"),
+                  os.path.join(cache, "vllm-venv", "bin", "python")]
     for python in filter(None, candidates):
         if os.access(python, os.X_OK) and subprocess.run([python, "-c", "import ray"],
                                                          capture_output=True).returncode == 0:
@@ -249,10 +252,17 @@ REPORT = ("import ray; ray.init(); n = [x for x in ray.nodes() if x['Alive']]; "
           "flush=True)")
 
 
+def port_for_ray() -> int:
+    """A serving port whose Ray blocks (two clusters: 1127 ports from port + 20000) stay below Linux's ephemeral
+    range (32768 on): a port there may be the local end of any outgoing connection when Ray binds it."""
+    return 10000 + os.getpid() % 16 * 100
+
+
 def need_ray() -> tuple[str, str]:
     python, ip = ray_python(), this_ip()
     if python is None:
-        pytest.skip("no Python with Ray: the CPU vLLM venv has none; set AEGIS_RAY_PYTHON to one")
+        pytest.skip("no Python with Ray: bash tests/run.sh makes one (tests/setup.d/45-ray.sh), or set "
+                    "AEGIS_RAY_PYTHON to one")
     if ip is None:
         pytest.skip("no non-loopback IPv4 address here")
     return python, ip
@@ -266,7 +276,7 @@ def as_driver(serve, python: str) -> None:
     serve.argv = serve.argv[:cut + 1] + [python, "-c", REPORT]
 
 
-def run_until_served(agents: list[Agent], serves: list, seconds: float = 240) -> None:
+def run_until_served(agents: list[Agent], serves: list, seconds: float = 120) -> None:
     for agent in agents:
         for rank in agent.ranks:
             agent._start(rank)
@@ -279,7 +289,8 @@ def run_until_served(agents: list[Agent], serves: list, seconds: float = 240) ->
 
 
 def stop_all(agents: list[Agent]) -> None:
-    """Every agent's stop at once (each waits out its own grace period)."""
+    """Every agent's stop at once (`ray start --block` takes longer than the 5 s grace to end on SIGTERM: then
+    the agent kills its group)."""
     with ThreadPoolExecutor(len(agents)) as pool:
         list(pool.map(lambda a: a.stop(), agents))
 
@@ -325,15 +336,15 @@ def assert_all_gone(ray_ranks, pgids: list[int]) -> None:
 def test_two_ray_nodes_on_this_machine_through_the_agent(tmp_path):
     python, ip = need_ray()
     site = two_gpu_site(tmp_path)
-    port = 30000 + os.getpid() % 5000  # its rendezvous (Ray GCS) port is port + 20000
+    port = port_for_ray()  # its rendezvous (Ray GCS) port is port + 20000
     raw = {**SPAN, "engine_python": python, "port_start": port, "env": {"RAY_USAGE_STATS_ENABLED": "0"}}
     run = RunDir(tmp_path)
     head_node = ranks(tmp_path, site, raw, 0, [ip, ip], key=None)
     worker_node = ranks(tmp_path, site, raw, 1, [ip, ip], key=None)
     ray_head, serve = head_node
     as_driver(serve, python)
-    agents = [Agent(run, 0, head_node, max_restarts=0, grace=15, host="n0"),
-              Agent(run, 1, worker_node, max_restarts=0, grace=15, host="n1")]
+    agents = [Agent(run, 0, head_node, max_restarts=0, grace=5, host="n0"),
+              Agent(run, 1, worker_node, max_restarts=0, grace=5, host="n1")]
     pgids: list[int] = []
     try:
         run_until_served(agents, [serve])
@@ -363,7 +374,7 @@ def test_two_ray_clusters_whose_heads_share_a_node(tmp_path):
     client server's 10001 where ray[client] is installed, the dashboard agent's 52365, ...)."""
     python, ip = need_ray()
     site = two_gpu_site(tmp_path)
-    port = 30000 + os.getpid() % 5000
+    port = port_for_ray()
     raw = {"models": [{**SPAN, "model": "m/a", "port_start": port}, {**SPAN, "model": "m/b"}],
            "engine_python": python, "env": {"RAY_USAGE_STATS_ENABLED": "0"}}
     cfg = resolve(raw)
@@ -382,7 +393,7 @@ def test_two_ray_clusters_whose_heads_share_a_node(tmp_path):
         as_driver(serve, python)
     ray_ranks = [heads[0][0], nodes[1][0], heads[1][0], nodes[3][0]]  # a's head and worker, b's head and worker
     assert len(set(temp_dirs(ray_ranks))) == 4
-    agents = [Agent(run, i, node, max_restarts=0, grace=15, host=f"n{i}") for i, node in enumerate(nodes)]
+    agents = [Agent(run, i, node, max_restarts=0, grace=5, host=f"n{i}") for i, node in enumerate(nodes)]
     pgids: list[int] = []
     try:
         run_until_served(agents, serves)
