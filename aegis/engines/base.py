@@ -53,6 +53,8 @@ class EngineLaunch:
     node_ip: str | None = None  # this node's IPv4 on the serving network (None: not known, `host` is used)
     cpus: int = 0  # CPU cores this node's part is bound to (0: not planned)
     workarounds: list[str] = field(default_factory=list)  # the site's known issues of this engine to work around
+    tmpdir: str = ""  # its temporary files' folder on the node (its environment's TMPDIR; RAY_TMPDIR first
+    # for a Ray node); "" when not set
 
     def script(self, name: str) -> str:
         """A console script installed next to the engine's Python (or on PATH for a bare name)."""

@@ -12,6 +12,7 @@ import psutil
 from aegis.config.schema import Config
 from aegis.config.sites import Site, parse_ranges
 from aegis.engines import EngineLaunch, check_engine_site, engine_options, get_engine
+from aegis.engines import ray as ray_backend
 from aegis.launch.node_status import RankState, RankStatus
 from aegis.plan.placement import Plan
 from aegis.rundir import RunDir
@@ -158,6 +159,13 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
             cpus = parse_ranges(slice_.cpus) if slice_.cpus else []
             multi_device = inst.tensor_parallel_size * inst.pipeline_parallel_size > 1
             iface, ip = locate(my_addr) if multi_device else (None, None)
+            env = dict(os.environ if base_env is None else base_env)
+            env.update(site.env)
+            if ray:
+                env.update(site.ray_env)  # the site's Ray set-up (ALCF's setup_ray_cluster.sh)
+            env.update(cfg.env)
+            env.update(spec.env)
+            env.update(slice_.env)
             launch = EngineLaunch(
                 model=model, served_name=engine.served_name(spec.model, spec.engine_args, spec.short_name),
                 host=my_addr, port=inst.port, tensor_parallel_size=inst.tensor_parallel_size,
@@ -168,17 +176,11 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
                 config_dir=str(engine_dir), api_key=bool(api_key),
                 node_hosts=[addresses[p.node] for p in placements], devices_per_node=len(slice_.devices),
                 device_kind=site.device_kind, visibility_vars=list(site.visibility_env), node_ip=ip,
-                cpus=len(cpus), workarounds=site.engine_workarounds.get(spec.engine, []))
+                cpus=len(cpus), tmpdir=ray_backend.temp_root(env) if ray else env.get("TMPDIR", ""),
+                workarounds=site.engine_workarounds.get(spec.engine, []))
             argv = engine.command(launch)
             if argv is None:  # this node's part is started by the instance's head (e.g. mpirun)
                 continue
-            env = dict(os.environ if base_env is None else base_env)
-            env.update(site.env)
-            if ray:
-                env.update(site.ray_env)  # the site's Ray set-up (ALCF's setup_ray_cluster.sh)
-            env.update(cfg.env)
-            env.update(spec.env)
-            env.update(slice_.env)
             if cfg.hf_home:
                 env["HF_HOME"] = os.path.expanduser(cfg.hf_home)
             if "hf_home" in local:  # weights staged as an HF cache: load offline from node-local storage
@@ -208,11 +210,14 @@ def build_ranks(run: RunDir, index: int, site: Site, cfg: Config, plan: Plan, ad
                                   cpus=cpus, log=run.log(rank_key(inst.name, r, part)),
                                   listen=(ip or launch.host, launch.master_port or 0)))
             head = r == 0
+            listen = (launch.host, launch.port) if head else None
+            if ray and not head and launch.master_port:  # a Ray worker node: its node manager's port, checked free
+                listen = (ip or launch.host, ray_backend.ports(launch.master_port, r)["--node-manager-port"])
             ranks.append(Rank(instance=inst.name, rank=r, argv=argv, env=env, cpus=cpus,
                               log=run.log(rank_key(inst.name, r)),
                               loaded_marker=engine.loaded_marker if head else None,
                               health_url=f"http://{launch.host}:{launch.port}{engine.health_path}" if head else None,
                               metrics_url=f"http://{launch.host}:{launch.port}{engine.metrics_path}"
                               if head and engine.metrics_path else None,
-                              listen=(launch.host, launch.port) if head else None))
+                              listen=listen))
     return ranks

@@ -14,7 +14,9 @@ Rules:
 - ports: model.port_start + the number of that model's instances already on
   the same host, so ports are unique per host; a model's range is as wide as
   the most instances one host can hold (`assign_ports`), so 120,000 TP-1
-  instances on 12-tile nodes need 12 ports, not 120,000;
+  instances on 12-tile nodes need 12 ports, not 120,000; an instance that
+  spans nodes also takes its rendezvous port (port + 20000) or, over Ray, its
+  cluster's block of ports from there (Instance.ray_ports), all disjoint;
 - cost: a model on nodes of its own is one Block (its per-node slot pattern,
   repeated over consecutive nodes): O(1) to place, O(nodes) or better to
   write; other instances are placed one by one in O(instances) (a node that
@@ -36,7 +38,10 @@ from typing import Any, overload
 
 from aegis.config.schema import Config, ModelSpec
 from aegis.config.sites import Site, format_ranges
+from aegis.engines import multinode_backend
+from aegis.engines.ray import PORTS as RAY_PORTS
 from aegis.errors import AegisError, PlacementError
+from aegis.util.ports import RENDEZVOUS_OFFSET, rendezvous_port
 
 PLAN_VERSION = 2
 READS_VERSIONS = (1, 2)  # version 1: every instance explicit, no blocks
@@ -74,16 +79,20 @@ class Instance:
     pipeline_parallel_size: int
     engine: str
     placement: list[NodeSlice]
+    ray_ports: str = ""  # the ports its Ray cluster takes on each of its nodes ("28000-28526"); "" without Ray
 
     @property
     def head(self) -> NodeSlice:
         return self.placement[0]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "model": self.model, "model_name": self.model_name, "index": self.index,
-                "port": self.port, "tensor_parallel_size": self.tensor_parallel_size,
-                "pipeline_parallel_size": self.pipeline_parallel_size, "engine": self.engine,
-                "placement": [p.to_dict() for p in self.placement]}
+        out = {"name": self.name, "model": self.model, "model_name": self.model_name, "index": self.index,
+               "port": self.port, "tensor_parallel_size": self.tensor_parallel_size,
+               "pipeline_parallel_size": self.pipeline_parallel_size, "engine": self.engine,
+               "placement": [p.to_dict() for p in self.placement]}
+        if self.ray_ports:
+            out["ray_ports"] = self.ray_ports
+        return out
 
     @property
     def nodes(self) -> list[int]:
@@ -366,33 +375,65 @@ def per_host(spec: ModelSpec, devices_per_node: int) -> int:
     return 1 if k > devices_per_node else min(spec.instances, devices_per_node // k)
 
 
-def assign_ports(cfg: Config, devices_per_node: int) -> dict[str, int]:
+def spans(spec: ModelSpec, devices_per_node: int) -> bool:
+    """Whether an instance of `spec` spans nodes (and so has a rendezvous port)."""
+    return spec.devices_per_instance > devices_per_node
+
+
+def on_ray(spec: ModelSpec, site: Site | None, devices_per_node: int) -> bool:
+    """Whether an instance of `spec` spans nodes over a Ray cluster of its own (aegis.engines.ray)."""
+    return site is not None and spans(spec, devices_per_node) and multinode_backend(spec, site) == "ray"
+
+
+def ray_ports(port: int) -> tuple[int, int]:
+    """The first and last port of the Ray cluster of an instance serving on `port` (from its rendezvous port)."""
+    first = rendezvous_port(port)
+    return first, first + RAY_PORTS - 1
+
+
+def assign_ports(cfg: Config, devices_per_node: int, site: Site | None = None) -> dict[str, int]:
     """model name -> first port; PlacementError when a range passes 65535, two ranges overlap or one holds the
     gateway's port.
 
-    A model without port_start continues after the previous one (in steps of AUTO_PORT_STEP).
+    The ranges are each model's serving ports and, for a model whose instances span nodes, the rendezvous
+    port (serving port + 20000) or, over Ray (the site's or model's multinode_backend), its cluster's block
+    of RAY_PORTS ports from there. A model without port_start continues after the previous one (in steps of
+    AUTO_PORT_STEP, past a Ray cluster's block).
     """
     starts: dict[str, int] = {}
     ranges: list[tuple[str, int, int]] = []
     next_start = cfg.port_start
     for spec in cfg.models:
+        name = spec.short_name
         width = per_host(spec, devices_per_node)
         start = spec.port_start if spec.port_start is not None else next_start
         end = start + width - 1
         if end > 65535:
-            raise PlacementError(f"model {spec.short_name!r}: ports {start}-{end} go past 65535 (up to {width} "
+            raise PlacementError(f"model {name!r}: ports {start}-{end} go past 65535 (up to {width} "
                                  f"instance(s) per node); lower port_start")
-        for other, o_start, o_end in ranges:
-            if start <= o_end and o_start <= end:
-                raise PlacementError(f"port ranges overlap: {other!r} uses {o_start}-{o_end} and "
-                                     f"{spec.short_name!r} uses {start}-{end}; set a distinct port_start")
-        ranges.append((spec.short_name, start, end))
-        starts[spec.short_name] = start
-        next_start = max(next_start, start + AUTO_PORT_STEP * (1 + (width - 1) // AUTO_PORT_STEP))
+        mine = [(repr(name), start, end)]
+        step = width
+        if on_ray(spec, site, devices_per_node):
+            first, last = ray_ports(start)
+            if last > 65535:
+                raise PlacementError(f"model {name!r}: its Ray cluster's ports {first}-{last} ({RAY_PORTS} from "
+                                     f"port {start} + {RENDEZVOUS_OFFSET}) go past 65535; lower port_start")
+            mine.append((f"{name!r} (its Ray cluster)", first, last))
+            step = max(width, RAY_PORTS)
+        elif spans(spec, devices_per_node):
+            mine.append((f"{name!r} (its rendezvous port)", rendezvous_port(start), rendezvous_port(start)))
+        for label, low, high in mine:
+            for other, o_start, o_end in ranges:
+                if low <= o_end and o_start <= high:
+                    raise PlacementError(f"port ranges overlap: {other} uses {o_start}-{o_end} and {label} uses "
+                                         f"{low}-{high}; set a distinct port_start")
+        ranges.extend(mine)
+        starts[name] = start
+        next_start = max(next_start, start + AUTO_PORT_STEP * (1 + (step - 1) // AUTO_PORT_STEP))
     if cfg.gateway:
         for other, o_start, o_end in ranges:
             if o_start <= cfg.gateway_port <= o_end:
-                raise PlacementError(f"gateway_port {cfg.gateway_port} is in the port range of {other!r} "
+                raise PlacementError(f"gateway_port {cfg.gateway_port} is in the port range of {other} "
                                      f"({o_start}-{o_end}); set another gateway_port")
     return starts
 
@@ -474,19 +515,23 @@ def make_plan(site: Site, cfg: Config, nodes: int | None = None, *, explicit: bo
     site = site.resolved()
     packer = _Packer(site)
     n = site.device_count
-    starts = assign_ports(cfg, n)
+    starts = assign_ports(cfg, n, site)
     names = {id(spec): spec.short_name for spec in cfg.models}  # computed once, not per instance
     placed: list[tuple[int, int, Instance | Block]] = []  # (model order, index, instance or block)
 
     def place_spanning(order: int, spec: ModelSpec):
         count, per = span(spec.devices_per_instance, n)
+        ray = on_ray(spec, site, n)
         devices = _slots(n, per, packer.domains)[0]  # the same devices on each node, domain-aligned if they fit
         for i in range(spec.instances):
             first = packer.count
             slices = [packer.slice(packer.new_node(), devices) for _ in range(count)]
             name = names[id(spec)]
             port = packer.nodes[first].next_port(name, starts[name])
-            placed.append((order, i, _instance(spec, name, i, port, slices)))
+            inst = _instance(spec, name, i, port, slices)
+            if ray:
+                inst.ray_ports = "{}-{}".format(*ray_ports(port))
+            placed.append((order, i, inst))
 
     def place_small(order: int, spec: ModelSpec, index: int, candidates: list[int], skip: dict[int, int]):
         """First fit over `candidates`; skip[k]: how many leading candidates are known full for k devices."""

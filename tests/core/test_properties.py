@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from aegis.config.schema import resolve
 from aegis.config.sites import load_site
+from aegis.engines.ray import PORTS as RAY_PORTS
 from aegis.errors import PlacementError
 from aegis.plan.placement import make_plan
 
@@ -20,9 +21,11 @@ def scenarios(draw):
     for i in range(draw(st.integers(1, 3))):
         tp = draw(st.integers(1, 2 * n))
         pp = draw(st.sampled_from([1, 1, 2]))
-        models.append({"model": f"org/m{i}", "instances": draw(st.integers(1, 12)),
-                       "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                       "port_start": 8000 + 100 * i})
+        model = {"model": f"org/m{i}", "instances": draw(st.integers(1, 12)),
+                 "tensor_parallel_size": tp, "pipeline_parallel_size": pp}
+        if draw(st.booleans()):  # else the port after the previous model's (past a Ray cluster's block)
+            model["port_start"] = 8000 + 1000 * i  # a Ray cluster takes 527 ports from port + 20000
+        models.append(model)
     return site, {"models": models, "pack_models": draw(st.booleans())}
 
 
@@ -55,6 +58,7 @@ def test_placement_invariants(scenario):
         return
     used = set()
     ports = set()
+    taken: dict[int, list[tuple[int, int, str]]] = {}  # node -> ports its instances take there (serving, Ray)
     for inst in plan.instances:
         k = inst.tensor_parallel_size * inst.pipeline_parallel_size
         assert sum(len(p.device_indices) for p in inst.placement) == k  # exactly TP x PP devices
@@ -65,8 +69,19 @@ def test_placement_invariants(scenario):
                 used.add((p.node, d))
         assert (inst.head.node, inst.port) not in ports  # ports unique per host
         ports.add((inst.head.node, inst.port))
+        taken.setdefault(inst.head.node, []).append((inst.port, inst.port, inst.name))
+        assert bool(inst.ray_ports) == (k > n and site.multinode_backends.get("vllm") == "ray")
+        if inst.ray_ports:  # a Ray cluster's block, on every node of the instance
+            low, high = map(int, inst.ray_ports.split("-"))
+            assert low == inst.port + 20000 and high - low + 1 == RAY_PORTS
+            for p in inst.placement:
+                taken.setdefault(p.node, []).append((low, high, inst.name))
         if k <= n:
             assert len(inst.placement) == 1  # never straddles nodes
+    for node, spans in taken.items():  # no port of a host wanted twice (serving ports and Ray clusters' blocks)
+        spans.sort()
+        for (_, high, a), (low, _, b) in zip(spans, spans[1:]):
+            assert high < low, f"node {node}: {a} and {b} want the same ports"
     models = [m.model_dump() for m in cfg.models]
     if not cfg.pack_models:
         assert plan.nodes_required == expected_unpacked(n, models)  # minimal

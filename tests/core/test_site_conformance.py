@@ -11,6 +11,8 @@ Sources (read at the commits named; the URLs are the published pages):
   OLCF-FG  https://docs.olcf.ornl.gov/systems/frontier_user_guide.html  (olcf/olcf-user-docs 2745903)
   OLCF-PT  https://docs.olcf.ornl.gov/software/analytics/pytorch_frontier.html
   VLLM     https://docs.vllm.ai/en/latest/serving/parallelism_scaling.html
+  NV-MLP   NVIDIA's 8x H200 system in MLPerf Inference v4.1: mlcommons/inference_results_v4.1
+           closed/NVIDIA/systems/H200-SXM-141GBx8_TRT.json (a DGX H200 host: 2x Xeon Platinum 8480C, 56 cores each)
 """
 from __future__ import annotations
 
@@ -176,7 +178,7 @@ def test_submit_without_an_account_is_one_line_on_sites_that_require_one(tmp_pat
     # OLCF-FG: srun's default is `-c 1 --cpu-bind=threads` (one hardware thread per task); OLCF's vLLM
     # example gives its one-per-node server `-c56`. The agent must get the node, unbound.
     ("frontier", ["--cpus-per-task=56", "--cpu-bind=none"]),
-    ("h200", ["--cpus-per-task=96", "--cpu-bind=none"]),
+    ("h200", ["--cpus-per-task=112", "--cpu-bind=none"]),  # NV-MLP: 2 x 56 cores (DGX H200)
     # ALCF-AJ: `mpiexec -n N -ppn P --cpu-bind ...`; one agent per node, not bound (it binds its engines).
     ("aurora", ["--ppn", "1", "--cpu-bind", "none"]),
     ("polaris", ["--ppn", "1", "--cpu-bind", "none"]),
@@ -194,6 +196,29 @@ def test_one_agent_per_node_with_the_whole_node(site, expected):
         assert len(planned) <= cpus  # every core the plan binds engines to is in the step
     else:
         assert argv[:3] == ["mpiexec", "-n", "4"]
+
+
+# NV-MLP (H200-SXM-141GBx8_TRT.json): "host_processor_model_name": "Intel(R) Xeon(R) Platinum 8480C",
+# "host_processors_per_node": 2, "host_processor_core_count": 56, "accelerators_per_node": 8.
+DGX_H200 = {"sockets": 2, "cores_per_socket": 56, "gpus": 8}
+
+
+def test_h200_is_shaped_like_a_dgx_h200(tmp_path):
+    """NV-MLP: 8 GPUs and 2 x 56 cores per node. GPUs 0-3 get socket 0's cores (0-55), 4-7 socket 1's (56-111),
+    the agent step gets all 112, and a TP-8 instance is bound to all of them (TP 4: one socket each)."""
+    site = load_site("h200")
+    cores = DGX_H200["sockets"] * DGX_H200["cores_per_socket"]
+    assert site.devices_per_node == DGX_H200["gpus"] and len(site.domain_list()) == DGX_H200["sockets"]
+    per = DGX_H200["cores_per_socket"]
+    for gpu in range(DGX_H200["gpus"]):
+        socket_ = gpu // (DGX_H200["gpus"] // DGX_H200["sockets"])
+        assert set(site.cpus_of_device(gpu)) <= set(range(socket_ * per, (socket_ + 1) * per))
+    assert {c for g in range(DGX_H200["gpus"]) for c in site.cpus_of_device(g)} == set(range(cores))
+    assert f"--cpus-per-task={cores}" in per_node_step(site, 2, ["AGENT"])
+    whole, = engine_ranks(tmp_path, "h200", {"model": "m/x", "tensor_parallel_size": 8})
+    assert whole.cpus == list(range(cores))
+    halves = engine_ranks(tmp_path, "h200", {"model": "m/x", "tensor_parallel_size": 4, "instances": 2})
+    assert [r.cpus for r in halves] == [list(range(0, per)), list(range(per, cores))]
 
 
 # --------------------------------------------------------------------------- engines
@@ -242,7 +267,9 @@ def test_aurora_runs_alcfs_multi_node_layout_over_ray(tmp_path):
     assert load_site("aurora").multinode_backends == {"vllm": "ray"}
     assert ray_head.part == "ray-head" and serve.head and not worker.head
     head_hsn = "x4102c5s2b0n0.hsn.cm.aurora.alcf.anl.gov"
-    assert ray_head.argv[1:3] == ["start", "--head"] and worker.argv[1:3] == ["start", "--address"]
+    head_start = ray_head.argv[ray_head.argv.index("start") - 1:]  # behind aegis_raystart.py (its client port)
+    assert head_start[0].split("/")[-1] == "ray" and ray_head.argv[1].endswith("/aegis_raystart.py")
+    assert head_start[1:3] == ["start", "--head"] and worker.argv[1:3] == ["start", "--address"]
     assert flag(worker.argv, "--address") == f"{head_hsn}:{flag(ray_head.argv, '--port')}"
     for r in (ray_head, worker):
         assert flag(r.argv, "--num-gpus") == "8" and flag(r.argv, "--num-cpus") == "64"

@@ -159,8 +159,8 @@ def render_case(case_id: str, site_name: str, shape: str, features: dict, run_di
             inst = instances[rank.instance]
             head = inst.placement[0].node
             argv = list(rank.argv)
-            ray = "--distributed-executor-backend" in argv or os.path.basename(argv[0]) == "ray"
-            if os.path.basename(argv[0]) == "ray":
+            ray = "--distributed-executor-backend" in argv
+            if "ray" in map(os.path.basename, argv[:3]):  # the head's behind aegis_raystart.py
                 continue  # `ray start` of a Ray-backed instance (tests/launch/test_ray_backend.py runs it)
             # vllm serve behind aegis_raywait.py and/or aegis_modelinfo.py (Aurora's known issue): each wrapper
             # execs what follows its "--"; the part after the last wrapper's is what vLLM parses
