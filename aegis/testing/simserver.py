@@ -8,7 +8,11 @@ with a limited number per batch, a resident set and a swap cost. It serves
 usage), /v1/models, /tokenize, /detokenize, /health and /metrics with vLLM's
 metric names, and GET /sim/truth: the server-side timestamps of every finished
 request (time.perf_counter(), i.e. CLOCK_MONOTONIC, comparable across
-processes on one Linux machine), keyed by the X-Request-Id header.
+processes on one Linux machine), keyed by the X-Request-Id header: `received`
+(when the server's event loop read the request's first bytes off its socket),
+`arrival` (when its handler started: after aiohttp parsed it and, with several
+requests read at once, after the handlers of those before it), `admitted`,
+`first_token`, `token_times`, `finish`.
 
 Run: python -m aegis.testing.simserver --port 8000 [--max-num-seqs 64 ...]
 """
@@ -92,15 +96,16 @@ class SimRequest:
     """One request inside the engine, with its true timestamps."""
 
     __slots__ = ("rid", "prompt_ids", "prompt_tokens", "max_tokens", "adapter", "queue", "generated",
-                 "arrival", "admitted", "first_token", "token_times", "finish", "cached_tokens",
+                 "received", "arrival", "admitted", "first_token", "token_times", "finish", "cached_tokens",
                  "preemptions", "blocks", "done")
 
-    def __init__(self, rid, prompt_ids, max_tokens, adapter, arrival):
+    def __init__(self, rid, prompt_ids, max_tokens, adapter, arrival, received=None):
         self.rid, self.prompt_ids, self.max_tokens, self.adapter = rid, prompt_ids, max_tokens, adapter
         self.prompt_tokens = len(prompt_ids)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.generated = 0
         self.arrival = arrival
+        self.received = arrival if received is None else received
         self.admitted = self.first_token = self.finish = None
         self.token_times: list[float] = []
         self.cached_tokens = 0
@@ -306,6 +311,42 @@ def _error(message, status, typ="BadRequestError"):
     return _json({"error": {"message": message, "type": typ, "code": status}}, status)
 
 
+class _Stamped(asyncio.Protocol):
+    """aiohttp's protocol for one connection, behind a forwarder that notes when the server first read the
+    bytes of each request (the truth's `received`): the first read after the previous request's body was
+    taken. aiohttp parses the request and starts its handler later (a loop turn or more; after the other
+    handlers when several requests were read at once), which is `arrival`."""
+
+    def __init__(self, inner: asyncio.Protocol, conns: dict):
+        self.inner, self.conns = inner, conns
+        self.transport: asyncio.BaseTransport | None = None
+        self.first: float | None = None    # the pending request's first read
+        self.busy = False                   # its handler is reading its body: later reads are that body's
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.conns[transport] = self
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.first is None and not self.busy:
+            self.first = perf()
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc) -> None:
+        self.conns.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 class SimServer:
     """The aiohttp application around an Engine."""
 
@@ -317,9 +358,30 @@ class SimServer:
         self.n_requests = 0
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
+        self.conns: dict = {}   # transport -> _Stamped, when serve() made the listening socket
+
+    def protocol(self, server: web.Server) -> _Stamped:
+        """A protocol factory for loop.create_server: aiohttp's, stamping reads for `received`."""
+        return _Stamped(server(), self.conns)
+
+    @web.middleware
+    async def _received(self, request: web.Request, handler):
+        """Claims the connection's first-read stamp for this request (request["received"]), reads the body,
+        then lets the next read stamp the next request. request["arrival"]: the handler's start, before that."""
+        request["arrival"] = perf()
+        conn = self.conns.get(request.transport)
+        if conn is None:
+            request["received"] = None
+            return await handler(request)
+        request["received"], conn.first, conn.busy = conn.first, None, True
+        try:
+            await request.read()
+        finally:
+            conn.first, conn.busy = None, False
+        return await handler(request)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30)
+        app = web.Application(client_max_size=1 << 30, middlewares=[self._received])
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.generate)
@@ -384,7 +446,7 @@ class SimServer:
         return self.tok.encode(text)
 
     async def generate(self, request):
-        arrival = perf()
+        arrival = request.get("arrival") or perf()
         if not self._authorized(request):
             return _error("Unauthorized", 401, "Unauthorized")
         try:
@@ -413,7 +475,8 @@ class SimServer:
             return _error(f"the request needs more KV cache than the server has ({self.cfg.kv_blocks} blocks "
                           f"of {self.cfg.block_size} tokens)", 400)
         rid = request.headers.get("X-Request-Id") or f"sim-{uuid.uuid4().hex}"
-        r = SimRequest(rid, ids, int(max_tokens), model if model != self.cfg.model else None, arrival)
+        r = SimRequest(rid, ids, int(max_tokens), model if model != self.cfg.model else None, arrival,
+                       request.get("received"))
         disconnect = bool(self.cfg.disconnect_every and self.n_requests % self.cfg.disconnect_every == 0)
         self.engine.add(r)
         try:
@@ -432,10 +495,10 @@ class SimServer:
 
     def _record(self, r: SimRequest) -> None:
         self.truth.append({
-            "request_id": r.rid, "arrival": r.arrival, "admitted": r.admitted, "first_token": r.first_token,
-            "token_times": r.token_times, "finish": r.finish, "prompt_tokens": r.prompt_tokens,
-            "cached_tokens": r.cached_tokens, "output_tokens": r.generated, "adapter": r.adapter,
-            "preemptions": r.preemptions})
+            "request_id": r.rid, "received": r.received, "arrival": r.arrival, "admitted": r.admitted,
+            "first_token": r.first_token, "token_times": r.token_times, "finish": r.finish,
+            "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "output_tokens": r.generated,
+            "adapter": r.adapter, "preemptions": r.preemptions})
 
     async def _whole(self, r: SimRequest, chat: bool, model: str):
         text: list[str] = []
@@ -582,13 +645,18 @@ async def serve(host: str, port: int, cfg: SimConfig, startup_seconds: float = 0
         await asyncio.sleep(startup_seconds)
     # The line aegis reads for the "loaded" startup phase, as vLLM's model loader prints it.
     say(f"INFO simserver: Loading weights took {perf() - t0:.2f} seconds", sys.stderr)
-    runner = web.AppRunner(SimServer(cfg).app(), access_log=None, handle_signals=False)
+    sim = SimServer(cfg)
+    runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096)
-    await site.start()
-    actual = runner.addresses[0][1]  # the bound socket's name: one site, so the first is ours
+    assert runner.server is not None  # set by setup()
+    server = runner.server
+    # the listening socket aiohttp's TCPSite would make, with each connection's protocol behind _Stamped
+    listener = await asyncio.get_running_loop().create_server(lambda: sim.protocol(server), host, port,
+                                                              backlog=4096, reuse_address=True)
+    actual = listener.sockets[0].getsockname()[1]
     say(f"SIMSERVER READY http://{host}:{actual}", sys.stdout)
     await until_stopped()
+    listener.close()
     await runner.cleanup()
 
 

@@ -17,6 +17,8 @@ Usage (from the repository root):
       [--out benchmarks/bench/results] [--skip-vllm]
 The vLLM client needs the CPU vLLM venv (tests/setup.d) and a tokenizer directory
 (the tiny model's); without them only aegis's figures are printed.
+compare_peers.py uses this file's server set-up, clients, rate ladder and TTFT error with another
+criterion (the rate achieved at the server) and more peers (AIPerf, GuideLLM).
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ SIM_ARGS = ("--max-num-seqs", "100000", "--kv-blocks", "10000000", "--decode-ms"
             "--prefill-ms-per-token", "0.01", "--decode-ms-per-seq", "0")
 
 
+class ClientFailed(Exception):
+    """A client could not run at some rate; the message is one line."""
+
+
 def truth(url: str) -> list[dict]:
     with urllib.request.urlopen(url + "/sim/truth", timeout=60) as r:
         return json.loads(r.read())
@@ -66,7 +72,8 @@ def run_aegis(url: str, rate: float, n: int, out: Path, arrival: str = "constant
                         "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--no-progress",
                         "--output-dir", str(out), "--timeout", "60"], capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        raise SystemExit(f"aegis bench failed at {rate} req/s:\n{p.stderr}")
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        raise ClientFailed(f"aegis bench exited {p.returncode}: {lines[-1] if lines else ''}")
     summary = json.loads((out / "summary.json").read_text())
     run_id = json.loads((out / "config.json").read_text())["run_id"]
     recs = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
@@ -90,7 +97,7 @@ class VllmClient:
         line = self.proc.stdout.readline()
         if not line.startswith(word):
             self.close()
-            raise SystemExit(f"vllm bench serve failed (see {self.out / 'driver.log'}): {line!r}")
+            raise ClientFailed(f"vllm bench serve stopped (see {self.out / 'driver.log'})")
 
     def run(self, rate: float, n: int, burstiness: str, prefix: str) -> dict:
         self.proc.stdin.write(f"{rate:g} {n} {burstiness} {prefix}\n")
@@ -110,6 +117,52 @@ class VllmClient:
 
 def by_prefix(records: list[dict], prefix: str) -> dict[str, dict]:
     return {t["request_id"]: t for t in records if t["request_id"].startswith(prefix)}
+
+
+def ttft_errors(client_ms: dict[str, float], t: dict[str, dict]) -> list[float]:
+    """Each request's client TTFT (ms, by request id) minus the server's (first token written - arrival)."""
+    return [ms - (t[rid]["first_token"] - t[rid]["arrival"]) * 1e3 for rid, ms in client_ms.items()
+            if rid in t and ms is not None]
+
+
+def err_stats(e: list[float]) -> dict | None:
+    if not e:
+        return None
+    x = np.asarray(e)
+    return {"n": len(x), "median_ms": float(np.median(x)), "median_abs_ms": float(np.median(np.abs(x))),
+            "p90_abs_ms": float(np.percentile(np.abs(x), 90)), "p99_abs_ms": float(np.percentile(np.abs(x), 99))}
+
+
+def ladder(rates: list[float], duration: float, repeat: int, clients: dict, judge, stop_on_fail: bool = False
+           ) -> tuple[dict[str, dict[float, dict]], dict[str, str]]:
+    """Each rate in turn, `repeat` trials per client with the clients alternating (trial k of every client
+    before trial k + 1 of any); clients[who](rate, n, k) runs one trial of n requests and returns its
+    figures, judge(rate, trials) the rate's verdict: a dict with "ok" and a one-line "text". A client that
+    raises ClientFailed leaves the ladder (its one-line reason is returned); with stop_on_fail, so does one
+    whose rate was not ok. Returns (per client, per rate: the verdict with its trials; per client: why it left)."""
+    results: dict[str, dict[float, dict]] = {who: {} for who in clients}
+    failed: dict[str, str] = {}
+    live = dict(clients)
+    for rate in rates:
+        n = max(int(rate * duration), 20)
+        trials: dict[str, list] = {who: [] for who in live}
+        for k in range(repeat):
+            for who, trial in list(live.items()):
+                try:
+                    trials[who].append(trial(rate, n, k))
+                except ClientFailed as exc:
+                    failed[who] = f"failed at {rate:g} req/s: {exc}"
+                    print(f"{who:<8} {rate:>7g} req/s: {failed[who]}", flush=True)
+                    del live[who], trials[who]
+        for who, ts in trials.items():
+            verdict = {**judge(rate, ts), "n": n, "trials": ts}
+            results[who][rate] = verdict
+            print(f"{who:<8} {rate:>7g} req/s: {verdict['text']}", flush=True)
+            if stop_on_fail and not verdict["ok"]:
+                del live[who]
+        if not live:
+            break
+    return results, failed
 
 
 def sustainable(results: dict[float, dict]) -> float | None:
@@ -147,68 +200,59 @@ def main() -> None:
     report: dict = {"nice": a.nice, "repeat": a.repeat, "rates": rates, "duration_s": a.duration,
                     "lag_limit_ms": LAG_LIMIT_MS, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
                     "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    aegis_res: dict[float, dict] = {}
-    vllm_res: dict[float, dict] = {}
     vllm_err: list[float] = []
     with SimProcess(*SIM_ARGS) as sim:
-        vc = VllmClient(a.vllm_python, a.tokenizer, sim.url, out / "vllm") if have_vllm else None
+        try:
+            vc = VllmClient(a.vllm_python, a.tokenizer, sim.url, out / "vllm") if have_vllm else None
+        except ClientFailed as exc:
+            raise SystemExit(f"vllm: {exc}") from None
+
+        def aegis_trial(rate: float, n: int, k: int) -> dict:
+            r = run_aegis(sim.url, rate, n, out / f"aegis-rate-{rate:g}-{k}")
+            t = by_prefix(truth(sim.url), r["prefix"])
+            return {"dispatch_lag_p99_ms": r["summary"]["dispatch_lag_ms"]["p99"],
+                    "server_arrival_lag_p99_ms": lag_p99([v["arrival"] for v in t.values()], rate),
+                    "answered": len(t) == n and r["summary"]["completed"] == n,
+                    "workers": r["summary"]["num_workers"], "client_bound": r["summary"]["client_bound"]}
+
+        def vllm_trial(rate: float, n: int, k: int) -> dict:
+            assert vc is not None
+            prefix = f"vb-{rate:g}-{k}-"
+            res = vc.run(rate, n, "inf", prefix)
+            t = by_prefix(truth(sim.url), prefix)
+            return {"dispatch_lag_p99_ms": lag_p99(res["start_times"], rate, sort=False),
+                    "server_arrival_lag_p99_ms": lag_p99([v["arrival"] for v in t.values()], rate),
+                    "answered": len(t) == n and res["completed"] == n}
+
+        def judge(rate: float, trials: list[dict]) -> dict:
+            lag = float(np.median([x["dispatch_lag_p99_ms"] for x in trials]))
+            slag = float(np.median([x["server_arrival_lag_p99_ms"] for x in trials]))
+            ok = all(x["answered"] for x in trials)
+            return {"dispatch_lag_p99_ms": lag, "server_arrival_lag_p99_ms": slag, "ok": ok and lag < LAG_LIMIT_MS,
+                    "text": f"dispatch lag p99 {lag:8.2f} ms, at the server {slag:8.2f} ms (median of "
+                            f"{len(trials)}), {'all' if ok else 'NOT all'} answered"}
         try:
             # 1. dispatch lag per rate: the two clients alternate, each rate tried `repeat` times
-            for rate in rates:
-                n = max(int(rate * a.duration), 20)
-                trials: dict[str, list] = {"aegis": [], "vllm": []}
-                for k in range(a.repeat):
-                    r = run_aegis(sim.url, rate, n, out / f"aegis-rate-{rate:g}-{k}")
-                    t = by_prefix(truth(sim.url), r["prefix"])
-                    trials["aegis"].append({
-                        "dispatch_lag_p99_ms": r["summary"]["dispatch_lag_ms"]["p99"],
-                        "server_arrival_lag_p99_ms": lag_p99([v["arrival"] for v in t.values()], rate),
-                        "answered": len(t) == n and r["summary"]["completed"] == n,
-                        "workers": r["summary"]["num_workers"], "client_bound": r["summary"]["client_bound"]})
-                    if vc is not None:
-                        prefix = f"vb-{rate:g}-{k}-"
-                        res = vc.run(rate, n, "inf", prefix)
-                        t = by_prefix(truth(sim.url), prefix)
-                        trials["vllm"].append({
-                            "dispatch_lag_p99_ms": lag_p99(res["start_times"], rate, sort=False),
-                            "server_arrival_lag_p99_ms": lag_p99([v["arrival"] for v in t.values()], rate),
-                            "answered": len(t) == n and res["completed"] == n})
-                for who, store in (("aegis", aegis_res), ("vllm", vllm_res)):
-                    if not trials[who]:
-                        continue
-                    lag = float(np.median([x["dispatch_lag_p99_ms"] for x in trials[who]]))
-                    slag = float(np.median([x["server_arrival_lag_p99_ms"] for x in trials[who]]))
-                    ok = all(x["answered"] for x in trials[who])
-                    store[rate] = {"dispatch_lag_p99_ms": lag, "server_arrival_lag_p99_ms": slag, "n": n,
-                                   "trials": trials[who], "ok": ok and lag < LAG_LIMIT_MS}
-                    print(f"{who:<5} {rate:>7g} req/s: dispatch lag p99 {lag:8.2f} ms, at the server {slag:8.2f} ms"
-                          f" (median of {len(trials[who])}), {'all' if ok else 'NOT all'} answered", flush=True)
+            clients = {"aegis": aegis_trial, **({"vllm": vllm_trial} if vc is not None else {})}
+            per_rate, failed = ladder(rates, a.duration, a.repeat, clients, judge)
+            if failed:
+                raise SystemExit("; ".join(f"{who} {why}" for who, why in failed.items()))
+            aegis_res, vllm_res = per_rate["aegis"], per_rate.get("vllm", {})
             # 2. TTFT error against the server's truth at 50 req/s (Poisson arrivals)
             r = run_aegis(sim.url, a.ttft_rate, a.ttft_requests, out / "aegis-ttft", arrival="poisson")
-            t = by_prefix(truth(sim.url), r["prefix"])
-            aegis_err = [rec["ttft_ms"] - (t[rec["request_id"]]["first_token"] - t[rec["request_id"]]["arrival"]) * 1e3
-                         for rec in r["records"] if rec["success"] and rec["request_id"] in t]
+            aegis_err = ttft_errors({rec["request_id"]: rec["ttft_ms"] for rec in r["records"] if rec["success"]},
+                                    by_prefix(truth(sim.url), r["prefix"]))
             if vc is not None:
                 prefix = "vb-ttft-"
                 res = vc.run(a.ttft_rate, a.ttft_requests, "1.0", prefix)
-                t = by_prefix(truth(sim.url), prefix)
-                for i, ttft in enumerate(res["ttfts"]):
-                    tt = t.get(f"{prefix}{i}")
-                    if tt and ttft:
-                        vllm_err.append(ttft * 1e3 - (tt["first_token"] - tt["arrival"]) * 1e3)
+                vllm_err = ttft_errors({f"{prefix}{i}": ttft * 1e3 for i, ttft in enumerate(res["ttfts"]) if ttft},
+                                       by_prefix(truth(sim.url), prefix))
         finally:
             if vc is not None:
                 vc.close()
     report["loadavg_end"] = os.getloadavg()
     report["aegis"] = {"per_rate": aegis_res, "sustainable_rate": sustainable(aegis_res)}
     report["vllm"] = {"per_rate": vllm_res, "sustainable_rate": sustainable(vllm_res)} if have_vllm else None
-
-    def err_stats(e):
-        if not e:
-            return None
-        x = np.asarray(e)
-        return {"n": len(x), "median_ms": float(np.median(x)), "median_abs_ms": float(np.median(np.abs(x))),
-                "p90_abs_ms": float(np.percentile(np.abs(x), 90)), "p99_abs_ms": float(np.percentile(np.abs(x), 99))}
     report["ttft_error"] = {"rate": a.ttft_rate, "aegis": err_stats(aegis_err), "vllm": err_stats(vllm_err)}
     (out / "compare_vllm.json").write_text(json.dumps(report, indent=2))
 
