@@ -62,6 +62,16 @@ def timed(argv: list[str], check: bool = True) -> tuple[float, str]:
     return dt, r.stdout
 
 
+def write_random(path: str, size: int) -> None:
+    """`size` incompressible bytes, written 64 MiB at a time."""
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 64 << 20)
+            fh.write(os.urandom(n))
+            left -= n
+
+
 def make_source(src: str, files: int, size: int) -> int:
     """8 incompressible weight files plus small JSON/tokenizer files; reused when already there."""
     os.makedirs(src, exist_ok=True)
@@ -69,12 +79,7 @@ def make_source(src: str, files: int, size: int) -> int:
     for i in range(files):
         p = os.path.join(src, f"model-{i + 1:05d}-of-{files:05d}.safetensors")
         if not (os.path.exists(p) and os.path.getsize(p) == size):
-            with open(p, "wb") as fh:
-                left = size
-                while left:
-                    n = min(left, 64 << 20)
-                    fh.write(os.urandom(n))
-                    left -= n
+            write_random(p, size)
         total += size
     small = {"config.json": '{"hidden_size": 8192, "num_hidden_layers": 80}',
              "generation_config.json": '{"do_sample": true}',
@@ -127,12 +132,7 @@ def methods(n: int, src: str, dest: str, chunk: str) -> dict[str, list[str]]:
 def change_one_file(src: str, files: int, size: int) -> str:
     """Rewrite the first weight file with new random bytes (same size, new mtime); returns its path."""
     p = os.path.join(src, f"model-{1:05d}-of-{files:05d}.safetensors")
-    with open(p, "wb") as fh:
-        left = size
-        while left:
-            n = min(left, 64 << 20)
-            fh.write(os.urandom(n))
-            left -= n
+    write_random(p, size)
     return p
 
 
