@@ -137,7 +137,8 @@ class Scraper:
         # several instances may share a server: scrape each URL once
         self.targets = dict(sorted({url: name for name, url in targets.items()}.items()))
         self.headers, self.csv_path, self.interval = headers, csv_path, interval
-        self.t0 = t0 if t0 is not None else time.perf_counter()
+        self.t0 = t0  # None: rows wait (held) until start() names the run's start
+        self._held: list[tuple[float, float, str, dict | None]] = []
         self.tracks = {name: _Track() for name in self.targets.values()}
         self.total = _Track()
         self._fh: TextIO | None = None
@@ -152,10 +153,21 @@ class Scraper:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, UnicodeDecodeError):
             return None
 
-    def _row(self, now_rel: float, name: str, values: dict | None) -> None:
+    def start(self, t0: float) -> None:
+        """The run starts at `t0` (perf_counter): rows scraped before it (the baseline) are written now."""
+        self.t0 = t0
+        held, self._held = self._held, []
+        for at, unix, name, values in held:
+            self._row(at, name, values, unix)
+
+    def _row(self, at: float, name: str, values: dict | None, unix: float | None = None) -> None:
         if self._writer is None:
             return
-        row = {"time_s": f"{now_rel:.3f}", "unix_time": f"{time.time():.3f}", "endpoint": name,
+        unix = time.time() if unix is None else unix
+        if self.t0 is None:
+            self._held.append((at, unix, name, values))
+            return
+        row = {"time_s": f"{at - self.t0:.3f}", "unix_time": f"{unix:.3f}", "endpoint": name,
                "ok": int(values is not None)}
         for k, v in (values or {}).items():
             row[k] = f"{v:.6g}" if isinstance(v, float) else v
@@ -165,24 +177,26 @@ class Scraper:
         """One round over every endpoint; `settling` rounds (after the run) move the counters, not the gauges."""
         urls = list(self.targets)
         results = await asyncio.gather(*(self._one(session, u) for u in urls))
-        now_rel = time.perf_counter() - self.t0
+        now = time.perf_counter()
         good = []
         for url, values in zip(urls, results):
             name = self.targets[url]
             self.tracks[name].add(values, gauges=not settling)
-            self._row(now_rel, name, values)
+            self._row(now, name, values)
             if values is not None:
                 good.append(values)
         if good and len(good) == len(urls):
             combined = combine(good)
             self.total.add(combined, gauges=not settling)
-            self._row(now_rel, "ALL", combined)
+            self._row(now, "ALL", combined)
         elif not good:
             self.total.add(None)
         if self._fh:
             self._fh.flush()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, first: asyncio.Event | None = None) -> None:
+        """Scrape until `stop`, then until the counters settle; `first` is set once the first round is in
+        (the baseline: a runner starts its load only then, so no request's tokens precede it)."""
         if self.csv_path:
             new = True
             try:
@@ -199,6 +213,8 @@ class Scraper:
                 nxt = time.perf_counter()
                 while True:
                     await self.scrape_once(session)
+                    if first is not None:
+                        first.set()
                     if stop.is_set():
                         break
                     nxt += self.interval
@@ -218,7 +234,11 @@ class Scraper:
                         break
                     before = now
         finally:
+            if first is not None:
+                first.set()  # never leave a runner waiting on a scraper that failed
             if self._fh:
+                if self.t0 is None:
+                    self.start(time.perf_counter())
                 self._fh.close()
 
     def _counters(self) -> dict | None:

@@ -305,17 +305,22 @@ class Run:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._interrupt, procs, stop)
+        scraper = None
+        tasks = []
+        if self.cfg.scrape:
+            # The baseline scrape comes before the first request: its counters hold none of the run's tokens.
+            scraper = Scraper({e.name: e.metrics_url for e in self.cfg.endpoints}, self.headers,
+                              self.path(PROM_FILE), self.cfg.scrape_interval)
+            baseline = asyncio.Event()
+            tasks.append(loop.create_task(scraper.run(stop, baseline)))
+            await baseline.wait()  # bounded: each scrape times out (ClientTimeout), and a failed one sets it
         t0 = time.perf_counter() + 0.05
+        if scraper is not None:
+            scraper.start(t0)
         with open(self.path(SEGMENTS_FILE), "a") as fh:
             fh.write(json.dumps({"segment": segment, "t0_monotonic": t0,
                                  "t0_unix": t0 + time.time() - time.perf_counter(), "workers": len(procs),
                                  "expected_requests": expected}) + "\n")
-        scraper = None
-        tasks = []
-        if self.cfg.scrape:
-            scraper = Scraper({e.name: e.metrics_url for e in self.cfg.endpoints}, self.headers,
-                              self.path(PROM_FILE), self.cfg.scrape_interval, t0=t0)
-            tasks.append(loop.create_task(scraper.run(stop)))
         prog = Progress(self.path(REQUESTS_FILE), expected, self.cfg.duration, t0, enabled=self.show_progress)
         tasks.append(loop.create_task(prog.run(stop)))
         t0_val.value = t0

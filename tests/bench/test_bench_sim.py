@@ -39,6 +39,12 @@ def test_bench_outputs_match_the_servers_truth(make_sim, tmp_path):
     # client timestamps against the server's (one monotonic clock on this machine)
     t0 = segments(out)[0]["t0_monotonic"]
     tr = truth(s.url)
+    # The baseline scrape is in before the first request is sent (a baseline taken after would miss the first
+    # requests' tokens: a real vLLM e2e run once counted 17 of 24), and the first request reaches the server
+    # after it.
+    first_row = next(line for line in (out / "prometheus.csv").read_text().splitlines()[1:] if ",ALL," in line)
+    assert float(first_row.split(",")[0]) < 0
+    assert min(t["received"] for t in tr.values()) > t0 + float(first_row.split(",")[0])
     ttft_err, itl_err = [], []
     for r in recs:
         t = tr[r["request_id"]]

@@ -1,5 +1,6 @@
 """Prometheus parsing (vLLM names, older names, several engines, LoRA info) and scraping the simulator."""
 import asyncio
+import time
 
 import aiohttp
 import pytest
@@ -55,7 +56,8 @@ def test_scraper_against_the_simulator_records_csv_and_hit_rate_delta(make_sim, 
 
     async def go():
         csv_path = tmp_path / "p.csv"
-        sc = Scraper({"old": legacy.url + "/metrics", "new": new.url + "/metrics"}, {}, str(csv_path), 0.1)
+        sc = Scraper({"old": legacy.url + "/metrics", "new": new.url + "/metrics"}, {}, str(csv_path), 0.1,
+                     t0=time.perf_counter())
         stop = asyncio.Event()
         task = asyncio.create_task(sc.run(stop))
         await asyncio.sleep(0.15)
